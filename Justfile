@@ -1,0 +1,45 @@
+# tproxy recipes. On a fresh machine run them through ./scripts/just, which builds .venv first.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+
+# List the recipes
+default:
+    @just --list
+
+# Install the Debian packages tproxy needs when missing (iptables, nftables, iproute2)
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    command -v iptables-restore >/dev/null || need+=(iptables)
+    command -v nft >/dev/null || need+=(nftables)
+    command -v ip >/dev/null || need+=(iproute2)
+    command -v setpriv >/dev/null || need+=(util-linux)
+    if [ ${#need[@]} -gt 0 ]; then
+      if [ "$(id -u)" -ne 0 ]; then echo "just deps: need root to install: ${need[*]}" >&2; exit 1; fi
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+      echo "installed: ${need[*]}"
+    fi
+
+# Run the self-contained demo in network namespaces (root): the application sees the client's real IP, both modes
+demo *args: deps
+    tproxy demo {{args}}
+
+# Run the whole test suite; options go to pytest (root-only tests skip elsewhere and say why)
+test *args: deps
+    pytest {{args}}
+
+# Check lint and formatting without changing anything
+lint:
+    ruff check .
+    ruff format --check .
+
+# Rewrite formatting and fix what ruff can fix
+fix:
+    ruff format .
+    ruff check --fix .
+
+# Regenerate the golden rule files under tests/golden from the renderers
+golden:
+    python -m tests.golden_gen

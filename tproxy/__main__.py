@@ -1,0 +1,3 @@
+from tproxy.cli import main
+
+main()

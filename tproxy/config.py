@@ -1,0 +1,458 @@
+"""TOML configuration -> frozen attrs objects.
+
+Nothing else in tproxy reads TOML or passes dicts of settings around: the loader below walks the document, names the
+file and key path of anything wrong (:class:`~tproxy.errors.ConfigError`), and builds the frozen objects. attrs
+validators guard the invariants of the objects themselves; the messages an operator sees come from the loader.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tproxy.errors import ConfigError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MODES = ("tproxy", "nat")
+BACKENDS = ("nftables", "iptables")
+UPSTREAMS = ("original", "loopback")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@attrs.frozen(kw_only=True, order=True)
+class PortRange:
+    """An inclusive range of TCP ports; a single port has ``lo == hi``."""
+
+    lo: int
+    hi: int
+
+    def __attrs_post_init__(self) -> None:
+        if not (1 <= self.lo <= self.hi <= 65535):
+            raise ValueError(f"bad port range {self.lo}-{self.hi}")
+
+    def __contains__(self, port: int) -> bool:
+        return self.lo <= port <= self.hi
+
+    def __str__(self) -> str:
+        return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
+
+
+@attrs.frozen(kw_only=True)
+class Listener:
+    address: IPAddress = attrs.field(default=ipaddress.IPv4Address("0.0.0.0"), converter=ipaddress.ip_address)
+    port: int = 4143
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.address.is_unspecified
+
+    def address_for(self, family: int) -> str:
+        """The address to bind for ``family`` (4 or 6): the configured one, or that family's wildcard."""
+        if self.address.version == family:
+            return str(self.address)
+        return "0.0.0.0" if family == 4 else "::"
+
+
+@attrs.frozen(kw_only=True)
+class Intercept:
+    ports: tuple[PortRange, ...]
+    interfaces: tuple[str, ...] = ()
+    exclude_ports: tuple[PortRange, ...] = ()
+    exclude_cidrs: tuple[IPNetwork, ...] = ()
+    ipv4: bool = True
+    ipv6: bool = True
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The enabled IP versions, in order: (4,), (6,) or (4, 6)."""
+        return tuple(f for f, on in ((4, self.ipv4), (6, self.ipv6)) if on)
+
+    def excluded_cidrs(self, family: int) -> tuple[IPNetwork, ...]:
+        return tuple(n for n in self.exclude_cidrs if n.version == family)
+
+    def intercepts(self, port: int) -> bool:
+        """Whether a connection to destination ``port`` is diverted (exclusions win)."""
+        return any(port in r for r in self.ports) and not any(port in r for r in self.exclude_ports)
+
+
+@attrs.frozen(kw_only=True)
+class Routing:
+    mark: int = 1
+    table: int = 100
+
+
+@attrs.frozen(kw_only=True)
+class Proxy:
+    preserve_source: bool | None = None  # None: the mode's default (see Config.preserve_source)
+    upstream: str = attrs.field(default="original", validator=attrs.validators.in_(UPSTREAMS))
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0
+    max_connections: int = 10000
+    shutdown_grace: float = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Admin:
+    host: str | None = "127.0.0.1"  # None: the admin endpoint is disabled
+    port: int = 4191
+
+    @property
+    def enabled(self) -> bool:
+        return self.host is not None
+
+
+@attrs.frozen(kw_only=True)
+class Log:
+    level: str = attrs.field(default="info", validator=attrs.validators.in_(LOG_LEVELS))
+    format: str = attrs.field(default="text", validator=attrs.validators.in_(LOG_FORMATS))
+
+
+@attrs.frozen(kw_only=True)
+class Privileges:
+    user: str | None = None  # None: no privilege drop
+    group: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The whole configuration. Build it with :meth:`from_toml`; override with :meth:`with_overrides`."""
+
+    mode: str = attrs.field(default="tproxy", validator=attrs.validators.in_(MODES))
+    backend: str = attrs.field(default="nftables", validator=attrs.validators.in_(BACKENDS))
+    listener: Listener = Listener()
+    intercept: Intercept
+    routing: Routing = Routing()
+    proxy: Proxy = Proxy()
+    admin: Admin = Admin()
+    log: Log = Log()
+    privileges: Privileges = Privileges()
+    source: str = "<config>"  # the file it came from, for messages
+
+    @property
+    def preserve_source(self) -> bool:
+        """Connect upstream from the client's IP: the explicit setting, else true in tproxy mode, false in nat."""
+        if self.proxy.preserve_source is not None:
+            return self.proxy.preserve_source
+        return self.mode == "tproxy"
+
+    @property
+    def needs_routing(self) -> bool:
+        """Whether replies to spoofed client addresses must be routed back to us (fwmark rule + local table)."""
+        return self.mode == "tproxy" or self.preserve_source
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return self.intercept.families
+
+    @classmethod
+    def from_toml(cls, path: str | Path, *, mode: str | None = None, backend: str | None = None) -> Config:
+        """Load ``path``; ``mode``/``backend`` (command-line flags) override the file.
+
+        Error handling: any problem raises :class:`ConfigError` naming the file, the key path and the reason.
+        """
+        source = str(path)
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(source, "", "no such file") from None
+        except OSError as e:
+            raise ConfigError(source, "", f"cannot read: {e.strerror}") from None
+        try:
+            doc = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(source, "", "not UTF-8 text") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(source, "", f"invalid TOML: {e}") from None
+        return cls.from_dict(doc, source=source, mode=mode, backend=backend)
+
+    @classmethod
+    def from_dict(
+        cls,
+        doc: dict[str, Any],
+        *,
+        source: str = "<config>",
+        mode: str | None = None,
+        backend: str | None = None,
+    ) -> Config:
+        """Build from an already parsed TOML document (used by :meth:`from_toml` and by tests)."""
+        return _Loader(source).load(doc, mode=mode, backend=backend)
+
+    def with_overrides(self, *, mode: str | None = None, backend: str | None = None) -> Config:
+        """Command-line overrides (``--mode``, ``--backend``), checked like the file's values."""
+        if mode is not None and mode not in MODES:
+            raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError("--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})")
+        return attrs.evolve(self, mode=mode or self.mode, backend=backend or self.backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loader: walks the TOML document, every error naming file and key.
+
+_SCHEMA: dict[str, tuple[str, ...]] = {
+    "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
+    "listener": ("address", "port"),
+    "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
+    "routing": ("mark", "table"),
+    "proxy": (
+        "preserve_source",
+        "upstream",
+        "connect_timeout",
+        "idle_timeout",
+        "max_connections",
+        "shutdown_grace",
+    ),
+    "admin": ("address",),
+    "log": ("level", "format"),
+    "privileges": ("user", "group"),
+}
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a table"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+class _Loader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, key, reason)
+
+    # -- generic pieces
+
+    def table(self, doc: dict[str, Any], name: str) -> dict[str, Any]:
+        value = doc.get(name, {}) if name else doc
+        if not isinstance(value, dict):
+            raise self.error(name, f"expected a table ([{name}]), got {_type_name(value)}")
+        allowed = _SCHEMA[name]
+        for key in value:
+            if key not in allowed:
+                path = f"{name}.{key}" if name else key
+                hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                where = f"[{name}]" if name else "the top level"
+                reason = f"unknown key in {where}"
+                if hint:
+                    hint_path = f"{name}.{hint[0]}" if name else hint[0]
+                    reason += f" (did you mean {hint_path!r}?)"
+                raise self.error(path, reason)
+        return value
+
+    def typed(self, table: dict[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise self.error(path, f"expected {_TYPE_NAMES[kind]}, got {_type_name(value)} {value!r}")
+        return value
+
+    def choice(self, table: dict[str, Any], key: str, path: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.typed(table, key, path, str, default)
+        if value not in choices:
+            raise self.error(path, f"unknown value {value!r} (expected one of: {', '.join(choices)})")
+        return value
+
+    def ranged_int(self, table: dict[str, Any], key: str, path: str, lo: int, hi: int, default: int, what: str) -> int:
+        value = self.typed(table, key, path, int, default)
+        if not lo <= value <= hi:
+            raise self.error(path, f"{value} is not {what} ({lo}-{hi})")
+        return value
+
+    def positive(self, table: dict[str, Any], key: str, path: str, default: float) -> float:
+        value = self.typed(table, key, path, float, default)
+        if not value > 0 or value != value or value == float("inf"):
+            raise self.error(path, f"{value} must be a positive number of seconds")
+        return value
+
+    def port_value(self, value: Any, path: str) -> PortRange:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= 65535:
+                raise self.error(path, f"{value} is not a port (1-65535)")
+            return PortRange(lo=value, hi=value)
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                raise self.error(path, 'empty port range (expected a port or "lo-hi")')
+            lo_s, sep, hi_s = text.partition("-")
+            try:
+                lo, hi = int(lo_s), int(hi_s if sep else lo_s)
+            except ValueError:
+                raise self.error(path, f'{value!r} is not a port or a "lo-hi" range') from None
+            for p in (lo, hi):
+                if not 1 <= p <= 65535:
+                    raise self.error(path, f"{p} is not a port (1-65535)")
+            if lo > hi:
+                raise self.error(path, f"inverted range {value!r} (low end above high end)")
+            return PortRange(lo=lo, hi=hi)
+        raise self.error(path, f'expected a port number or a "lo-hi" string, got {_type_name(value)} {value!r}')
+
+    def list_of(self, table: dict[str, Any], key: str, path: str, item: Callable[[Any, str], Any]) -> tuple:
+        if key not in table:
+            return ()
+        value = table[key]
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list, got {_type_name(value)} {value!r}")
+        return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+    def cidr(self, value: Any, path: str) -> IPNetwork:
+        if not isinstance(value, str):
+            raise self.error(path, f"expected a CIDR string, got {_type_name(value)} {value!r}")
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise self.error(path, f'{value!r} is not an IPv4 or IPv6 network (e.g. "198.18.0.0/15")') from None
+
+    def interface(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(path, f"expected an interface name, got {_type_name(value)} {value!r}")
+        if not value or len(value) > 15 or any(c in value for c in "/ \t\n\"'") or value in (".", ".."):
+            raise self.error(path, f"{value!r} is not a valid interface name (1-15 characters, no '/' or spaces)")
+        if value == "lo":
+            raise self.error(path, "lo can never be intercepted (the proxy's own upstream traffic arrives on it)")
+        return value
+
+    # -- sections
+
+    def load(self, doc: dict[str, Any], *, mode: str | None, backend: str | None) -> Config:
+        top = self.table(doc, "")
+        mode_v = self.choice(top, "mode", "mode", MODES, "tproxy")
+        backend_v = self.choice(top, "backend", "backend", BACKENDS, "nftables")
+        if mode is not None:
+            if mode not in MODES:
+                raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
+            mode_v = mode
+        if backend is not None:
+            if backend not in BACKENDS:
+                raise ConfigError(
+                    "--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})"
+                )
+            backend_v = backend
+
+        t = self.table(top, "listener")
+        address_s = self.typed(t, "address", "listener.address", str, "0.0.0.0")
+        try:
+            address = ipaddress.ip_address(address_s)
+        except ValueError:
+            raise self.error("listener.address", f"{address_s!r} is not an IP address") from None
+        listener = Listener(
+            address=address,
+            port=self.ranged_int(t, "port", "listener.port", 1, 65535, 4143, "a port"),
+        )
+
+        t = self.table(top, "intercept")
+        if "ports" not in t:
+            raise self.error("intercept.ports", "required key is missing (the destination ports to intercept)")
+        ports = self.list_of(t, "ports", "intercept.ports", self.port_value)
+        if not ports:
+            raise self.error("intercept.ports", "must name at least one port or range")
+        intercept = Intercept(
+            ports=ports,
+            interfaces=self.list_of(t, "interfaces", "intercept.interfaces", self.interface),
+            exclude_ports=self.list_of(t, "exclude_ports", "intercept.exclude_ports", self.port_value),
+            exclude_cidrs=self.list_of(t, "exclude_cidrs", "intercept.exclude_cidrs", self.cidr),
+            ipv4=self.typed(t, "ipv4", "intercept.ipv4", bool, True),
+            ipv6=self.typed(t, "ipv6", "intercept.ipv6", bool, True),
+        )
+        if not intercept.families:
+            raise self.error("intercept.ipv6", "ipv4 and ipv6 are both false: nothing would be intercepted")
+        if intercept.intercepts(listener.port):
+            raise self.error(
+                "listener.port",
+                f"{listener.port} is inside intercept.ports: the proxy would intercept its own listener",
+            )
+        if not listener.is_wildcard:
+            other = 6 if listener.address.version == 4 else 4
+            if other in intercept.families:
+                raise self.error(
+                    f"intercept.ipv{other}",
+                    f"listener.address {listener.address} is IPv{listener.address.version} only; "
+                    f"set ipv{other} = false or listen on a wildcard address",
+                )
+
+        t = self.table(top, "routing")
+        routing = Routing(
+            mark=self.ranged_int(t, "mark", "routing.mark", 1, 2**32 - 1, 1, "a valid fwmark"),
+            table=self.ranged_int(t, "table", "routing.table", 1, 2**31 - 1, 100, "a routing table id"),
+        )
+        if routing.table in (253, 254, 255):
+            raise self.error("routing.table", f"{routing.table} is a kernel table (default/main/local); pick another")
+
+        t = self.table(top, "proxy")
+        proxy = Proxy(
+            preserve_source=self.typed(t, "preserve_source", "proxy.preserve_source", bool, None),
+            upstream=self.choice(t, "upstream", "proxy.upstream", UPSTREAMS, "original"),
+            connect_timeout=self.positive(t, "connect_timeout", "proxy.connect_timeout", 5.0),
+            idle_timeout=self.positive(t, "idle_timeout", "proxy.idle_timeout", 3600.0),
+            max_connections=self.ranged_int(
+                t, "max_connections", "proxy.max_connections", 1, 10_000_000, 10000, "a connection count"
+            ),
+            shutdown_grace=self.positive(t, "shutdown_grace", "proxy.shutdown_grace", 30.0),
+        )
+
+        t = self.table(top, "admin")
+        admin = self.admin_address(self.typed(t, "address", "admin.address", str, "127.0.0.1:4191"))
+
+        t = self.table(top, "log")
+        log = Log(
+            level=self.choice(t, "level", "log.level", LOG_LEVELS, "info"),
+            format=self.choice(t, "format", "log.format", LOG_FORMATS, "text"),
+        )
+
+        t = self.table(top, "privileges")
+        privileges = Privileges(
+            user=self.typed(t, "user", "privileges.user", str, None) or None,
+            group=self.typed(t, "group", "privileges.group", str, None) or None,
+        )
+        if privileges.group and not privileges.user:
+            raise self.error("privileges.group", "set privileges.user too (a group alone drops nothing)")
+
+        return Config(
+            mode=mode_v,
+            backend=backend_v,
+            listener=listener,
+            intercept=intercept,
+            routing=routing,
+            proxy=proxy,
+            admin=admin,
+            log=log,
+            privileges=privileges,
+            source=self.source,
+        )
+
+    def admin_address(self, text: str) -> Admin:
+        path = "admin.address"
+        if text == "":
+            return Admin(host=None)
+        host, sep, port_s = text.rpartition(":")
+        if not sep or not host:
+            raise self.error(path, f'{text!r} is not HOST:PORT (e.g. "127.0.0.1:4191", "[::1]:4191", or "")')
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise self.error(path, f"{host!r} is not an IP address") from None
+        try:
+            port = int(port_s)
+        except ValueError:
+            raise self.error(path, f"{port_s!r} is not a port (1-65535)") from None
+        if not 1 <= port <= 65535:
+            raise self.error(path, f"{port} is not a port (1-65535)")
+        return Admin(host=host, port=port)

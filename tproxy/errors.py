@@ -1,0 +1,37 @@
+"""Every error the operator may see, under one base class.
+
+Messages are written for the operator: one line, naming what is wrong and, where it helps, how to fix it.
+The CLI turns a :class:`ConfigError` into exit status 2 and any other :class:`TproxyError` into 1.
+"""
+
+from __future__ import annotations
+
+
+class TproxyError(Exception):
+    """Base of all errors tproxy reports to the operator (one line, no traceback)."""
+
+    exit_code = 1
+
+
+class ConfigError(TproxyError):
+    """Bad configuration or command-line input: names the file, the key path and what is wrong."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+class RulesError(TproxyError):
+    """Installing, checking or removing interception rules or routes failed."""
+
+
+class PrivilegeError(TproxyError):
+    """The process lacks a capability it needs (names which one, and why)."""
+
+
+class MissingBinaryError(RulesError):
+    """A program we need is not installed (names the Debian package that provides it)."""
