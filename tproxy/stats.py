@@ -1,0 +1,43 @@
+"""Counters and state shared by the server (which updates them) and the admin endpoint (which reports them).
+
+Plain attributes and dicts, updated inline on the hot path: no locks (one trio thread), no allocation per event
+beyond a dict key the first time an outcome or errno is seen.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+
+OUTCOMES = ("ok", "reset", "refused", "timeout", "idle", "cancelled")
+
+
+@attrs.define
+class Stats:
+    accepted: int = 0  # connections accepted by the listeners
+    open: int = 0  # connections currently open (gauge)
+    closed: collections.Counter = attrs.Factory(collections.Counter)  # outcome -> count (see OUTCOMES)
+    bytes_in: int = 0  # client -> application
+    bytes_out: int = 0  # application -> client
+    connect_errors: collections.Counter = attrs.Factory(collections.Counter)  # errno name -> count
+    source_port_fallbacks: int = 0  # upstream port could not be chosen collision-free: fell back
+    source_fallbacks: int = 0  # could not bind the client's address: used an ordinary source
+    relay_path: collections.Counter = attrs.Factory(collections.Counter)  # "splice" | "copy" -> directions
+    max_connections_waits: int = 0  # times accepting paused because max_connections was reached
+    loops_refused: int = 0  # connections whose original destination was the proxy itself
+
+
+@attrs.define
+class State:
+    """Lifecycle, for /ready: ready once rules, routes and every listener are in place; not while draining."""
+
+    rules_installed: bool = False
+    listening: bool = False
+    draining: bool = False
+    mode: str = ""
+    backend: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.rules_installed and self.listening and not self.draining
