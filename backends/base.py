@@ -1,0 +1,182 @@
+"""The rule backend interface, and what every backend shares (running a tool, privilege, per-namespace state).
+
+A backend turns a :class:`~tproxy.config.Config` into rule text and installs it:
+
+- :meth:`Backend.render` is pure: no system calls, the same text for the same config, every line traceable to a key.
+- :meth:`Backend.apply` installs rendered text in one atomic step; applying the same text again changes nothing.
+- :meth:`Backend.remove` takes out everything tproxy installed (whatever config installed it) and nothing else.
+- :meth:`Backend.installed` says whether any of our rules are present.
+
+Error handling: a missing program raises :class:`MissingBinaryError` naming the Debian package; lack of privilege
+raises :class:`RulesError` ``needs CAP_NET_ADMIN (run as root)``; text the tool rejects raises :class:`RulesError`
+carrying the tool's own message, and the host is left as it was.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tproxy.config import Config, PortRange
+from tproxy.errors import MissingBinaryError, RulesError
+
+NEEDS_ROOT = "needs CAP_NET_ADMIN (run as root)"
+STATE_DIR = Path("/run/tproxy")
+COMMENT = "tproxy/"
+CAP_NET_ADMIN = 12
+
+# The Debian package that provides each program we run.
+PACKAGES = {
+    "nft": "nftables",
+    "iptables": "iptables",
+    "ip6tables": "iptables",
+    "iptables-restore": "iptables",
+    "ip6tables-restore": "iptables",
+    "iptables-save": "iptables",
+    "ip6tables-save": "iptables",
+    "iptables-legacy-save": "iptables",
+    "ip6tables-legacy-save": "iptables",
+    "iptables-nft-save": "iptables",
+    "ip6tables-nft-save": "iptables",
+}
+
+_PERMISSION_HINTS = ("Operation not permitted", "Permission denied", "you must be root")
+
+
+class Backend(abc.ABC):
+    """One way of installing the interception rules (see the module docstring for the contract)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def render(self, config: Config) -> str:
+        """The complete rule text for ``config``. Pure and deterministic."""
+
+    @abc.abstractmethod
+    def apply(self, text: str) -> None:
+        """Install ``text`` (from :meth:`render`) atomically, replacing what we installed before."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Remove every rule, chain and table of ours; a no-op when nothing is installed."""
+
+    @abc.abstractmethod
+    def installed(self) -> bool:
+        """Whether any of our rules are present in this network namespace."""
+
+    @abc.abstractmethod
+    def check(self, text: str) -> None:
+        """Have the tool validate ``text`` without installing it (raises :class:`RulesError`)."""
+
+    def describe(self) -> str:
+        """A short name for messages, e.g. ``nftables`` or ``iptables (nf_tables variant)``."""
+        return self.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the selection shared by both dialects.
+
+
+def loopback_guard(config: Config) -> bool:
+    """Whether the IPv4 loopback upstream needs ``route_localnet`` and so the 127.0.0.0/8 guard rule.
+
+    Only when the proxy connects to 127.0.0.1 *from the client's address* (preserve_source): a reply from 127.0.0.1
+    to a non-local address is routed towards the client's interface, which the kernel refuses without route_localnet.
+    """
+    return config.proxy.upstream == "loopback" and config.preserve_source and 4 in config.families
+
+
+def mark_hex(value: int) -> str:
+    return f"{value:#x}"
+
+
+def port_ranges(ranges: Sequence[PortRange], sep: str) -> list[str]:
+    return [str(r.lo) if r.lo == r.hi else f"{r.lo}{sep}{r.hi}" for r in ranges]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running tools.
+
+
+def has_net_admin() -> bool:
+    """Whether this process holds CAP_NET_ADMIN in its effective set."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def require_net_admin() -> None:
+    if not has_net_admin():
+        raise RulesError(NEEDS_ROOT)
+
+
+def run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a tool; text in and out. ``check``: a failure raises RulesError with the tool's own message."""
+    try:
+        r = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        prog = os.path.basename(argv[0])
+        pkg = PACKAGES.get(prog, prog)
+        raise MissingBinaryError(
+            f"{prog} not found: install the Debian package {pkg} (apt-get install {pkg})"
+        ) from None
+    if check and r.returncode != 0:
+        raise tool_error(argv, r)
+    return r
+
+
+def tool_error(argv: Sequence[str], r: subprocess.CompletedProcess) -> RulesError:
+    msg = (r.stderr or r.stdout or "").strip()
+    if any(h in msg for h in _PERMISSION_HINTS):
+        return RulesError(f"{NEEDS_ROOT}: {os.path.basename(argv[0])}: {_one_line(msg)}")
+    return RulesError(
+        f"{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))} failed: "
+        f"{_one_line(msg) or f'exit status {r.returncode}'}"
+    )
+
+
+def _one_line(msg: str) -> str:
+    return " | ".join(line.rstrip() for line in msg.splitlines() if line.strip())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# State that must survive across processes (e.g. `tproxy rules remove` after `tproxy run` was killed).
+
+
+def netns_id() -> int:
+    """The identity of the current network namespace (inode of /proc/self/ns/net)."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def state_path(kind: str, *key: object) -> Path:
+    """``/run/tproxy/<kind>-netns<inode>[-<key>...].json``: one file per namespace (and config key)."""
+    return STATE_DIR / ("-".join([kind, f"netns{netns_id()}", *(str(k) for k in key)]) + ".json")
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def drop_state(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,353 @@
+"""iptables: ``iptables-restore --noflush`` / ``ip6tables-restore --noflush`` files with chains of our own.
+
+Our chains (``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle, ``TPROXY_NAT`` in nat) are jumped to
+from the built-in chains exactly once: declaring a chain in a ``--noflush`` file flushes it, and :meth:`apply` leaves
+out the jump lines that are already in place, so re-applying replaces our rules without a second jump.
+
+Variant: the host's ``iptables`` is either the nf_tables or the legacy variant (``iptables --version``); we use the
+same one and refuse to run when the *other* variant holds rules, since mixing the two breaks both.
+
+Resource handling: iptables-nft creates an empty built-in table (``ip mangle``, ``ip nat``...) on first use. Before
+applying we note which tables existed; :meth:`remove` deletes a table we caused to exist once it is empty again, so
+``nft list ruleset`` and ``iptables-save`` read as before. (The legacy variant cannot unload a table: there, an
+empty table stays. Documented, not hidden.)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from backends.base import (
+    Backend,
+    drop_state,
+    load_state,
+    loopback_guard,
+    mark_hex,
+    port_ranges,
+    require_net_admin,
+    run,
+    save_state,
+    state_path,
+)
+from tproxy.config import Config
+from tproxy.errors import RulesError
+
+PREROUTING = "TPROXY_PREROUTING"
+DIVERT = "TPROXY_DIVERT"
+OUTPUT = "TPROXY_OUTPUT"
+NAT = "TPROXY_NAT"
+OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,)}
+PREFIX = {4: "iptables", 6: "ip6tables"}
+HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
+MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
+_BUILTIN_TABLES = ("raw", "mangle", "nat", "filter", "security")
+
+
+def _c(what: str) -> str:
+    return f'-m comment --comment "tproxy/{what}"'
+
+
+def _port_groups(ranges) -> list[str]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for item in port_ranges(ranges, ":"):
+        cost = 2 if ":" in item else 1
+        if used + cost > MULTIPORT_MAX:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += cost
+    return [",".join(g) for g in groups]
+
+
+def _iifs(config: Config) -> list[str]:
+    return [f"-i {i}" for i in config.intercept.interfaces] or ["! -i lo"]
+
+
+def _exclusions(config: Config, family: int, chain: str) -> list[str]:
+    out = [f"-A {chain} -p tcp --dport {config.listener.port} {_c('listener-port')} -j RETURN"]
+    for net in config.intercept.excluded_cidrs(family):
+        out.append(f"-A {chain} -s {net} {_c('exclude-cidrs')} -j RETURN")
+    for group in _port_groups(config.intercept.exclude_ports) if config.intercept.exclude_ports else []:
+        out.append(f"-A {chain} -p tcp -m multiport --dports {group} {_c('exclude-ports')} -j RETURN")
+    return out
+
+
+def _jump(builtin: str, chain: str) -> str:
+    return f"-I {builtin} 1 {_c('jump')} -j {chain}"
+
+
+def render_family(config: Config, family: int) -> str:
+    """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6)."""
+    mark = mark_hex(config.routing.mark)
+    mangle_chains: list[str] = []
+    mangle_rules: list[str] = []
+    jumps: list[str] = []
+
+    pre: list[str] = []
+    if family == 4 and loopback_guard(config):
+        pre.append(f"-A {PREROUTING} -d 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP")
+    if config.mode == "tproxy":
+        pre.append(f"-A {PREROUTING} -p tcp ! --syn -m socket --transparent {_c('divert')} -j {DIVERT}")
+        pre += _exclusions(config, family, PREROUTING)
+        on_ip = "" if config.listener.is_wildcard else f" --on-ip {config.listener.address_for(family)}"
+        for iif in _iifs(config):
+            for group in _port_groups(config.intercept.ports):
+                pre.append(
+                    f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
+                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mark}"
+                )
+    if pre:
+        mangle_chains.append(PREROUTING)
+        jumps.append(_jump("PREROUTING", PREROUTING))
+        mangle_rules += pre
+    if config.mode == "tproxy":
+        mangle_chains.append(DIVERT)
+        mangle_rules += [
+            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mark}",
+            f"-A {DIVERT} {_c('divert')} -j ACCEPT",
+        ]
+    if config.needs_routing:
+        mangle_chains.append(OUTPUT)
+        jumps.append(_jump("OUTPUT", OUTPUT))
+        mangle_rules += [
+            f"-A {OUTPUT} -m connmark --mark {mark}/{mark} {_c('restore-mark')} "
+            f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}",
+            f"-A {OUTPUT} -m mark --mark {mark}/{mark} {_c('save-mark')} "
+            f"-j CONNMARK --save-mark --nfmask {mark} --ctmask {mark}",
+        ]
+
+    lines = [HEADER[family]]
+    if mangle_chains:
+        lines += ["*mangle", *(f":{c} - [0:0]" for c in mangle_chains), *jumps, *mangle_rules, "COMMIT"]
+    if config.mode == "nat":
+        nat = [f":{NAT} - [0:0]", _jump("PREROUTING", NAT), *_exclusions(config, family, NAT)]
+        if config.listener.is_wildcard:
+            target = f"-j REDIRECT --to-ports {config.listener.port}"
+        else:
+            addr = config.listener.address_for(family)
+            target = f"-j DNAT --to-destination {addr if family == 4 else f'[{addr}]'}:{config.listener.port}"
+        for iif in _iifs(config):
+            for group in _port_groups(config.intercept.ports):
+                nat.append(f"-A {NAT} {iif} -p tcp -m multiport --dports {group} {_c('intercept')} {target}")
+        lines += ["*nat", *nat, "COMMIT"]
+    return "\n".join(lines) + "\n"
+
+
+def split(text: str) -> dict[int, str]:
+    """The per-family files in a rendered text, keyed 4 and 6 (by their header comments)."""
+    out: dict[int, list[str]] = {}
+    current: int | None = None
+    for line in text.splitlines():
+        for fam, header in HEADER.items():
+            if line == header:
+                current = fam
+                out[fam] = []
+        if current is None:
+            if line.strip() and not line.startswith("#"):
+                raise RulesError("iptables rule text must start with a '# iptables-restore --noflush' header")
+            continue
+        out[current].append(line)
+    return {f: "\n".join(lines) + "\n" for f, lines in out.items()}
+
+
+def parse_save(text: str) -> dict[str, dict[str, list[str]]]:
+    """``iptables-save`` output -> {table: {"chains": [":NAME POLICY ..."], "rules": ["-A ..."]}}."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    cur: dict[str, list[str]] | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            cur = tables.setdefault(line[1:].strip(), {"chains": [], "rules": []})
+        elif cur is not None and line.startswith(":"):
+            cur["chains"].append(line)
+        elif cur is not None and line.startswith("-A "):
+            cur["rules"].append(line)
+    return tables
+
+
+def _chain_name(decl: str) -> str:
+    return decl[1:].split()[0]
+
+
+def _jump_target(rule: str) -> str | None:
+    m = re.search(r"(?:^| )-j (\S+)", rule)
+    return m.group(1) if m else None
+
+
+def has_rules(save_text: str) -> bool:
+    """Whether iptables-save output holds any rule, user chain or non-ACCEPT policy."""
+    for table in parse_save(save_text).values():
+        if table["rules"]:
+            return True
+        for decl in table["chains"]:
+            parts = decl[1:].split()
+            if len(parts) < 2 or parts[1] not in ("ACCEPT",):
+                return True
+    return False
+
+
+class IptablesBackend(Backend):
+    name = "iptables"
+
+    def __init__(self) -> None:
+        self._variant: str | None = None
+
+    # -- pure
+
+    def render(self, config: Config) -> str:
+        return "".join(render_family(config, f) for f in config.families)
+
+    # -- the host's iptables
+
+    @property
+    def variant(self) -> str:
+        """``nf_tables`` or ``legacy``: whichever the host's ``iptables`` command is."""
+        if self._variant is None:
+            out = run(["iptables", "--version"]).stdout
+            if "(nf_tables)" in out:
+                self._variant = "nf_tables"
+            elif "(legacy)" in out:
+                self._variant = "legacy"
+            else:
+                # iptables before 1.8 knows only the legacy variant and does not say so
+                self._variant = "legacy"
+        return self._variant
+
+    def describe(self) -> str:
+        return f"iptables ({self.variant} variant)"
+
+    def check_not_mixed(self) -> None:
+        """Refuse a host whose rules are in the other variant: two rule sets, both evaluated, neither complete."""
+        if self.variant == "nf_tables":
+            for fam, names in ((4, "/proc/net/ip_tables_names"), (6, "/proc/net/ip6_tables_names")):
+                try:
+                    loaded = Path(names).read_text().split()
+                except OSError:
+                    loaded = []
+                if loaded and has_rules(run([f"{PREFIX[fam]}-legacy-save"]).stdout):
+                    raise RulesError(
+                        f"this host's iptables is the nf_tables variant, but {PREFIX[fam]}-legacy holds rules "
+                        f"(see {PREFIX[fam]}-legacy-save); mixing the two variants breaks both: move those rules "
+                        'or use backend = "nftables"'
+                    )
+        else:
+            r = run(["nft", "list", "tables"], check=False)
+            nft_tables = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("table ")}
+            for fam in (4, 6):
+                if ("ip" if fam == 4 else "ip6") in nft_tables:
+                    if has_rules(run([f"{PREFIX[fam]}-nft-save"], check=False).stdout):
+                        raise RulesError(
+                            f"this host's iptables is the legacy variant, but {PREFIX[fam]}-nft holds rules "
+                            f"(see {PREFIX[fam]}-nft-save); mixing the two variants breaks both: move those rules "
+                            'or use backend = "nftables"'
+                        )
+
+    def _save(self, family: int) -> str:
+        return run([f"{PREFIX[family]}-save"]).stdout
+
+    def _state_path(self) -> Path:
+        return state_path("iptables")
+
+    # -- the interface
+
+    def check(self, text: str) -> None:
+        for fam, body in split(text).items():
+            run([f"{PREFIX[fam]}-restore", "--test", "--noflush"], input=body)
+
+    def apply(self, text: str) -> None:
+        """Install both families' files; if the second is rejected, the first comes out again.
+
+        Error handling: the tool's message is in the RulesError; what was there before is left as it was (apart
+        from a previous installation of ours, which is replaced or, on failure, left in place).
+        """
+        require_net_admin()
+        self.check_not_mixed()
+        files = split(text)
+        self.check(text)
+        was_installed = self.installed()
+        state = load_state(self._state_path()) if was_installed else None
+        created: dict[str, list[str]] = dict(state.get("created", {})) if state else {}
+        applied: list[int] = []
+        try:
+            for fam, body in files.items():
+                before = self._save(fam)
+                tables_before = set(parse_save(before))
+                created.setdefault(str(fam), [])
+                for table in re.findall(r"^\*(\S+)$", body, flags=re.M):
+                    if table not in tables_before and table not in created[str(fam)]:
+                        created[str(fam)].append(table)
+                save_state(self._state_path(), {"created": created})
+                body = self._without_existing_jumps(body, before)
+                run([f"{PREFIX[fam]}-restore", "--noflush"], input=body)
+                applied.append(fam)
+            declared = {fam: set(re.findall(r"^:(TPROXY_\S+)", body, flags=re.M)) for fam, body in files.items()}
+            for fam in (4, 6):
+                self._remove_family(fam, keep=declared.get(fam, set()))
+        except BaseException:
+            if not was_installed:
+                self.remove()
+            raise
+
+    def remove(self) -> None:
+        require_net_admin()
+        state = load_state(self._state_path()) or {}
+        for fam in (4, 6):
+            self._remove_family(fam, keep=set())
+            if self.variant == "nf_tables":
+                self._drop_created_tables(fam, state.get("created", {}).get(str(fam), []))
+        drop_state(self._state_path())
+
+    def installed(self) -> bool:
+        for fam in (4, 6):
+            for table, content in parse_save(self._save(fam)).items():
+                if any(_chain_name(d) in OUR_CHAINS.get(table, ()) for d in content["chains"]):
+                    return True
+        return False
+
+    # -- helpers
+
+    @staticmethod
+    def _without_existing_jumps(body: str, save_text: str) -> str:
+        saved = parse_save(save_text)
+        out: list[str] = []
+        table = ""
+        for line in body.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            m = re.match(r"^-I (\S+) 1 (.*)$", line)
+            if m and f"-A {m.group(1)} {m.group(2)}" in saved.get(table, {}).get("rules", []):
+                continue
+            out.append(line)
+        return "\n".join(out) + "\n"
+
+    def _remove_family(self, family: int, *, keep: set[str]) -> None:
+        """Delete our jumps and chains in one family (except the chains in ``keep``), in one restore."""
+        tables = parse_save(self._save(family))
+        lines: list[str] = []
+        for table, content in tables.items():
+            ours = [
+                _chain_name(d)
+                for d in content["chains"]
+                if _chain_name(d) in OUR_CHAINS.get(table, ()) and _chain_name(d) not in keep
+            ]
+            if not ours:
+                continue
+            body = [f"-D {r[3:]}" for r in content["rules"] if _jump_target(r) in ours and r.split()[1] not in ours]
+            body += [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
+            lines += [f"*{table}", *body, "COMMIT"]
+        if lines:
+            run([f"{PREFIX[family]}-restore", "--noflush"], input="\n".join(lines) + "\n")
+
+    def _drop_created_tables(self, family: int, created: list[str]) -> None:
+        tables = parse_save(self._save(family))
+        nft_family = "ip" if family == 4 else "ip6"
+        for table in created:
+            content = tables.get(table)
+            if content is None or content["rules"]:
+                continue
+            if all(_chain_name(d) in _BUILTIN_CHAINS and d.split()[1] == "ACCEPT" for d in content["chains"]):
+                run(["nft", "delete", "table", nft_family, table], check=False)
+
+
+_BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}

@@ -1,0 +1,157 @@
+"""nftables: one ``nft -f`` file with a table of our own, ``inet tproxy_rules`` (IPv4 and IPv6 share it).
+
+The file declares the table, deletes it and declares it again with its chains, so ``nft -f`` replaces it in a single
+transaction: re-applying is idempotent and there is never a moment with half the rules. ("tproxy" itself is an nft
+keyword, hence the table's name.) Removal deletes the table; nothing outside it is ever touched.
+"""
+
+from __future__ import annotations
+
+from backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+from tproxy.config import Config
+
+TABLE = "tproxy_rules"
+FAMILY = "inet"
+NFPROTO = {4: "ipv4", 6: "ipv6"}
+IPKW = {4: "ip", 6: "ip6"}
+
+
+def _comment(what: str) -> str:
+    return f'comment "tproxy/{what}"'
+
+
+def _set(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _iif(config: Config) -> str:
+    ifaces = config.intercept.interfaces
+    if not ifaces:
+        return 'iifname != "lo"'
+    return "iifname " + _set([f'"{i}"' for i in ifaces])
+
+
+def _exclusions(config: Config, family: int) -> list[str]:
+    """RETURN rules, in order: the listener port, excluded sources, excluded destination ports."""
+    fam = f"meta nfproto {NFPROTO[family]}"
+    out = [f"{fam} tcp dport {config.listener.port} return {_comment('listener-port')}"]
+    cidrs = config.intercept.excluded_cidrs(family)
+    if cidrs:
+        out.append(f"{fam} {IPKW[family]} saddr {_set([str(n) for n in cidrs])} return {_comment('exclude-cidrs')}")
+    if config.intercept.exclude_ports:
+        ports = _set(port_ranges(config.intercept.exclude_ports, "-"))
+        out.append(f"{fam} tcp dport {ports} return {_comment('exclude-ports')}")
+    return out
+
+
+def _ports(config: Config) -> str:
+    return _set(port_ranges(config.intercept.ports, "-"))
+
+
+def _guard() -> str:
+    return f'iifname != "lo" meta nfproto ipv4 ip daddr 127.0.0.0/8 drop {_comment("loopback-guard")}'
+
+
+def _tproxy_to(config: Config, family: int) -> str:
+    port = config.listener.port
+    if config.listener.is_wildcard:
+        return f"tproxy {IPKW[family]} to :{port}"
+    addr = config.listener.address_for(family)
+    return f"tproxy {IPKW[family]} to {addr if family == 4 else f'[{addr}]'}:{port}"
+
+
+def _redirect_to(config: Config, family: int) -> str:
+    port = config.listener.port
+    if config.listener.is_wildcard:
+        return f"redirect to :{port}"
+    addr = config.listener.address_for(family)
+    return f"dnat {IPKW[family]} to {addr if family == 4 else f'[{addr}]'}:{port}"
+
+
+def _chain(name: str, hook: str, rules: list[str]) -> list[str]:
+    return [f"\tchain {name} {{", f"\t\t{hook}", *(f"\t\t{r}" for r in rules), "\t}"]
+
+
+class NftablesBackend(Backend):
+    name = "nftables"
+
+    def render(self, config: Config) -> str:
+        mark = mark_hex(config.routing.mark)
+        setmark = f"meta mark set meta mark | {mark}"
+        chains: list[list[str]] = []
+
+        prerouting: list[str] = []
+        if loopback_guard(config):
+            prerouting.append(_guard())
+        if config.mode == "tproxy":
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                prerouting.append(
+                    f"{fam} tcp flags & (syn | ack) != syn socket transparent 1 {setmark} accept {_comment('divert')}"
+                )
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                prerouting += _exclusions(config, f)
+                prerouting.append(
+                    f"{fam} {_iif(config)} tcp dport {_ports(config)} tcp flags & (syn | ack) == syn "
+                    f"{_tproxy_to(config, f)} {setmark} accept {_comment('intercept')}"
+                )
+        if prerouting:
+            chains.append(
+                _chain("prerouting", "type filter hook prerouting priority mangle; policy accept;", prerouting)
+            )
+
+        if config.needs_routing:
+            output = []
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                output.append(f"{fam} ct mark & {mark} == {mark} {setmark} {_comment('restore-mark')}")
+                output.append(
+                    f"{fam} meta mark & {mark} == {mark} ct mark set ct mark | {mark} {_comment('save-mark')}"
+                )
+            chains.append(_chain("output", "type route hook output priority mangle; policy accept;", output))
+
+        if config.mode == "nat":
+            nat: list[str] = []
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                nat += _exclusions(config, f)
+                nat.append(
+                    f"{fam} {_iif(config)} tcp dport {_ports(config)} {_redirect_to(config, f)} {_comment('intercept')}"
+                )
+            chains.append(_chain("nat_prerouting", "type nat hook prerouting priority dstnat; policy accept;", nat))
+
+        families = ",".join(f"ipv{f}" for f in config.families)
+        lines = [
+            f"# tproxy: mode={config.mode} families={families} mark={mark} (nft -f FILE replaces the table atomically)",
+            f"table {FAMILY} {TABLE} {{",
+            "}",
+            f"delete table {FAMILY} {TABLE}",
+            f"table {FAMILY} {TABLE} {{",
+        ]
+        for i, chain in enumerate(chains):
+            if i:
+                lines.append("")
+            lines += chain
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def check(self, text: str) -> None:
+        run(["nft", "-c", "-f", "-"], input=text)
+
+    def apply(self, text: str) -> None:
+        require_net_admin()
+        run(["nft", "-f", "-"], input=text)
+
+    def remove(self) -> None:
+        require_net_admin()
+        if self.installed():
+            run(["nft", "delete", "table", FAMILY, TABLE])
+
+    def installed(self) -> bool:
+        r = run(["nft", "list", "tables", FAMILY], check=False)
+        if r.returncode != 0:
+            if "Operation not permitted" in r.stderr:
+                require_net_admin()
+            return False
+        return f"table {FAMILY} {TABLE}" in r.stdout.splitlines()

@@ -1,0 +1,62 @@
+"""The rules facade: show, install and uninstall the interception rules and the policy routing together.
+
+- :func:`show` touches nothing: the rule file(s), then the routing as ``ip``/``sysctl`` commands.
+- :func:`install` is atomic as a whole: rules in one step, then routes and sysctls; if routing fails after the rules
+  went in, the rules come out again. Idempotent: installing twice leaves one copy of everything.
+- :func:`uninstall` removes everything tproxy installs (rules of either backend's making are found by name), restores
+  the sysctls it changed (remembered under /run/tproxy/ across processes), and nothing else.
+
+Error handling: :class:`~tproxy.errors.RulesError` (or its :class:`~tproxy.errors.MissingBinaryError`) with a message
+for the operator; a rule file the kernel rejects carries the tool's own message and leaves the host as it was.
+Call from a thread under trio (pyroute2's sync API runs its own event loop).
+"""
+
+from __future__ import annotations
+
+from backends import get_backend
+from backends.base import require_net_admin
+from tproxy import routing
+from tproxy.config import Config
+
+
+def show(config: Config) -> str:
+    """What :func:`install` would install, as text a user could apply by hand. Pure."""
+    text = get_backend(config.backend).render(config)
+    cmds = routing.commands(config)
+    if cmds:
+        text += "\n# routing\n" + "\n".join(cmds) + "\n"
+    else:
+        text += "\n# routing: none needed (nat mode without preserve_source)\n"
+    return text
+
+
+def install(config: Config) -> str:
+    """Install rules, routes and sysctls for ``config``; returns a one-line summary."""
+    require_net_admin()
+    backend = get_backend(config.backend)
+    text = backend.render(config)
+    was_installed = backend.installed()
+    backend.apply(text)
+    try:
+        routing.install(config)
+    except BaseException:
+        if not was_installed:
+            backend.remove()
+        raise
+    families = "+".join(f"IPv{f}" for f in config.families)
+    extra = f", fwmark {config.routing.mark:#x} -> table {config.routing.table}" if config.needs_routing else ""
+    return f"tproxy rules installed: {config.mode} mode, {backend.describe()}, {families}{extra}"
+
+
+def uninstall(config: Config) -> str:
+    """Remove our rules (the configured backend's) and routes; restore sysctls. Safe when nothing is installed."""
+    require_net_admin()
+    backend = get_backend(config.backend)
+    had_rules = backend.installed()
+    backend.remove()
+    removed_routing = routing.uninstall(config)
+    if not had_rules and not removed_routing:
+        return f"tproxy rules: nothing to remove ({backend.describe()})"
+    return f"tproxy rules removed: {backend.describe()}" + (
+        f", routing: {', '.join(removed_routing)}" if removed_routing else ""
+    )
