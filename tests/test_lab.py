@@ -1,0 +1,94 @@
+"""The lab itself (tproxy/lab.py), without a proxy: topology, application, batch client, configs, log matching."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tproxy import lab as L
+from tproxy.config import Config
+
+
+@pytest.mark.parametrize("mode,preserve", [("tproxy", None), ("nat", None), ("nat", True)])
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_lab_configs_load(tmp_path, mode, preserve, backend):
+    path = tmp_path / "lab.toml"
+    path.write_text(L.proxy_config(mode, backend, preserve_source=preserve, upstream="loopback"))
+    cfg = Config.from_toml(path)
+    assert (cfg.mode, cfg.backend, cfg.proxy.upstream) == (mode, backend, "loopback")
+    assert cfg.preserve_source == (mode == "tproxy" or bool(preserve))
+    assert cfg.intercept.intercepts(L.ECHO_PORT) and cfg.intercept.intercepts(L.DOWN_PORT)
+    assert not cfg.intercept.intercepts(L.EXCLUDED_PORT) and not cfg.intercept.intercepts(L.DIRECT_PORT)
+    assert cfg.families == (4, 6)
+
+
+def test_expected_peer_ip():
+    assert L.expected_peer_ip("tproxy", None, 4) == L.CLIENT[4]
+    assert L.expected_peer_ip("nat", None, 6) == L.NODE[6]
+    assert L.expected_peer_ip("nat", True, 6) == L.CLIENT[6]
+    assert L.expected_peer_ip("nat", False, 4, upstream="loopback") == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "accepted 198.18.0.1:34567 -> 198.18.0.2:8080",
+        "conn client=198.18.0.1 port=34567 dst=198.18.0.2:8080",
+        '{"client": "198.18.0.1", "client_port": 34567}',
+        "closed [fd00:18::1]:34567 -> [fd00:18::2]:8080",
+    ],
+)
+def test_proxy_log_names_the_client_however_written(line):
+    ip = "fd00:18::1" if "fd00" in line else "198.18.0.1"
+    assert L.proxy_log_names(line, ip, 34567) == [line]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "accepted 198.18.0.11:34567 -> 198.18.0.2:8080",  # another address with the same prefix
+        "accepted 198.18.0.1:345670 -> 198.18.0.2:8080",  # another port with the same prefix
+        "accepted 198.18.0.1:4567 -> 198.18.0.2:8080",
+        "closed [fd00:18::11]:34567 -> [fd00:18::2]:8080",
+    ],
+)
+def test_proxy_log_names_nothing_else(line):
+    ip = "fd00:18::1" if "fd00" in line else "198.18.0.1"
+    assert L.proxy_log_names(line, ip, 34567) == []
+
+
+@pytest.mark.root
+def test_the_lab_without_a_proxy_connects_directly():
+    """Without a proxy the application sees the client's own address and port, in every kind of exchange."""
+    with L.Lab.up() as lab:
+        names = (lab.client.name, lab.node.name)
+        jobs = []
+        for fam in (4, 6):
+            dst = L.NODE[fam]
+            jobs += [
+                {"dst": dst, "port": L.ECHO_PORT, "count": 20, "concurrency": 20, "max_size": 1 << 16, "seed": 7},
+                {"dst": dst, "port": L.EOF_PORT, "sizes": [200_000]},
+                {"dst": dst, "port": L.CLOSE_PORT, "kind": "read", "reuse_ports": [23456], "repeat": 20},
+                {"dst": dst, "port": L.DIRECT_PORT, "src": L.EXCLUDED_CLIENT[fam], "sizes": [5]},
+            ]
+        results = lab.connect(jobs)
+        assert len(results) == 2 * (20 + 1 + 20 + 1)
+        assert all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+        assert all(r["peer"] == r["src"] for r in results)
+        assert {r["src"][0] for r in results} == {*L.CLIENT.values(), *L.EXCLUDED_CLIENT.values()}
+        down = lab.connect({"dst": L.NODE[4], "port": L.DOWN_PORT, "kind": "reset"})
+        assert down[0]["error"] == "ECONNREFUSED"
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed for n in names)
+
+
+@pytest.mark.root
+def test_the_lab_is_deleted_when_the_block_fails():
+    with pytest.raises(ZeroDivisionError), L.Lab.up() as lab:
+        names = (lab.client.name, lab.node.name)
+        app = lab.app
+        1 / 0  # noqa: B018
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed for n in names)
+    assert app.poll() is not None
