@@ -1,0 +1,114 @@
+"""Logging: one line per event, text or JSON (``log.format``), on stderr.
+
+Every line is an *event* with fields. The stable keys of the per-connection line are ``event`` (``"connection"``),
+``client``, ``original_dst``, ``upstream_src``, ``bytes_in``, ``bytes_out``, ``duration_ms`` and ``outcome``;
+``start`` and ``stop`` lines say what was installed and removed. Text lines are ``TIME LEVEL EVENT key=value ...``
+(values with spaces are quoted); JSON lines are one object with ``ts``, ``level``, ``event`` and the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+LOGGER_NAME = "tproxy"
+logger = logging.getLogger(LOGGER_NAME)
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _timestamp(created: float) -> str:
+    t = time.gmtime(created)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}." + (
+        f"{int(created % 1 * 1000):03d}Z"
+    )
+
+
+def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    fields = getattr(record, "fields", None)
+    if fields is None:  # a plain logger.warning("...") from anywhere
+        return "message", {"message": record.getMessage()}
+    return record.getMessage(), fields
+
+
+def _text_value(value: Any) -> str:
+    s = str(value)
+    if not s or any(c in s for c in ' "=\n\t'):
+        return json.dumps(s)
+    return s
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event, fields = _fields(record)
+        parts = [_timestamp(record.created), record.levelname.lower(), event]
+        parts.extend(f"{k}={_text_value(v)}" for k, v in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event, fields = _fields(record)
+        doc = {"ts": _timestamp(record.created), "level": record.levelname.lower(), "event": event}
+        doc.update(fields)
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, separators=(",", ":"))
+
+
+def setup(level: str = "info", fmt: str = "text", stream: Any = None) -> logging.Logger:
+    """Configure the ``tproxy`` logger (idempotent: replaces its handler). Returns it."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    logger.addHandler(handler)
+    logger.setLevel(_LEVELS[level])
+    logger.propagate = False
+    return logger
+
+
+def event(name: str, level: int = logging.INFO, exc_info: Any = None, **fields: Any) -> None:
+    """Log event ``name`` with ``fields`` (in order) at ``level``."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={"fields": fields}, exc_info=exc_info)
+
+
+def addr(a: tuple[str, int] | None) -> str:
+    """``host:port``, IPv6 in brackets; ``-`` for none."""
+    if a is None:
+        return "-"
+    host = a[0]
+    return f"[{host}]:{a[1]}" if ":" in host else f"{host}:{a[1]}"
+
+
+def connection(
+    client: tuple[str, int] | None,
+    original_dst: tuple[str, int] | None,
+    upstream_src: tuple[str, int] | None,
+    bytes_in: int,
+    bytes_out: int,
+    duration: float,
+    outcome: str,
+    **extra: Any,
+) -> None:
+    """The line logged when a connection ends (``duration`` in seconds). Formats nothing when info is off."""
+    if logger.isEnabledFor(logging.INFO):
+        fields = {
+            "client": addr(client),
+            "original_dst": addr(original_dst),
+            "upstream_src": addr(upstream_src),
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "duration_ms": round(duration * 1000, 1),
+            "outcome": outcome,
+        }
+        if extra:
+            fields.update(extra)
+        logger.info("connection", extra={"fields": fields})

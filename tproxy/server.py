@@ -1,0 +1,396 @@
+"""The proxy service: accept loops, one task per connection, upstream connect, relay, limits and graceful drain.
+
+One trio nursery owns everything (hypercorn's two-nursery shape): the *connection* nursery holds a task per
+connection and, inside it, the *accept* nursery holds an accept loop per listening socket. :meth:`Server.shutdown`
+cancels the accept nursery (no new connection is accepted; the listeners are closed), then the connection nursery gets
+``shutdown_grace`` seconds before it is cancelled; :meth:`Server.skip_grace` cancels it at once.
+
+Error handling: a connection's error never reaches the server (it is counted and logged, the connection closed with a
+reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
+errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
+
+Resource handling: every accepted socket and every upstream socket is closed by the connection task that owns it,
+however it ends. The listening sockets are the caller's; the server closes them when it stops accepting.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+import trio
+
+from tproxy import log, sockets
+from tproxy.config import Config
+from tproxy.relay import PIPES, Flow, PipePool, relay
+from tproxy.stats import State, Stats
+
+# Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# Accept errnos that concern one pending connection only (it died in the backlog): skip it.
+ACCEPT_IGNORABLE_ERRNOS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPERM,
+        errno.EPROTO,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
+ACCEPT_BACKOFF = 0.1  # seconds an accept loop pauses after EMFILE & co.
+ACCEPT_BATCH = 32  # accepts in a row before yielding to the other tasks
+PORT_ATTEMPTS = 4  # chosen upstream ports tried before falling back to the kernel's choice
+
+OriginalDst = Callable[[socket.socket], tuple[str, int]]
+
+_current_time = trio.current_time
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_RESET_OUTCOMES = frozenset({"reset", "refused", "timeout"})
+
+
+class Server:
+    """The proxy on a set of listening sockets. Run :meth:`serve` with ``nursery.start``; it returns after shutdown.
+
+    ``original_dst``: how to find a connection's original destination; by default ``getsockname()`` in tproxy mode
+    and ``SO_ORIGINAL_DST`` in nat mode (tests inject one that points at a loopback server). ``use_splice=False``
+    forces the copy relay.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: Sequence[socket.socket],
+        stats: Stats,
+        state: State,
+        *,
+        original_dst: OriginalDst | None = None,
+        use_splice: bool = True,
+        pipes: PipePool = PIPES,
+    ) -> None:
+        self.config = config
+        self.listeners = list(listeners)
+        self.stats = stats
+        self.state = state
+        if original_dst is None:
+            original_dst = sockets.original_dst_tproxy if config.mode == "tproxy" else sockets.original_dst_nat
+        self.original_dst = original_dst
+        self.use_splice = use_splice
+        self.pipes = pipes
+        self.preserve = config.preserve_source
+        self.loopback = config.proxy.upstream == "loopback"
+        self.mark = config.routing.mark
+        self.connect_timeout = config.proxy.connect_timeout
+        self.idle_timeout = config.proxy.idle_timeout
+        self.max_connections = config.proxy.max_connections
+        self.grace = config.proxy.shutdown_grace
+        self.chooser = sockets.PortChooser() if self.preserve and not self.loopback else None
+        self.addresses = [sockets.sockname(s) for s in self.listeners]
+        self._listen_ports = {a[1] for a in self.addresses}
+        self._listen_exact = {a for a in self.addresses if not _unspecified(a[0])}
+        self._listen_wild_ports = {a[1] for a in self.addresses if _unspecified(a[0])}
+        self._lot = trio.lowlevel.ParkingLot()
+        self._accepts: trio.Nursery | None = None
+        self._conns: trio.Nursery | None = None
+        self._stopping = False
+        self._skip_grace = False
+        self._last_capacity_log = -1e9
+
+    # -- lifecycle
+
+    async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and proxy until :meth:`shutdown`, drain, return. ``task_status.started(self)``."""
+        try:
+            async with trio.open_nursery() as conns:
+                self._conns = conns
+                async with trio.open_nursery() as accepts:
+                    self._accepts = accepts
+                    for lsock in self.listeners:
+                        accepts.start_soon(self._accept_loop, lsock)
+                    self.state.listening = True
+                    task_status.started(self)
+                    if self._stopping:
+                        accepts.cancel_scope.cancel()
+                self._close_listeners()
+                self.state.draining = True
+                if self._skip_grace:
+                    conns.cancel_scope.cancel()
+                else:
+                    conns.cancel_scope.deadline = _current_time() + self.grace
+                    if self.stats.open:
+                        log.event("draining", open=self.stats.open, grace_s=self.grace)
+        finally:
+            self._close_listeners()
+
+    def shutdown(self) -> None:
+        """Stop accepting now; open connections get ``shutdown_grace`` seconds. Idempotent; callable before start."""
+        self._stopping = True
+        if self._accepts is not None:
+            self._accepts.cancel_scope.cancel()
+
+    def skip_grace(self) -> None:
+        """Stop accepting and cancel every open connection now (a second signal)."""
+        self._skip_grace = True
+        self.shutdown()
+        if self._conns is not None and self.state.draining:
+            self._conns.cancel_scope.cancel()
+
+    def _close_listeners(self) -> None:
+        self.state.listening = False
+        for lsock in self.listeners:
+            lsock.close()
+
+    # -- accepting
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        accept = lsock.accept
+        stats = self.stats
+        start_soon = self._conns.start_soon
+        handle = self._handle
+        batch = 0
+        while True:
+            if stats.open >= self.max_connections:
+                stats.max_connections_waits += 1
+                log.event("max_connections", logging.DEBUG, open=stats.open)
+                while stats.open >= self.max_connections:
+                    await self._lot.park()
+            try:
+                csock, caddr = accept()
+            except BlockingIOError:
+                batch = 0
+                await _wait_readable(lsock)
+                continue
+            except OSError as e:
+                if e.errno in ACCEPT_CAPACITY_ERRNOS:
+                    self._capacity_warning(e)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if e.errno in ACCEPT_IGNORABLE_ERRNOS:
+                    continue
+                raise
+            stats.accepted += 1
+            stats.open += 1
+            start_soon(handle, csock, caddr)
+            batch += 1
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
+
+    def _capacity_warning(self, e: OSError) -> None:
+        now = _current_time()
+        if now - self._last_capacity_log >= 1.0:
+            self._last_capacity_log = now
+            log.event(
+                "accept_paused",
+                logging.WARNING,
+                error=errno.errorcode.get(e.errno, str(e.errno)),
+                open=self.stats.open,
+                hint="raise LimitNOFILE or lower proxy.max_connections",
+            )
+
+    # -- one connection
+
+    def _is_loop(self, dst: tuple[str, int]) -> bool:
+        port = dst[1]
+        if port not in self._listen_ports:
+            return False
+        return port in self._listen_wild_ports or dst in self._listen_exact
+
+    async def _handle(self, csock: socket.socket, caddr: tuple) -> None:
+        stats = self.stats
+        t0 = _current_time()
+        client = (caddr[0], caddr[1])
+        dst: tuple[str, int] | None = None
+        usock: socket.socket | None = None
+        usrc: tuple[str, int] | None = None
+        reserved: int | None = None
+        registered = False
+        flow = Flow()
+        outcome = "reset"
+        extra: dict = {}
+        try:
+            try:
+                csock.setblocking(False)
+                sockets.set_nodelay(csock)
+                dst = self.original_dst(csock)
+            except OSError as e:
+                outcome = "refused"
+                extra["error"] = "no original destination: " + (e.strerror or str(e))
+                return
+            if self._is_loop(dst):
+                stats.loops_refused += 1
+                outcome = "refused"
+                extra["error"] = "loop: the original destination is the proxy itself"
+                return
+            if self.chooser is not None:
+                self.chooser.add_intercepted(client, dst)
+                registered = True
+            usock, reserved, outcome, err = await self._connect(csock.family, client, dst)
+            if usock is None:
+                extra["error"] = err
+                return
+            usrc = sockets.sockname(usock)
+            outcome = await relay(
+                csock, usock, flow, stats, idle_timeout=self.idle_timeout, use_splice=self.use_splice, pipes=self.pipes
+            )
+            if outcome == "reset" and flow.error is not None:
+                extra["error"] = errno.errorcode.get(flow.error.errno, str(flow.error))
+        except trio.Cancelled:
+            outcome = "cancelled"
+            raise
+        except Exception as e:
+            outcome = "reset"
+            log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
+        finally:
+            if outcome in _RESET_OUTCOMES:
+                sockets.set_reset_on_close(csock)
+                if usock is not None:
+                    sockets.set_reset_on_close(usock)
+            csock.close()
+            if usock is not None:
+                usock.close()
+            if self.chooser is not None:
+                if registered:
+                    self.chooser.remove_intercepted(client, dst)
+                if reserved is not None:
+                    self.chooser.release(client[0], reserved)
+            stats.open -= 1
+            stats.closed[outcome] += 1
+            if self._lot:
+                self._lot.unpark_all()
+            log.connection(client, dst, usrc, flow.bytes_in, flow.bytes_out, _current_time() - t0, outcome, **extra)
+
+    async def _connect(
+        self, family: int, client: tuple[str, int], dst: tuple[str, int]
+    ) -> tuple[socket.socket | None, int | None, str, str | None]:
+        """(socket, reserved port, outcome, error): a connected upstream socket, or None and why not.
+
+        Error handling: a refused or unreachable upstream gives outcome ``"refused"``, no answer within
+        ``connect_timeout`` gives ``"timeout"``; both are counted in ``stats.connect_errors``.
+        """
+        target = (sockets.LOOPBACK[family], dst[1]) if self.loopback else dst
+        try:
+            sock, err, reserved = self._start_connect(family, client, dst, target)
+        except OSError as e:  # EMFILE and the like: this connection fails, the server goes on
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            self.stats.connect_errors[name] += 1
+            return None, None, "refused", name
+        try:
+            if err == errno.EINPROGRESS:
+                with trio.move_on_after(self.connect_timeout):
+                    await _wait_writable(sock)
+                    err = sockets.connect_error(sock)
+                if err == errno.EINPROGRESS:
+                    err = errno.ETIMEDOUT
+            if err:
+                name = errno.errorcode.get(err, str(err))
+                self.stats.connect_errors[name] += 1
+                sock.close()
+                if reserved is not None:
+                    self.chooser.release(client[0], reserved)
+                return None, None, ("timeout" if err == errno.ETIMEDOUT else "refused"), name
+        except BaseException:
+            sock.close()
+            if reserved is not None:
+                self.chooser.release(client[0], reserved)
+            raise
+        return sock, reserved, "ok", None
+
+    def _start_connect(
+        self, family: int, client: tuple[str, int], dst: tuple[str, int], target: tuple[str, int]
+    ) -> tuple[socket.socket, int, int | None]:
+        """Create, bind and start connecting the upstream socket: (socket, connect_ex result, reserved port).
+
+        Error handling: raises OSError only when not even an ordinary socket can be had (EMFILE and the like).
+        """
+        if self.preserve:
+            started = self._start_transparent(family, client, dst, target)
+            if started is not None:
+                return started
+        sock = sockets.upstream_socket(family, transparent=False, mark=0, source=None)
+        return sock, sock.connect_ex(target), None
+
+    def _start_transparent(
+        self, family: int, client: tuple[str, int], dst: tuple[str, int], target: tuple[str, int]
+    ) -> tuple[socket.socket, int, int | None] | None:
+        """From the client's IP: a port that cannot collide (see :class:`sockets.PortChooser`), or for the loopback
+        target the client's own port. A port that cannot be had falls back to the kernel's choice
+        (``source_port_fallbacks``); an address that cannot be bound returns None (``source_fallbacks``): the
+        caller uses an ordinary source."""
+        upstream_socket = sockets.upstream_socket
+        cip = client[0]
+        chooser = self.chooser
+        tried: set[int] = set()
+        for attempt in range(PORT_ATTEMPTS):
+            if chooser is None:
+                if attempt:
+                    break
+                port = client[1]
+            else:
+                port = chooser.choose(cip, dst, tried)
+                if port is None:
+                    break
+            try:
+                sock = upstream_socket(family, transparent=True, mark=self.mark, source=(cip, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    tried.add(port)
+                    continue
+                self._source_fallback(client, e)
+                return None
+            err = sock.connect_ex(target)
+            if err in sockets.PORT_TAKEN:
+                sock.close()
+                tried.add(port)
+                continue
+            if chooser is not None:
+                chooser.reserve(cip, port)
+                return sock, err, port
+            return sock, err, None
+        self._port_fallback(client, tried)
+        try:
+            sock = upstream_socket(family, transparent=True, mark=self.mark, source=(cip, 0), no_port=True)
+        except OSError as e:
+            self._source_fallback(client, e)
+            return None
+        err = sock.connect_ex(target)
+        if err in sockets.PORT_TAKEN:
+            sock.close()
+            self._source_fallback(client, OSError(err, "no free source port for the client's address"))
+            return None
+        return sock, err, None
+
+    def _port_fallback(self, client: tuple[str, int], tried: set[int]) -> None:
+        self.stats.source_port_fallbacks += 1
+        log.event("source_port_fallback", logging.INFO, client=log.addr(client), tried=len(tried))
+
+    def _source_fallback(self, client: tuple[str, int], e: OSError) -> None:
+        self.stats.source_fallbacks += 1
+        log.event("source_fallback", logging.WARNING, client=log.addr(client), error=e.strerror or str(e))
+
+
+def _unspecified(host: str) -> bool:
+    return host in ("0.0.0.0", "::")
+
+
+async def serve(
+    config: Config,
+    listeners: Sequence[socket.socket],
+    stats: Stats,
+    state: State,
+    *,
+    original_dst: OriginalDst | None = None,
+    use_splice: bool = True,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a :class:`Server` on ``listeners`` (trio's start protocol: ``started`` gets the Server, whose
+    ``shutdown()`` / ``skip_grace()`` end it and ``addresses`` says where it listens)."""
+    server = Server(config, listeners, stats, state, original_dst=original_dst, use_splice=use_splice)
+    await server.serve(task_status=task_status)

@@ -1,0 +1,239 @@
+"""Socket options, listeners, original-destination lookup and the upstream source-port chooser.
+
+The only module that knows setsockopt numbers. Everything here is synchronous and cheap; the server awaits around it.
+
+Error handling: :func:`listener` turns a missing capability into :class:`~tproxy.errors.PrivilegeError` and a bind
+failure into :class:`~tproxy.errors.TproxyError`, one line each, for the operator. The per-connection helpers raise
+plain :class:`OSError` and leave the decision (fall back, reset, count) to the server.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+import struct
+
+from tproxy.errors import PrivilegeError, TproxyError
+
+SOL_IP = 0  # socket.SOL_IP
+SOL_IPV6 = 41  # socket.IPPROTO_IPV6
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SO_ORIGINAL_DST = 80  # netfilter, IPv4 (SOL_IP)
+IP6T_SO_ORIGINAL_DST = 80  # netfilter, IPv6 (SOL_IPV6)
+IP_BIND_ADDRESS_NO_PORT = 24
+SO_MARK = 36
+TCP_NODELAY = socket.TCP_NODELAY
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+# Upstream source ports chosen for ``proxy.upstream = "original"``: below the ranges clients use for their own
+# ephemeral ports (Linux 32768-60999, Windows/BSD 49152-65535), so a client's next connection rarely lands on the
+# tuple of one of our upstream legs.
+UPSTREAM_PORTS = (1024, 32767)
+
+FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+BACKLOG = 4096
+
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, address, padding
+_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, address, scope id
+
+
+def transparent_option(family: int) -> tuple[int, int]:
+    """(level, optname) of IP_TRANSPARENT / IPV6_TRANSPARENT for ``family`` (AF_INET / AF_INET6)."""
+    return (SOL_IP, IP_TRANSPARENT) if family == socket.AF_INET else (SOL_IPV6, IPV6_TRANSPARENT)
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """Raises PermissionError without CAP_NET_RAW (or CAP_NET_ADMIN)."""
+    level, opt = transparent_option(sock.family)
+    sock.setsockopt(level, opt, 1)
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """Make ``close()`` send a RST instead of a FIN (SO_LINGER 0). Never raises."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+
+
+def listener(family: int, address: str, port: int, *, transparent: bool, backlog: int = BACKLOG) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket for ``family`` (4 or 6).
+
+    IPv6 listeners are V6ONLY (the IPv4 one, if any, is separate). ``transparent`` sets IP_TRANSPARENT /
+    IPV6_TRANSPARENT, which TPROXY needs to hand connections to it and which a preserve-source upstream needs as well.
+
+    Error handling: a missing capability raises :class:`PrivilegeError`; any other failure (address in use, no such
+    address) raises :class:`TproxyError`. The socket is closed on failure.
+    """
+    af = FAMILIES[family]
+    sock = socket.socket(af, socket.SOCK_STREAM)
+    where = f"[{address}]:{port}" if family == 6 else f"{address}:{port}"
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if af == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            try:
+                set_transparent(sock)
+            except PermissionError:
+                name = "IPV6_TRANSPARENT" if family == 6 else "IP_TRANSPARENT"
+                raise PrivilegeError(
+                    f"cannot listen on {where}: needs CAP_NET_RAW for {name} (run as root, or grant the capability "
+                    "with AmbientCapabilities=CAP_NET_RAW)"
+                ) from None
+        try:
+            sock.bind((address, port))
+            sock.listen(backlog)
+        except OSError as e:
+            raise TproxyError(f"cannot listen on {where}: {e.strerror}") from None
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def sockname(sock: socket.socket) -> tuple[str, int]:
+    """The local (host, port); for IPv6 without flowinfo and scope."""
+    a = sock.getsockname()
+    return a[0], a[1]
+
+
+def original_dst_tproxy(sock: socket.socket) -> tuple[str, int]:
+    """Under TPROXY the packet is not rewritten: the accepted socket's local address is the original destination."""
+    a = sock.getsockname()
+    return a[0], a[1]
+
+
+def original_dst_nat(sock: socket.socket) -> tuple[str, int]:
+    """The pre-REDIRECT destination from conntrack (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST).
+
+    Raises OSError (ENOENT) when conntrack knows no such connection.
+    """
+    if sock.family == socket.AF_INET:
+        raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+        port, addr = _SOCKADDR_IN.unpack(raw[:16])
+        return socket.inet_ntop(socket.AF_INET, addr), port
+    raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+    port, addr = _SOCKADDR_IN6.unpack(raw[:28])
+    return socket.inet_ntop(socket.AF_INET6, addr), port
+
+
+def upstream_socket(
+    family: int, *, transparent: bool, mark: int, source: tuple[str, int] | None, no_port: bool = False
+) -> socket.socket:
+    """A non-blocking TCP socket for the upstream leg, TCP_NODELAY set, bound to ``source`` when given.
+
+    ``transparent``: IP_TRANSPARENT + SO_MARK (needed to bind the client's non-local address). ``no_port``: set
+    IP_BIND_ADDRESS_NO_PORT so a port-0 bind leaves the port to connect(), which knows the whole 4-tuple.
+    SO_REUSEADDR lets a chosen port be reused while an earlier leg on it sits in TIME_WAIT (connect() still refuses
+    an exact duplicate 4-tuple with EADDRNOTAVAIL).
+
+    Error handling: raises OSError (the socket closed) when an option or the bind fails.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
+        if source is not None:
+            if transparent:
+                level, opt = transparent_option(family)
+                sock.setsockopt(level, opt, 1)
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if no_port:
+                sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)  # SOL_IP on IPv6 sockets too (ip_setsockopt)
+            sock.bind(source)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect_error(sock: socket.socket) -> int:
+    """The pending error of a non-blocking connect (0: connected)."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+# Errnos meaning "this source address/port cannot be used", as opposed to "the upstream is unreachable".
+PORT_TAKEN = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+
+
+class PortChooser:
+    """Chooses upstream source ports so that the two legs of a connection never share a 5-tuple (DESIGN.md).
+
+    The intercepted leg is ``client:Y -> dst:P``; an upstream leg ``client:X -> dst:P`` with ``X == Y`` is the same
+    tuple. The server tells the chooser about every live intercepted connection (:meth:`add_intercepted` /
+    :meth:`remove_intercepted`) and every live upstream port (:meth:`reserve` / :meth:`release`); :meth:`choose`
+    returns a port in ``UPSTREAM_PORTS`` that is neither, or None after a few tries (the caller falls back).
+
+    Resource handling: memory is one set entry per live connection; empty sets are dropped.
+    """
+
+    TRIES = 16
+
+    def __init__(self, lo: int = UPSTREAM_PORTS[0], hi: int = UPSTREAM_PORTS[1], rng: random.Random | None = None):
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"bad port range {lo}-{hi}")
+        self.lo = lo
+        self.hi = hi
+        self._randint = (rng or random.Random()).randint
+        self.intercepted: dict[tuple[str, str, int], set[int]] = {}  # (client ip, dst ip, dst port) -> client ports
+        self.own: dict[str, set[int]] = {}  # client ip -> our live upstream source ports
+
+    def add_intercepted(self, client: tuple[str, int], dst: tuple[str, int]) -> None:
+        key = (client[0], dst[0], dst[1])
+        ports = self.intercepted.get(key)
+        if ports is None:
+            self.intercepted[key] = {client[1]}
+        else:
+            ports.add(client[1])
+
+    def remove_intercepted(self, client: tuple[str, int], dst: tuple[str, int]) -> None:
+        key = (client[0], dst[0], dst[1])
+        ports = self.intercepted.get(key)
+        if ports is not None:
+            ports.discard(client[1])
+            if not ports:
+                del self.intercepted[key]
+
+    def choose(
+        self, client_ip: str, dst: tuple[str, int], exclude: set[int] | frozenset[int] = frozenset()
+    ) -> int | None:
+        """A port for an upstream leg ``client_ip:port -> dst``, or None when a few random tries all collide.
+
+        ``exclude``: ports already tried for this connection. Does not reserve the port.
+        """
+        taken = self.intercepted.get((client_ip, dst[0], dst[1]), ())
+        own = self.own.get(client_ip, ())
+        randint, lo, hi = self._randint, self.lo, self.hi
+        for _ in range(self.TRIES):
+            port = randint(lo, hi)
+            if port not in taken and port not in own and port not in exclude:
+                return port
+        return None
+
+    def reserve(self, client_ip: str, port: int) -> None:
+        own = self.own.get(client_ip)
+        if own is None:
+            self.own[client_ip] = {port}
+        else:
+            own.add(port)
+
+    def release(self, client_ip: str, port: int) -> None:
+        own = self.own.get(client_ip)
+        if own is not None:
+            own.discard(port)
+            if not own:
+                del self.own[client_ip]
