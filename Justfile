@@ -43,3 +43,23 @@ fix:
 # Regenerate the golden rule files under tests/golden from the renderers
 golden:
     python -m tests.golden_gen
+
+# Install the benchmark's Debian packages when missing (iperf3, wrk, haproxy, nginx-light)
+bench-deps: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    command -v iperf3 >/dev/null || need+=(iperf3)
+    command -v wrk >/dev/null || need+=(wrk)
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v nginx >/dev/null || need+=(nginx-light)
+    if [ ${#need[@]} -gt 0 ]; then
+      if [ "$(id -u)" -ne 0 ]; then echo "just bench-deps: need root to install: ${need[*]}" >&2; exit 1; fi
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+      echo "installed: ${need[*]}"
+    fi
+
+# Benchmark (root): direct, HAProxy and tproxy side by side in namespaces; --quick for a short run, --json PATH
+bench *args: bench-deps
+    python -m tests.bench {{args}}

@@ -1,0 +1,166 @@
+"""The loads, each bounded in time, run from the client namespace; parsers for the tools' output (pure functions).
+
+Every load returns a flat dict of figures; the proxy's CPU seconds consumed during the load are added by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.bench import topology as T
+from tests.bench.subjects import Subject, cpu_seconds, rss_kib
+
+HOLDER = Path(__file__).with_name("holder.py")
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def parse_duration_ms(text: str) -> float:
+    """wrk's latency figures ("512.00us", "1.23ms", "2.00s") in milliseconds."""
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict:
+    """Requests/sec, p50/p99 (ms), request count and errors from ``wrk --latency`` output."""
+    res: dict = {}
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if not m:
+        raise ValueError(f"wrk output without Requests/sec:\n{out}")
+    res["rps"] = float(m.group(1))
+    m = re.search(r"^\s*(\d+) requests in ([\d.]+)(\w+)", out, re.M)
+    res["requests"] = int(m.group(1)) if m else None
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}(?:\.000)?%\s+(\S+)", out, re.M)
+        res[f"p{pct}_ms"] = parse_duration_ms(m.group(1)) if m else None
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non2xx"] = int(m.group(1)) if m else 0
+    return res
+
+
+def parse_iperf(doc: dict) -> dict:
+    end = doc["end"]
+    recv = end["sum_received"]
+    return {"gbps": recv["bits_per_second"] / 1e9, "bytes": int(recv["bytes"])}
+
+
+def iperf(topo: T.Topology, streams: int, duration: float) -> dict:
+    r = topo.client.run(
+        ["iperf3", "-c", T.NODE_IP, "-p", str(T.IPERF_PORT), "-t", str(round(duration)), "-P", str(streams), "-J"],
+        check=False,
+        timeout=duration + 30,
+    )
+    try:
+        doc = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"iperf3 failed: {r.stderr.strip() or r.stdout[-500:]}") from None
+    if "error" in doc:
+        raise RuntimeError(f"iperf3: {doc['error']}")
+    return parse_iperf(doc)
+
+
+def wrk(topo: T.Topology, duration: float, *, close: bool, connections: int = 32) -> dict:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{T.NODE_IP}:{T.HTTP_PORT}/1k")
+    r = topo.client.run(argv, check=False, timeout=duration + 30)
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr.strip()}")
+    return parse_wrk(r.stdout)
+
+
+def whoami(topo: T.Topology, count: int = 3) -> dict:
+    """What the application sees: its ``/ip`` answer and its access log, for ``count`` fresh connections."""
+    log = topo.access_log
+    before = log.stat().st_size if log.exists() else 0
+    script = (
+        "import http.client,sys\n"
+        f"for _ in range({count}):\n"
+        f"    c=http.client.HTTPConnection('{T.NODE_IP}',{T.HTTP_PORT},timeout=5);c.request('GET','/ip')\n"
+        "    print(c.getresponse().read().decode().strip());c.close()\n"
+    )
+    r = topo.client.run([sys.executable, "-c", script], check=False, timeout=30)
+    answers = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+    logged: list[str] = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if log.exists():
+            with open(log) as f:
+                f.seek(before)
+                logged = [line.split()[0] for line in f if line.strip()]
+        if len(logged) >= len(answers):
+            break
+        time.sleep(0.05)
+    ok = len(answers) == count and all(a == T.CLIENT_IP for a in answers + logged) and len(logged) == count
+    return {"ok": ok, "answers": answers, "logged": logged, "error": r.stderr.strip()[-300:] if not answers else ""}
+
+
+def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
+    """RSS of the proxy with ``n`` idle keep-alive connections held open through it, and whether all survive."""
+    pids = subject.pids()
+    rss0 = rss_kib(pids)
+    p = topo.client.popen(
+        [sys.executable, str(HOLDER), T.NODE_IP, str(T.HTTP_PORT), str(n), "256"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line1 = p.stdout.readline()
+        if not line1:
+            raise RuntimeError("idle holder died in phase 1")
+        ph1 = json.loads(line1)
+        time.sleep(1.0)
+        rss1 = rss_kib(subject.pids())
+        time.sleep(max(0.0, hold - 1.0))
+        rss2 = rss_kib(subject.pids())
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        line2 = p.stdout.readline()
+        ph2 = json.loads(line2) if line2 else {"answered": 0, "lost": {"holder died": ph1["held"]}}
+    finally:
+        if p.poll() is None:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    held = ph1["held"]
+    res = {
+        "idle_n": n,
+        "idle_held": held,
+        "idle_refused": n - held,
+        "idle_open_failures": ph1["failed"],
+        "idle_open_seconds": round(ph1["seconds"], 2),
+        "idle_answered_after_hold": ph2["answered"],
+        "idle_lost": held - ph2["answered"],
+        "idle_lost_reasons": ph2["lost"],
+    }
+    if subject.is_proxy and held:
+        res["rss_base_kib"] = rss0
+        res["rss_held_kib"] = max(rss1, rss2)
+        res["kib_per_idle_conn"] = (max(rss1, rss2) - rss0) / held
+    return res
+
+
+def cpu_during(subject: Subject, fn, *args, **kw) -> tuple[dict, float | None]:
+    """Run a load; return its figures and the proxy's CPU seconds (utime+stime) spent meanwhile."""
+    pids = subject.pids() if subject.is_proxy else []
+    c0 = cpu_seconds(pids) if pids else None
+    res = fn(*args, **kw)
+    c1 = cpu_seconds(pids) if pids else None
+    return res, (c1 - c0 if c0 is not None else None)

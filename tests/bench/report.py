@@ -1,0 +1,90 @@
+"""Medians, ratios to direct and to HAProxy from the same run, targets, and the table (pure functions)."""
+
+from __future__ import annotations
+
+import statistics
+
+# key: (label, unit, higher_is_better, target against HAProxy as (op, ratio) or absolute as ("abs<=", value))
+METRICS: dict[str, tuple[str, str, bool, tuple[str, float] | None]] = {
+    "bulk1_gbps": ("bulk, 1 stream", "Gb/s", True, (">=", 1.0)),
+    "bulk4_gbps": ("bulk, 4 streams", "Gb/s", True, (">=", 1.0)),
+    "ka_rps": ("keep-alive req/s", "req/s", True, (">=", 1.0)),
+    "ka_p50_ms": ("keep-alive p50", "ms", False, None),
+    "ka_p99_ms": ("keep-alive p99", "ms", False, ("<=", 1.2)),
+    "nc_cps": ("new conn/s", "conn/s", True, (">=", 0.8)),
+    "nc_p99_ms": ("new conn p99", "ms", False, None),
+    "cpu_us_per_req": ("proxy CPU per keep-alive req", "µs", False, ("<=", 1.2)),
+    "cpu_us_per_conn": ("proxy CPU per new conn", "µs", False, ("<=", 1.5)),
+    "cpu_s_per_gb": ("proxy CPU per GB (bulk)", "s/GB", False, None),
+    "kib_per_idle_conn": ("proxy RSS per idle conn", "KiB", False, ("abs<=", 8.0)),
+    "idle_lost_or_refused": ("idle conns refused or lost", "conns", False, ("abs<=", 0)),
+}
+
+
+def median(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: dict[str, dict[str, list]]) -> dict[str, dict[str, dict]]:
+    """``runs[subject][metric] = [per-round values]`` -> medians and ratios against direct and haproxy."""
+    med = {s: {m: median(v) for m, v in ms.items()} for s, ms in runs.items()}
+    out: dict[str, dict[str, dict]] = {}
+    for s, ms in med.items():
+        out[s] = {}
+        for m, v in ms.items():
+            entry = {"median": v, "runs": runs[s][m]}
+            for ref in ("direct", "haproxy"):
+                r = med.get(ref, {}).get(m)
+                entry[f"x_{ref}"] = (v / r) if (v is not None and r) else None
+            entry["target"] = check_target(m, v, entry["x_haproxy"])
+            out[s][m] = entry
+    return out
+
+
+def check_target(metric: str, value: float | None, x_haproxy: float | None) -> str | None:
+    spec = METRICS.get(metric, (None, None, None, None))[3]
+    if spec is None or value is None:
+        return None
+    op, limit = spec
+    if op == "abs<=":
+        return "met" if value <= limit else "missed"
+    if x_haproxy is None:
+        return None
+    ok = x_haproxy >= limit if op == ">=" else x_haproxy <= limit
+    return "met" if ok else "missed"
+
+
+def fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if unit in ("req/s", "conn/s", "conns") or abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def table(summary: dict[str, dict[str, dict]], subjects: list[str], invalid: dict[str, str]) -> str:
+    """Markdown: one row per metric and subject, with the ratios and, for tproxy rows, the target."""
+    lines = [
+        "| metric | subject | median | × direct | × HAProxy | target |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for m, (label, unit, _, spec) in METRICS.items():
+        for s in subjects:
+            e = summary.get(s, {}).get(m)
+            if e is None or (e["median"] is None and s == "direct"):
+                continue
+            target = ""
+            if s.startswith("tproxy") and spec is not None:
+                op, lim = spec
+                want = f"≤ {fmt(lim)} {unit}" if op == "abs<=" else f"{op} {lim}× HAProxy"
+                target = f"{e['target'] or '?'} ({want})"
+            name = s + (" (INVALID)" if s in invalid else "")
+            xd = "—" if e["x_direct"] is None else f"{e['x_direct']:.2f}"
+            xh = "—" if e["x_haproxy"] is None else f"{e['x_haproxy']:.2f}"
+            lines.append(f"| {label} ({unit}) | {name} | {fmt(e['median'], unit)} | {xd} | {xh} | {target} |")
+    return "\n".join(lines)

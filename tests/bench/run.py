@@ -1,0 +1,268 @@
+"""``python -m tests.bench [--quick] [--json PATH]``: every subject under every load, in interleaved rounds.
+
+Each round runs each subject once, in a rotated order (round-robin), so slow drifts of the shared machine fall on all
+subjects alike; the table reports medians over rounds and ratios against direct and HAProxy from the same run.
+A subject's figures are marked INVALID when the application did not see the client's own address, or when the loads
+did not go through the proxy (it spent no CPU: tproxy mode fails open when nothing listens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from tests.bench import loads, report
+from tests.bench import topology as T
+from tests.bench.subjects import REPO, Direct, HAProxy, Subject, Tproxy
+
+SETTLE = 0.5  # seconds between loads, for sockets of the previous load to drain
+
+
+def make_subjects(names: list[str] | None) -> tuple[list[Subject], list[str]]:
+    notes: list[str] = []
+    subjects: list[Subject] = [Direct(), HAProxy()]
+    if (REPO / "tproxy" / "runner.py").exists():
+        subjects += [Tproxy("tproxy", "original"), Tproxy("tproxy", "loopback"), Tproxy("nat", "original")]
+    else:
+        notes.append("tproxy subjects skipped: tproxy/runner.py has not landed (`tproxy run` does not work yet)")
+    if names:
+        subjects = [s for s in subjects if s.name in names]
+    return subjects, notes
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def machine() -> dict:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "missing"
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "haproxy": version(["haproxy", "-v"]),
+        "nginx": version(["nginx", "-v"]),
+        "iperf3": version(["iperf3", "--version"]),
+        "wrk": version(["wrk", "-v"]),
+        "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }
+
+
+def rules_left(topo: T.Topology) -> str:
+    """Whatever rules or policy routes are left in the node namespace (it must be clean between subjects)."""
+    left = []
+    r = topo.node.run(["nft", "list", "ruleset"], check=False)
+    structural = ("table ", "chain ", "}", "type ", "policy ")
+    if any(ln.strip() and not ln.strip().startswith(structural) for ln in r.stdout.splitlines()):
+        left.append(r.stdout.strip())
+    r = topo.node.run(["ip", "rule", "show"], check=False)
+    extra = [
+        ln for ln in r.stdout.splitlines() if "lookup" in ln and not any(t in ln for t in ("local", "main", "default"))
+    ]
+    left += extra
+    return "\n".join(left)
+
+
+def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tuple[dict, str | None]:
+    """One subject under every load. Returns (figures, reason it is invalid or None)."""
+    figs: dict = {}
+    invalid = None
+    subj.start(topo)
+    try:
+        who = loads.whoami(topo)
+        figs["whoami"] = who
+        if not who["ok"]:
+            invalid = f"the application did not see the client's address: answers {who['answers']} log {who['logged']}"
+        d = args.duration
+        b1, c1 = loads.cpu_during(subj, loads.iperf, topo, 1, d)
+        time.sleep(SETTLE)
+        b4, c4 = loads.cpu_during(subj, loads.iperf, topo, 4, d)
+        time.sleep(SETTLE)
+        ka, cka = loads.cpu_during(subj, loads.wrk, topo, d, close=False)
+        time.sleep(SETTLE)
+        nc, cnc = loads.cpu_during(subj, loads.wrk, topo, d, close=True)
+        time.sleep(SETTLE)
+        figs.update(
+            bulk1_gbps=b1["gbps"],
+            bulk4_gbps=b4["gbps"],
+            ka_rps=ka["rps"],
+            ka_p50_ms=ka["p50_ms"],
+            ka_p99_ms=ka["p99_ms"],
+            nc_cps=nc["rps"],
+            nc_p99_ms=nc["p99_ms"],
+            wrk_errors={"keepalive": ka["socket_errors"] + ka["non2xx"], "newconn": nc["socket_errors"] + nc["non2xx"]},
+        )
+        for load, r in (("keep-alive", ka), ("new-connection", nc)):
+            bad = r["non2xx"] + r["socket_errors"]
+            if r["non2xx"] or bad > 0.01 * (r["requests"] or 0):
+                invalid = invalid or f"{load} load: {r['non2xx']} non-2xx answers, {r['socket_errors']} socket errors"
+        if subj.is_proxy:
+            figs["cpu_s_per_gb"] = (c1 + c4) / ((b1["bytes"] + b4["bytes"]) / 1e9)
+            figs["cpu_us_per_req"] = cka / ka["requests"] * 1e6 if ka["requests"] else None
+            figs["cpu_us_per_conn"] = cnc / nc["requests"] * 1e6 if nc["requests"] else None
+            figs["cpu_seconds"] = {"bulk1": c1, "bulk4": c4, "keepalive": cka, "newconn": cnc}
+            if not figs["cpu_us_per_req"] or figs["cpu_us_per_req"] < 1.0:
+                invalid = invalid or "the keep-alive load did not go through the proxy (it spent no CPU)"
+        if args.idle:
+            idle = loads.idle(topo, subj, args.idle, args.hold)
+            figs.update(idle)
+            figs["idle_lost_or_refused"] = idle["idle_refused"] + idle["idle_lost"]
+        if subj.is_proxy and subj.proc is not None and subj.proc.poll() is not None:
+            invalid = invalid or f"the proxy exited during the loads (status {subj.proc.returncode})"
+    finally:
+        subj.stop(topo)
+        left = rules_left(topo)
+        if left:
+            figs["rules_left_behind"] = left
+            print(f"  ! {subj.name} left rules behind in the node namespace; flushing:\n{left}", file=sys.stderr)
+            topo.node.sh(
+                "nft flush ruleset; ip rule del fwmark 0x1/0x1 lookup 100; ip route flush table 100", check=False
+            )
+    return figs, invalid
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one round, short loads (under ~3 minutes)")
+    p.add_argument("--json", type=Path, help="results file (default bench-results/bench-<timestamp>.json)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 4; --quick: 1)")
+    p.add_argument("--duration", type=float, help="seconds per load (default 8; --quick: 3)")
+    p.add_argument("--idle", type=int, help="idle connections held (default 10,000 or what the fd limit allows)")
+    p.add_argument("--hold", type=float, help="seconds the idle connections are held (default 5; --quick: 2)")
+    p.add_argument("--subjects", help="comma-separated subset, e.g. direct,haproxy,tproxy-original")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 4)
+    args.duration = args.duration or (3.0 if args.quick else 8.0)
+    args.hold = args.hold or (2.0 if args.quick else 5.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    missing = [b for b in ("iperf3", "wrk", "haproxy", "nginx", "iptables-restore", "nft") if not shutil.which(b)]
+    if missing:
+        print(f"bench: missing {', '.join(missing)} (run `just bench-deps`)", file=sys.stderr)
+        return 2
+    hard = raise_nofile()
+    notes: list[str] = []
+    # A proxy holds two sockets per relayed connection, and the hard RLIMIT_NOFILE cannot be raised here.
+    fit = max(100, (hard - 1200) // 2 // 100 * 100)
+    if args.idle is None:
+        args.idle = min(2000 if args.quick else 10_000, fit)
+        if args.idle < (2000 if args.quick else 10_000):
+            notes.append(
+                f"idle connections capped at {args.idle:,}: the hard RLIMIT_NOFILE is {hard:,} (no CAP_SYS_RESOURCE "
+                "to raise it) and a proxy holds two sockets per connection"
+            )
+    subjects, more = make_subjects(args.subjects.split(",") if args.subjects else None)
+    notes += more
+    started = dt.datetime.now(dt.UTC)
+    out = args.json or REPO / "bench-results" / f"bench-{started:%Y%m%dT%H%M%SZ}.json"
+    command = "python -m tests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(
+        f"bench: {len(subjects)} subjects × {args.rounds} round(s), {args.duration:g} s per load, "
+        f"{args.idle:,} idle connections; results -> {out}"
+    )
+    for n in notes:
+        print(f"  note: {n}")
+
+    runs: dict[str, dict[str, list]] = {s.name: {} for s in subjects}
+    details: dict[str, list] = {s.name: [] for s in subjects}
+    invalid: dict[str, str] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="tpx-bench-"))
+    t0 = time.monotonic()
+    try:
+        with T.topology(workdir) as topo:
+            for rnd in range(args.rounds):
+                order = subjects[rnd % len(subjects) :] + subjects[: rnd % len(subjects)]
+                for subj in order:
+                    ts = time.monotonic()
+                    try:
+                        figs, bad = run_subject(topo, subj, args)
+                    except Exception as e:  # one subject failing must not lose the others' figures
+                        traceback.print_exc()
+                        figs, bad = {"error": f"{type(e).__name__}: {e}"}, f"failed: {type(e).__name__}: {e}"
+                    if bad:
+                        invalid.setdefault(subj.name, bad)
+                    details[subj.name].append(figs)
+                    for m in report.METRICS:
+                        runs[subj.name].setdefault(m, []).append(figs.get(m))
+                    short = ", ".join(
+                        f"{m}={report.fmt(figs.get(m))}" for m in ("bulk1_gbps", "ka_rps", "ka_p99_ms", "nc_cps")
+                    )
+                    print(
+                        f"  round {rnd + 1} {subj.name:<22} {time.monotonic() - ts:5.1f} s  {short}"
+                        + (f"  INVALID: {bad}" if bad else ""),
+                        flush=True,
+                    )
+    finally:
+        if args.keep:
+            print(f"bench: work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = report.summarize(runs)
+    names = [s.name for s in subjects]
+    text = report.table(summary, names, invalid)
+    finished = dt.datetime.now(dt.UTC)
+    print()
+    print(text)
+    for s, why in invalid.items():
+        print(f"INVALID {s}: {why}")
+    doc = {
+        "date": started.isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - t0, 1),
+        "command": command,
+        "machine": machine(),
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "idle_connections": args.idle,
+            "hold_s": args.hold,
+            "wrk": "-t1 -c32 --latency (new conn: -H 'Connection: close')",
+            "client_ports": T.CLIENT_PORTS,
+        },
+        "subjects": {s.name: s.describe() for s in subjects},
+        "notes": notes,
+        "invalid": invalid,
+        "summary": summary,
+        "rounds": details,
+        "table": text,
+        "finished": finished.isoformat(timespec="seconds"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"\nbench: {time.monotonic() - t0:.0f} s; results written to {out}")
+    return 1 if invalid else 0

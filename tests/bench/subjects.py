@@ -1,0 +1,233 @@
+"""The subjects measured side by side: direct (no interception), HAProxy in transparent mode, and tproxy.
+
+Each subject sets itself up in the node namespace (process, rules, sysctls), tells which PIDs to measure, and tears
+everything down again, so the next subject starts from the same clean namespace. Rules the harness installs (HAProxy's)
+are installed only inside the benchmark's own node namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.bench import topology as T
+
+REPO = Path(__file__).resolve().parents[2]
+
+HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn {maxconn}
+    maxpipes {maxpipes}
+    pidfile {dir}/haproxy.pid
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind :{port} transparent
+    maxconn {maxconn}
+    default_backend be
+backend be
+    option splice-request
+    option splice-response
+    source 0.0.0.0 usesrc clientip
+    server orig 0.0.0.0
+"""
+
+# The kernel recipe of DESIGN.md (divert rule without SYNs), plus the rule HAProxy needs because it cannot set SO_MARK
+# on its upstream socket: every locally generated TCP packet with a non-local source is a transparent upstream leg.
+HAPROXY_RULES = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:BENCH_DIVERT - [0:0]
+-A PREROUTING -p tcp ! --syn -m socket --transparent -j BENCH_DIVERT
+-A PREROUTING -i {iface} -p tcp -m multiport --dports {ports} -j TPROXY --on-port {proxy} --on-ip 0.0.0.0 \
+--tproxy-mark 0x1/0x1
+-A BENCH_DIVERT -j MARK --set-xmark 0x1/0xffffffff
+-A BENCH_DIVERT -j ACCEPT
+-A OUTPUT -p tcp -m addrtype ! --src-type LOCAL -j MARK --set-xmark 0x1/0xffffffff
+-A OUTPUT -m connmark --mark 0x1 -j CONNMARK --restore-mark
+-A OUTPUT -m mark --mark 0x1 -j CONNMARK --save-mark
+COMMIT
+"""
+
+
+class Subject:
+    name = "?"
+    is_proxy = True
+    node_ports = T.NODE_PORTS_DEFAULT
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def describe(self) -> str:
+        return self.name
+
+    def start(self, topo: T.Topology) -> None:
+        raise NotImplementedError
+
+    def stop(self, topo: T.Topology) -> None:
+        if self.proc is not None:
+            T.stop_process(self.proc)
+            self.proc = None
+
+    def pids(self) -> list[int]:
+        """The proxy's process and its descendants (CPU and RSS are summed over them)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return process_tree(self.proc.pid)
+
+
+class Direct(Subject):
+    name = "direct"
+    is_proxy = False
+
+    def describe(self) -> str:
+        return "direct: no interception (the physical limit of this topology)"
+
+    def start(self, topo: T.Topology) -> None:
+        topo.set_node_ports(self.node_ports)
+
+
+class HAProxy(Subject):
+    name = "haproxy"
+    node_ports = T.NODE_PORTS_DISJOINT
+
+    def describe(self) -> str:
+        return (
+            "HAProxy (Debian) 1 thread, splice forced, bind transparent + usesrc clientip;"
+            " extra mangle OUTPUT mark rule;"
+            f" node ephemeral ports {self.node_ports} (disjoint from the client's)"
+        )
+
+    def start(self, topo: T.Topology) -> None:
+        topo.set_node_ports(self.node_ports)
+        rules = HAPROXY_RULES.format(iface=T.NODE_IF, ports=",".join(map(str, T.INTERCEPTED)), proxy=T.PROXY_PORT)
+        topo.node.run(["iptables-restore"], input=rules)
+        topo.node.sh("ip rule add fwmark 0x1/0x1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100")
+        cfg = topo.workdir / "haproxy.cfg"
+        # HAProxy refuses to start when maxconn * 2 + maxpipes * 2 exceeds the hard RLIMIT_NOFILE it cannot raise.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        maxpipes = 500
+        maxconn = (hard - 20 - 2 * maxpipes) // 2
+        cfg.write_text(HAPROXY_CFG.format(dir=topo.workdir, port=T.PROXY_PORT, maxconn=maxconn, maxpipes=maxpipes))
+        log = open(topo.workdir / "haproxy.log", "ab")  # noqa: SIM115
+        self.proc = topo.node.popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log)
+        T.wait_listening(topo.node, T.PROXY_PORT, proc=self.proc)
+
+    def stop(self, topo: T.Topology) -> None:
+        super().stop(topo)
+        topo.node.sh(
+            "iptables -t mangle -F && iptables -t mangle -X && nft delete table ip mangle"
+            " && ip rule del fwmark 0x1/0x1 lookup 100 && ip route flush table 100",
+            check=False,
+        )
+
+
+class Tproxy(Subject):
+    """tproxy run as a real process in the node namespace, installing and removing its own rules."""
+
+    def __init__(self, mode: str, upstream: str, backend: str = "nftables") -> None:
+        super().__init__()
+        self.mode = mode
+        self.upstream = upstream
+        self.backend = backend
+        self.name = f"tproxy-{upstream}" if mode == "tproxy" else f"tproxy-nat-{upstream}"
+
+    def describe(self) -> str:
+        src = "preserve_source = true" if self.mode == "nat" else "client IP kept"
+        return (
+            f"tproxy mode={self.mode} upstream={self.upstream} backend={self.backend} ({src}); node ephemeral ports"
+            f" {self.node_ports} (overlapping the client's: no disjoint-range crutch)"
+        )
+
+    def config_text(self, topo: T.Topology) -> str:
+        lines = [
+            f'mode = "{self.mode}"',
+            f'backend = "{self.backend}"',
+            "[listener]",
+            f"port = {T.PROXY_PORT}",
+            "[intercept]",
+            f"ports = [{', '.join(map(str, T.INTERCEPTED))}]",
+            f'interfaces = ["{T.NODE_IF}"]',
+            "ipv6 = false",
+            "[proxy]",
+            f'upstream = "{self.upstream}"',
+            "max_connections = 20000",
+            "shutdown_grace = 2",
+        ]
+        if self.mode == "nat":
+            lines.append("preserve_source = true")
+        lines += ["[admin]", 'address = "127.0.0.1:4191"', "[log]", 'level = "info"']
+        return "\n".join(lines) + "\n"
+
+    def start(self, topo: T.Topology) -> None:
+        topo.set_node_ports(self.node_ports)
+        cfg = topo.workdir / f"{self.name}.toml"
+        cfg.write_text(self.config_text(topo))
+        log = open(topo.workdir / f"{self.name}.log", "ab")  # noqa: SIM115
+        exe = REPO / ".venv" / "bin" / "tproxy"
+        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "tproxy"]
+        self.proc = topo.node.popen([*argv, "run", "-c", str(cfg)], stdout=log, stderr=log, cwd=REPO)
+        T.wait_listening(topo.node, T.PROXY_PORT, timeout=20, proc=self.proc)
+
+    def stop(self, topo: T.Topology) -> None:
+        super().stop(topo)
+
+
+def process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total

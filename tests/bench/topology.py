@@ -1,0 +1,166 @@
+"""The benchmark's topology: a client namespace and a node namespace joined by a veth pair, and the applications.
+
+The lab module (tproxy/lab.py) had not landed when this was written, so this is a minimal topology of its own built
+with :mod:`tproxy.netns` (unique ``tpx-`` names, always deleted). IPv4 only, 198.18.0.0/15:
+
+    client ns  c0 198.18.0.1/24  <-- veth -->  n0 198.18.0.2/24  node ns
+                                                 iperf3 -s :5201, nginx :8080 (/1k: 1 KiB file, /ip: who am I)
+
+Resource handling: :func:`topology` starts the applications and ends them (by PID) and deletes both namespaces when the
+block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tproxy.netns import Netns, netns
+
+CLIENT_IP = "198.18.0.1"
+NODE_IP = "198.18.0.2"
+NODE_IF = "n0"
+CLIENT_IF = "c0"
+IPERF_PORT = 5201
+HTTP_PORT = 8080
+PROXY_PORT = 4143
+INTERCEPTED = (IPERF_PORT, HTTP_PORT)
+
+# Ephemeral ports. The client always uses 10000-44999 (room for 10,000 idle connections plus TIME_WAIT). The node
+# keeps the kernel default (overlapping the client's range) except for peers that cannot avoid 5-tuple collisions
+# between their two legs (HAProxy): they get the disjoint range (BENCH-NOTES.md, pitfalls).
+CLIENT_PORTS = "10000 44999"
+NODE_PORTS_DEFAULT = "32768 60999"
+NODE_PORTS_DISJOINT = "45000 60999"
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+worker_rlimit_nofile 40000;
+events {{ worker_connections 30000; multi_accept on; }}
+http {{
+    access_log off;
+    log_format who '$remote_addr $remote_port $server_addr:$server_port';
+    keepalive_timeout 600s;
+    keepalive_requests 100000000;
+    client_header_timeout 600s;
+    sendfile on;
+    tcp_nodelay on;
+    server {{
+        listen {port} reuseport backlog=8192;
+        root {dir}/www;
+        location = /1k {{ }}
+        location = /idle {{ return 204; }}
+        location = /ip {{
+            access_log {dir}/access.log who;
+            default_type text/plain;
+            return 200 "$remote_addr $remote_port\\n";
+        }}
+    }}
+}}
+"""
+
+
+class Topology:
+    def __init__(self, client: Netns, node: Netns, workdir: Path) -> None:
+        self.client = client
+        self.node = node
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def access_log(self) -> Path:
+        return self.workdir / "access.log"
+
+    def set_node_ports(self, ports: str) -> None:
+        self.node.run(["sysctl", "-qw", f"net.ipv4.ip_local_port_range={ports}"])
+
+    def start_apps(self) -> None:
+        self.workdir.chmod(0o755)  # nginx's worker runs unprivileged and must read www/
+        www = self.workdir / "www"
+        www.mkdir(parents=True, exist_ok=True)
+        (www / "1k").write_bytes(b"x" * 1023 + b"\n")
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=self.workdir, port=HTTP_PORT))
+        out = open(self.workdir / "apps.log", "ab")  # noqa: SIM115 - kept for the processes' lifetime
+        self.procs.append(self.node.popen(["nginx", "-c", str(conf), "-p", str(self.workdir)], stdout=out, stderr=out))
+        self.procs.append(self.node.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=out, stderr=out))
+        wait_listening(self.node, HTTP_PORT)
+        wait_listening(self.node, IPERF_PORT)
+
+    def stop_apps(self) -> None:
+        for p in self.procs:
+            stop_process(p)
+        self.procs.clear()
+
+
+def wait_listening(ns: Netns, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on TCP ``port`` inside ``ns``; raise if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = ns.run(["ss", "-Hltn", f"sport = :{port}"], check=False)
+        if r.stdout.strip():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before listening on :{port}")
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on :{port} in {ns.name} after {timeout:.0f} s")
+
+
+def stop_process(p: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM by PID, SIGKILL after ``grace`` seconds. Only for processes the benchmark started."""
+    if p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+        p.wait()
+
+
+@contextlib.contextmanager
+def topology(workdir: Path) -> Iterator[Topology]:
+    with netns("bcli") as client, netns("bnod") as node:
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                CLIENT_IF,
+                "netns",
+                client.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                NODE_IF,
+                "netns",
+                node.name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        client.sh(f"ip addr add {CLIENT_IP}/24 dev {CLIENT_IF} && ip link set {CLIENT_IF} up")
+        node.sh(f"ip addr add {NODE_IP}/24 dev {NODE_IF} && ip link set {NODE_IF} up")
+        # The client reuses its ports at once under the new-connection load (TIME_WAIT): tw_reuse, in its own ns only.
+        client.sh(
+            f"sysctl -qw net.ipv4.tcp_tw_reuse=1 && sysctl -qw net.ipv4.ip_local_port_range='{CLIENT_PORTS}'"
+            " && sysctl -qw net.core.somaxconn=8192"
+        )
+        node.sh("sysctl -qw net.core.somaxconn=8192 && sysctl -qw net.ipv4.tcp_max_syn_backlog=8192")
+        topo = Topology(client, node, workdir)
+        topo.set_node_ports(NODE_PORTS_DEFAULT)
+        try:
+            topo.start_apps()
+            yield topo
+        finally:
+            topo.stop_apps()
