@@ -26,9 +26,13 @@ from tproxy.stats import State, Stats
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def before_serve(config: Config, listeners: list[socket.socket]) -> None:
-    """Hook between binding the listeners and serving: the privileges step plugs in here (drop to
-    ``privileges.user`` keeping CAP_NET_RAW, or fork a privileged parent). Does nothing yet."""
+def before_serve(config: Config, listeners: list[socket.socket], *, manage_rules: bool) -> bool:
+    """The hook between binding the listeners and serving: the privileges step (tproxy/privileges.py) drops to
+    ``privileges.user`` keeping CAP_NET_RAW, possibly behind a privileged parent that keeps the rules. Returns whether
+    this process still owns the rules and routes (removes them at the end)."""
+    from tproxy import privileges
+
+    return privileges.before_serve(config, listeners, manage_rules=manage_rules)
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -137,14 +141,17 @@ async def _start_admin(nursery: trio.Nursery, config: Config, stats: Stats, stat
 def run(config: Config, manage_rules: bool) -> int:
     """Install rules (when ``manage_rules``), serve until SIGTERM/SIGINT, remove the rules; returns the exit status.
 
-    Error handling: raises TproxyError (PrivilegeError when IP_TRANSPARENT is not allowed) for anything that stops the
+    Error handling: raises TproxyError (PrivilegeError when a capability is missing) for anything that stops the
     proxy from starting; rules installed before the failure are removed first.
     """
     log.setup(config.log.level, config.log.format)
-    soft, hard = raise_nofile_limit()
+    from tproxy import privileges
+
+    privileges.check_capabilities(config, manage_rules=manage_rules)
+    soft, _hard = raise_nofile_limit()
     stats = Stats()
     state = State(mode=config.mode, backend=config.backend)
-    installed = None
+    installed: str | None = None  # the install summary, while this process owns the rules
     listeners: list[socket.socket] = []
     with _deferred_signals() as early:
         try:
@@ -154,7 +161,9 @@ def run(config: Config, manage_rules: bool) -> int:
                 installed = rules.install(config)
             state.rules_installed = True  # with --no-rules, the privileged step installed them
             listeners = bind_listeners(config)
-            before_serve(config, listeners)
+            summary = installed if installed is not None else "nothing (--no-rules)"
+            if not before_serve(config, listeners, manage_rules=installed is not None):
+                installed = None  # a privileged parent process removes them (or they were never ours)
             log.event(
                 "start",
                 mode=config.mode,
@@ -162,13 +171,10 @@ def run(config: Config, manage_rules: bool) -> int:
                 listeners=",".join(log.addr(sockets.sockname(s)) for s in listeners),
                 upstream=config.proxy.upstream,
                 preserve_source=config.preserve_source,
-                installed=installed if installed is not None else "nothing (--no-rules)",
+                installed=summary,
                 nofile=soft,
             )
-            try:
-                trio.run(_main, config, listeners, stats, state, early)
-            except KeyboardInterrupt:
-                pass
+            trio.run(_main, config, listeners, stats, state, early)
             return 0
         finally:
             for s in listeners:
@@ -179,4 +185,4 @@ def run(config: Config, manage_rules: bool) -> int:
                 removed = rules.uninstall(config)
                 log.event("stop", removed=removed, accepted=stats.accepted)
             else:
-                log.event("stop", removed="nothing (--no-rules)", accepted=stats.accepted)
+                log.event("stop", removed="nothing (not installed by this process)", accepted=stats.accepted)
