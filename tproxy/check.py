@@ -441,8 +441,8 @@ def leftover_routing(config: Config) -> list[str]:
             mark = rule.get("fwmark")
             ours = mark is not None and int(str(mark), 0) & config.routing.mark
             if str(rule.get("table")) == table or ours:
-                desc = " ".join(f"{k} {rule[k]}" for k in ("fwmark", "fwmask", "table") if k in rule)
-                found.append(f"{_FAMILY_NAME[fam]} rule ({desc})")
+                desc = f"fwmark {mark}" + (f"/{rule['fwmask']}" if "fwmask" in rule else "") if mark else "from all"
+                found.append(f"{_FAMILY_NAME[fam]} rule `{desc} lookup {rule.get('table')}`")
         routes = _ip_json([f"-{fam}", "route", "show", "table", table])
         if routes:
             found.append(f"{_FAMILY_NAME[fam]} routes in table {table} ({len(routes)})")

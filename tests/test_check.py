@@ -1,0 +1,312 @@
+"""``tproxy check``: the line format and the pure pieces here; the whole command as root inside fresh namespaces,
+where every check passes, and each failing case (port taken, leftovers, sysctl, missing program, no privilege) gives
+its FAIL line, its fix and exit status 1."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tproxy import check
+from tproxy.config import Config
+from tproxy.netns import netns
+
+TPROXY = [sys.executable, "-m", "tproxy"]
+
+
+def write_config(text: str) -> Path:
+    """A config file every user can read (the unprivileged case reads it too); the caller removes it."""
+    d = Path(tempfile.mkdtemp(prefix="tpx-check-"))
+    d.chmod(0o755)
+    p = d / "tproxy.toml"
+    p.write_text(text)
+    p.chmod(0o644)
+    return p
+
+
+@pytest.fixture
+def cfg_file():
+    made: list[Path] = []
+
+    def make(text: str = "[intercept]\nports = [8080]\n") -> Path:
+        made.append(write_config(text))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.unlink()
+        p.parent.rmdir()
+
+
+def lines_of(out: str) -> list[str]:
+    lines = out.splitlines()
+    for ln in lines:
+        assert ln.startswith(("PASS ", "FAIL ")), f"not a check line: {ln!r}"
+        if ln.startswith("FAIL "):
+            assert " \u2014 fix: " in ln, f"a failure without its fix: {ln!r}"
+    return lines
+
+
+def failures(out: str) -> list[str]:
+    return [ln for ln in lines_of(out) if ln.startswith("FAIL ")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_result_lines():
+    assert check.passed("listener free").line() == "PASS listener free"
+    assert check.passed("program nft", "nftables v1").line() == "PASS program nft: nftables v1"
+    assert check.failed("x", "broken", "mend it").line() == "FAIL x: broken \u2014 fix: mend it"
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        (
+            "mode = 'x'\n",
+            "FAIL config valid: {p}: mode: unknown value 'x' (expected one of: tproxy, nat) \u2014 fix: "
+            "correct mode in {p}; the other checks need a valid config",
+        ),
+        ("[intercept\n", None),
+    ],
+)
+def test_config_error_is_one_fail_line_exit_2(cfg_file, text, line):
+    p = cfg_file(text)
+    r = subprocess.run([*TPROXY, "check", "-c", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == ""
+    (only,) = lines_of(r.stdout)
+    assert only.startswith(f"FAIL config valid: {p}: ")
+    if line:
+        assert only == line.format(p=p)
+
+
+def test_missing_config_file(tmp_path):
+    out = io.StringIO()
+    assert check.run_checks(tmp_path / "none.toml", out=out) == 2
+    assert out.getvalue() == (
+        f"FAIL config valid: {tmp_path / 'none.toml'}: no such file \u2014 fix: give -c a readable TOML file "
+        "(example: conf/tproxy.toml); the other checks need a valid config\n"
+    )
+
+
+def test_bad_override_names_the_flag(cfg_file):
+    out = io.StringIO()
+    assert check.run_checks(cfg_file(), backend="pf", out=out) == 2
+    assert "fix: correct the --backend flag" in out.getvalue()
+
+
+def test_a_crashing_check_is_a_fail_line(cfg_file, monkeypatch):
+    def check_boom(config, path):
+        raise RuntimeError("boom")
+        yield
+
+    monkeypatch.setattr(check, "CHECKS", (check_boom,))
+    out = io.StringIO()
+    assert check.run_checks(cfg_file(), out=out) == 1
+    assert failures(out.getvalue()) == [
+        "FAIL boom: the check itself failed: RuntimeError('boom') \u2014 fix: report this bug"
+    ]
+
+
+@pytest.mark.parametrize(
+    "mode, backend, preserve, names",
+    [
+        ("tproxy", "nftables", None, ["nft tproxy", "nft socket transparent", "nft ct mark", "policy routing"]),
+        ("nat", "nftables", None, ["nft redirect"]),
+        ("nat", "nftables", True, ["nft ct mark", "nft redirect", "policy routing"]),
+        (
+            "tproxy",
+            "iptables",
+            None,
+            ["iptables TPROXY target", "iptables socket match", "iptables connmark", "policy routing"],
+        ),
+        ("nat", "iptables", None, ["iptables REDIRECT target"]),
+    ],
+)
+def test_features_follow_the_config(mode, backend, preserve, names):
+    proxy = {} if preserve is None else {"preserve_source": preserve}
+    config = Config.from_dict({"mode": mode, "backend": backend, "intercept": {"ports": [80]}, "proxy": proxy})
+    feats = check.features(config)
+    assert sorted({f.name.split(" (")[0] for _, f in feats}) == sorted(names)
+    assert {fam for fam, _ in feats} == {4, 6}
+
+
+def test_features_use_the_configured_mark_table_and_port():
+    config = Config.from_dict(
+        {
+            "intercept": {"ports": [80], "ipv6": False},
+            "routing": {"mark": 0x40, "table": 77},
+            "listener": {"port": 4999},
+        }
+    )
+    text = "".join(f.text for _, f in check.features(config))
+    assert "tproxy to :4999 meta mark set 0x40" in text
+    assert "-4 rule add fwmark 0x40/0x40 lookup 77" in text
+    assert "ip6" not in text
+
+
+def test_src_valid_mark_on(tmp_path):
+    for name, value in (("all", "0"), ("eth0", "1"), ("lo", "0"), ("wg0", "1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "src_valid_mark").write_text(value + "\n")
+    assert check.src_valid_mark_on(tmp_path) == ["eth0", "wg0"]
+
+
+def test_port_free_sees_a_listener():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        reason = check.port_free(4, "127.0.0.1", port)
+        assert reason is not None and reason.startswith("in use")
+    assert check.port_free(4, "127.0.0.1", port) is None
+
+
+def test_port_free_names_a_foreign_address():
+    assert check.port_free(4, "198.18.255.254", 4143) == "198.18.255.254 is not an address of this host"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole command, as root, inside fresh namespaces
+
+
+def run_check(ns, path: Path, *args: str, env: dict[str, str] | None = None, user: bool = False):
+    cmd = [*TPROXY, "check", "-c", str(path), *args]
+    if user:
+        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd]
+    if env:
+        cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *cmd]
+    r = ns.run(cmd, check=False, timeout=120, cwd=os.getcwd())
+    assert r.stderr == "" or "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mode", ["tproxy", "nat"])
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_all_pass_in_a_fresh_namespace(cfg_file, mode, backend):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        r = run_check(ns, path, "--mode", mode, "--backend", backend)
+        assert failures(r.stdout) == [] and r.returncode == 0, r.stdout
+        out = r.stdout
+        assert f"(mode {mode}, backend {backend}, IPv4+IPv6)" in out
+        assert "PASS rules install and remove: in a throwaway namespace: " in out
+        assert "PASS listener 0.0.0.0:4143 free\nPASS listener [::]:4143 free\nPASS admin 127.0.0.1:4191 free\n" in out
+        assert "PASS no leftover tproxy rules or routes\n" in out
+        kernel = [ln for ln in out.splitlines() if ln.startswith("PASS kernel ")]
+        assert kernel and all(ln.endswith(": IPv4, IPv6") for ln in kernel)
+        # the check left nothing behind in the namespace it ran in
+        assert ns.run(["nft", "list", "ruleset"]).stdout == ""
+        assert "fwmark" not in ns.run(["ip", "rule", "show"]).stdout
+
+
+@pytest.mark.root
+def test_listener_port_taken(cfg_file):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        holder = ns.popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket,sys,time\ns=socket.socket()\ns.bind(('127.0.0.1',4143))\n"
+                "s.listen(1)\nprint('ready',flush=True)\ntime.sleep(60)",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline() == "ready\n"
+            r = run_check(ns, path)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert r.returncode == 1
+        (fail,) = failures(r.stdout)
+        assert fail.startswith('FAIL listener 0.0.0.0:4143 free: in use (held by users:(("python')
+        assert "change listener.port" in fail
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_leftover_rules_of_an_earlier_run(cfg_file, backend):
+    path = cfg_file(f'backend = "{backend}"\n[intercept]\nports = [8080]\n')
+    with netns("chkt") as ns:
+        ns.run([*TPROXY, "rules", "apply", "-c", str(path)], cwd=os.getcwd())
+        r = run_check(ns, path)
+        assert r.returncode == 1
+        (fail,) = failures(r.stdout)
+        what = "nftables" if backend == "nftables" else "iptables (nf_tables variant)"
+        assert fail.startswith(
+            f"FAIL no leftover tproxy rules or routes: {what} rules of tproxy; IPv4 rule `fwmark 0x1/0x1 lookup 100`; "
+            "IPv4 routes in table 100 (1); IPv6 rule `fwmark 0x1/0x1 lookup 100`; "
+            f"IPv6 routes in table 100 (1) \u2014 fix: a tproxy is running or an earlier one was killed: stop it, "
+            f"or `tproxy rules remove -c {path}`"
+        ), fail
+        ns.run([*TPROXY, "rules", "remove", "-c", str(path)], cwd=os.getcwd())
+        r = run_check(ns, path)
+        assert r.returncode == 0 and failures(r.stdout) == []
+
+
+@pytest.mark.root
+def test_a_foreign_fwmark_rule_clashes(cfg_file):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        ns.run(["ip", "rule", "add", "fwmark", "0x3", "lookup", "200"])
+        r = run_check(ns, path)
+        assert r.returncode == 1
+        (fail,) = failures(r.stdout)
+        assert fail.startswith("FAIL no leftover tproxy rules or routes: IPv4 rule `fwmark 0x3 lookup 200` ")
+        assert "choose another routing.mark / routing.table" in fail
+
+
+@pytest.mark.root
+def test_src_valid_mark_set(cfg_file):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        ns.run(["sysctl", "-qw", "net.ipv4.conf.all.src_valid_mark=1"])
+        r = run_check(ns, path)
+        assert r.returncode == 1
+        (fail,) = failures(r.stdout)
+        assert fail.startswith("FAIL net.ipv4.conf.*.src_valid_mark off: net.ipv4.conf.all.src_valid_mark=1: ")
+        assert "sysctl -w net.ipv4.conf.all.src_valid_mark=0" in fail
+        # nat mode without preserve_source routes nothing by mark: the sysctl does not matter there
+        assert run_check(ns, path, "--mode", "nat").returncode == 0
+
+
+@pytest.mark.root
+def test_missing_program(cfg_file):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        r = run_check(ns, path, env={"PATH": "/usr/bin:/bin"})  # nft lives in /usr/sbin
+        assert r.returncode == 1
+        assert failures(r.stdout) == [
+            "FAIL program nft: not found in PATH \u2014 fix: apt-get install nftables",
+            "FAIL kernel support: cannot ask the kernel without nft \u2014 fix: install it (see above)",
+        ]
+
+
+@pytest.mark.root
+def test_unprivileged(cfg_file):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        r = run_check(ns, path, user=True)
+        assert r.returncode == 1
+        fails = failures(r.stdout)
+        assert [f.split(":")[0] for f in fails] == [
+            "FAIL privilege CAP_NET_ADMIN",
+            "FAIL privilege CAP_NET_RAW",
+            "FAIL kernel support",
+            "FAIL no leftover tproxy rules or routes",
+        ]
+        assert "AmbientCapabilities=CAP_NET_RAW" in fails[1]
+        assert fails[2].endswith("fix: run `tproxy check` as root")
