@@ -7,10 +7,10 @@ out the jump lines that are already in place, so re-applying replaces our rules 
 Variant: the host's ``iptables`` is either the nf_tables or the legacy variant (``iptables --version``); we use the
 same one and refuse to run when the *other* variant holds rules, since mixing the two breaks both.
 
-Resource handling: iptables-nft creates an empty built-in table (``ip mangle``, ``ip nat``...) on first use. Before
-applying we note which tables existed; :meth:`remove` deletes a table we caused to exist once it is empty again, so
-``nft list ruleset`` and ``iptables-save`` read as before. (The legacy variant cannot unload a table: there, an
-empty table stays. Documented, not hidden.)
+Resource handling: iptables-nft creates built-in tables and chains (``ip mangle``, its ``OUTPUT`` chain...) on first
+use. :meth:`apply` notes which ones appeared; :meth:`remove` deletes those once they are empty again, so
+``nft list ruleset`` and ``iptables-save`` read as before. (The legacy variant cannot unload a table: there, an empty
+table stays. Documented, not hidden.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from backends.base import (
     state_path,
 )
 from tproxy.config import Config
-from tproxy.errors import RulesError
+from tproxy.errors import MissingBinaryError, RulesError
 
 PREROUTING = "TPROXY_PREROUTING"
 DIVERT = "TPROXY_DIVERT"
@@ -41,7 +41,6 @@ OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,)}
 PREFIX = {4: "iptables", 6: "ip6tables"}
 HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
 MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
-_BUILTIN_TABLES = ("raw", "mangle", "nat", "filter", "security")
 
 
 def _c(what: str) -> str:
@@ -266,21 +265,19 @@ class IptablesBackend(Backend):
         files = split(text)
         self.check(text)
         was_installed = self.installed()
-        state = load_state(self._state_path()) if was_installed else None
-        created: dict[str, list[str]] = dict(state.get("created", {})) if state else {}
-        applied: list[int] = []
+        state = (load_state(self._state_path()) if was_installed else None) or {}
+        created: dict[str, list[list[str]]] = {k: list(v) for k, v in state.get("created", {}).items()}
         try:
             for fam, body in files.items():
+                before_objs = self._nft_objects(fam)
                 before = self._save(fam)
-                tables_before = set(parse_save(before))
-                created.setdefault(str(fam), [])
-                for table in re.findall(r"^\*(\S+)$", body, flags=re.M):
-                    if table not in tables_before and table not in created[str(fam)]:
-                        created[str(fam)].append(table)
-                save_state(self._state_path(), {"created": created})
-                body = self._without_existing_jumps(body, before)
-                run([f"{PREFIX[fam]}-restore", "--noflush"], input=body)
-                applied.append(fam)
+                try:
+                    run([f"{PREFIX[fam]}-restore", "--noflush"], input=self._without_existing_jumps(body, before))
+                finally:
+                    new = sorted(self._nft_objects(fam) - before_objs)
+                    mine = created.setdefault(str(fam), [])
+                    mine += [list(o) for o in new if list(o) not in mine]
+                    save_state(self._state_path(), {"created": created})
             declared = {fam: set(re.findall(r"^:(TPROXY_\S+)", body, flags=re.M)) for fam, body in files.items()}
             for fam in (4, 6):
                 self._remove_family(fam, keep=declared.get(fam, set()))
@@ -291,11 +288,11 @@ class IptablesBackend(Backend):
 
     def remove(self) -> None:
         require_net_admin()
-        state = load_state(self._state_path()) or {}
+        # a state file without our chains is left from a namespace that no longer exists (inodes are reused)
+        state = (load_state(self._state_path()) if self.installed() else None) or {}
         for fam in (4, 6):
             self._remove_family(fam, keep=set())
-            if self.variant == "nf_tables":
-                self._drop_created_tables(fam, state.get("created", {}).get(str(fam), []))
+            self._drop_created(fam, state.get("created", {}).get(str(fam), []))
         drop_state(self._state_path())
 
     def installed(self) -> bool:
@@ -339,15 +336,50 @@ class IptablesBackend(Backend):
         if lines:
             run([f"{PREFIX[family]}-restore", "--noflush"], input="\n".join(lines) + "\n")
 
-    def _drop_created_tables(self, family: int, created: list[str]) -> None:
-        tables = parse_save(self._save(family))
-        nft_family = "ip" if family == 4 else "ip6"
-        for table in created:
-            content = tables.get(table)
-            if content is None or content["rules"]:
+    def _nft_objects(self, family: int) -> set[tuple[str, str]]:
+        """The iptables-nft built-in tables ``(table, "")`` and chains ``(table, chain)`` present in nftables.
+
+        Empty for the legacy variant, or when ``nft`` is not installed (then nothing can be cleaned up either).
+        """
+        if self.variant != "nf_tables":
+            return set()
+        try:
+            r = run(["nft", "list", "chains", "ip" if family == 4 else "ip6"], check=False)
+            t = run(["nft", "list", "tables", "ip" if family == 4 else "ip6"], check=False)
+        except MissingBinaryError:
+            return set()
+        out: set[tuple[str, str]] = set()
+        for line in t.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "table" and parts[2] in _BUILTIN_TABLES:
+                out.add((parts[2], ""))
+        table = ""
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if line.startswith("table "):
+                table = parts[2]
+            elif parts[:1] == ["chain"] and table in _BUILTIN_TABLES and parts[1] in _BUILTIN_CHAINS:
+                out.add((table, parts[1]))
+        return out
+
+    def _drop_created(self, family: int, created: list[list[str]]) -> None:
+        """Delete the built-in chains and tables iptables-nft created for us, where they are empty again."""
+        if not created or self.variant != "nf_tables":
+            return
+        fam = "ip" if family == 4 else "ip6"
+        present = self._nft_objects(family)
+        for table, chain in sorted((t, c) for t, c in created if c):
+            if (table, chain) not in present:
                 continue
-            if all(_chain_name(d) in _BUILTIN_CHAINS and d.split()[1] == "ACCEPT" for d in content["chains"]):
-                run(["nft", "delete", "table", nft_family, table], check=False)
+            listing = run(["nft", "list", "chain", fam, table, chain], check=False).stdout
+            body = [ln.strip() for ln in listing.splitlines() if ln.startswith("\t\t")]
+            if len(body) == 1 and body[0].startswith("type ") and body[0].endswith("policy accept;"):
+                run(["nft", "delete", "chain", fam, table, chain], check=False)
+        present = self._nft_objects(family)
+        for table, chain in created:
+            if not chain and (table, "") in present and not any(t == table and c for t, c in present):
+                run(["nft", "delete", "table", fam, table], check=False)
 
 
+_BUILTIN_TABLES = ("raw", "mangle", "nat", "filter", "security")
 _BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}

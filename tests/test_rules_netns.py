@@ -1,0 +1,272 @@
+"""Installing and removing for real (root): through the CLI, inside a fresh network namespace.
+
+apply -> the rules and routes are there; apply again -> nothing doubles; remove -> ``nft list ruleset``,
+``iptables-save``, ``ip6tables-save``, ``ip rule``, ``ip route show table all`` and the sysctls we touch read
+byte-for-byte as before apply. The same after a failure half-way, and after a rule file the kernel rejects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests import golden_gen
+from tproxy.netns import Netns, netns
+
+pytestmark = pytest.mark.root
+
+VENV_BIN = Path(sys.executable).parent
+TPROXY = str(VENV_BIN / "tproxy")
+PYTHON = sys.executable
+SYSCTLS = ("net.ipv4.conf.all.route_localnet", "net.ipv4.conf.veth0.route_localnet", "net.ipv4.conf.all.rp_filter")
+
+
+def snapshot(ns: Netns) -> dict[str, str]:
+    """Everything apply may touch, as text.
+
+    Only what changes by itself is normalised: the timestamp comments of iptables-save, and packet/byte counters
+    (the veth pair sends IPv6 neighbour discovery through the hooks on its own).
+    """
+    out = {}
+    for name, argv in {
+        "nft": ["nft", "list", "ruleset"],
+        "iptables": ["iptables-save"],
+        "ip6tables": ["ip6tables-save"],
+        "rule4": ["ip", "-4", "rule"],
+        "rule6": ["ip", "-6", "rule"],
+        "route4": ["ip", "-4", "route", "show", "table", "all"],
+        "route6": ["ip", "-6", "route", "show", "table", "all"],
+        "sysctl": ["sysctl", *SYSCTLS],
+    }.items():
+        text = ns.run(argv).stdout
+        if name.endswith("tables"):
+            text = "".join(ln + "\n" for ln in text.splitlines() if not ln.startswith(("# Generated", "# Completed")))
+        out[name] = re.sub(r"counter packets \d+ bytes \d+", "counter", re.sub(r"\[\d+:\d+\]", "[:]", text))
+    return out
+
+
+def write_config(tmp_path: Path, case: str, backend: str, **changes) -> Path:
+    doc = golden_gen.cases()[case]
+    lines = [f'mode = "{doc["mode"]}"', f'backend = "{backend}"']
+    for section in ("listener", "intercept", "proxy", "routing"):
+        table = {**doc.get(section, {}), **changes.get(section, {})}
+        if table:
+            lines.append(f"[{section}]")
+            for k, v in table.items():
+                lines.append(f"{k} = {_toml(v)}")
+    path = tmp_path / f"{case}-{backend}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+def cli(ns: Netns, *args: str) -> subprocess.CompletedProcess:
+    return ns.run([TPROXY, "rules", *args], check=False)
+
+
+@pytest.fixture
+def ns():
+    with netns("rules") as n:
+        n.run(["ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"])
+        for dev in ("veth0", "veth1"):  # no link-local address: nothing changes the routes behind our back
+            n.run(["ip", "link", "set", dev, "addrgenmode", "none"])
+            n.run(["ip", "link", "set", dev, "up"])
+        yield n
+
+
+# A representative slice of the matrix (the whole matrix is checked by the tools in test_backends.py).
+CASES = ["tproxy-both", "nat-both", "nat_preserve-both", "tproxy-loopback-interfaces", "tproxy-exclusions"]
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_apply_apply_remove_is_byte_for_byte(ns, tmp_path, case, backend):
+    conf = str(write_config(tmp_path, case, backend))
+    before = snapshot(ns)
+
+    r = cli(ns, "apply", "-c", conf)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tproxy rules installed:")
+    once = snapshot(ns)
+    cfg = golden_gen.config(case, backend)
+    if backend == "nftables":
+        assert "table inet tproxy_rules" in once["nft"] and '"tproxy/intercept"' in once["nft"]
+    else:
+        assert '"tproxy/intercept"' in once["iptables"] + once["iptables"]
+        assert "iptables (nf_tables variant)" in r.stdout
+    if cfg.needs_routing:
+        assert "fwmark 0x1/0x1 lookup 100" in once["rule4"] and "fwmark 0x1/0x1 lookup 100" in once["rule6"]
+        assert "local default dev lo table 100" in once["route4"]
+        assert "local default dev lo table 100" in once["route6"]
+    else:
+        assert once["rule4"] == before["rule4"] and once["route4"] == before["route4"]
+    if case == "tproxy-loopback-interfaces":
+        assert "net.ipv4.conf.veth0.route_localnet = 1" in once["sysctl"]
+        assert "net.ipv4.conf.all.route_localnet = 0" in once["sysctl"]
+
+    r = cli(ns, "apply", "-c", conf)
+    assert r.returncode == 0, r.stderr
+    assert snapshot(ns) == once, "applying twice changed something (a duplicate?)"
+
+    r = cli(ns, "remove", "-c", conf)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tproxy rules removed:")
+    assert snapshot(ns) == before
+
+    r = cli(ns, "remove", "-c", conf)
+    assert r.returncode == 0 and "nothing to remove" in r.stdout
+    assert snapshot(ns) == before
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_remove_leaves_other_rules_alone(ns, tmp_path, backend):
+    """Someone else's rules in the same hooks and tables survive our apply/remove untouched, in order."""
+    ns.sh(
+        "nft add table inet other; nft add chain inet other pre '{ type filter hook prerouting priority -150; }';"
+        "nft add rule inet other pre tcp dport 22 counter accept;"
+        "iptables -t mangle -A PREROUTING -p tcp --dport 2222 -j ACCEPT;"
+        "iptables -t nat -N THEIRS; iptables -t nat -A PREROUTING -j THEIRS;"
+        "ip6tables -t mangle -A OUTPUT -p tcp --dport 2222 -j ACCEPT;"
+        "ip rule add fwmark 0x2 lookup 200; ip route add local default dev lo table 200"
+    )
+    before = snapshot(ns)
+    for case in ("tproxy-both", "nat-both"):
+        conf = str(write_config(tmp_path, case, backend))
+        assert cli(ns, "apply", "-c", conf).returncode == 0
+        if backend == "iptables":
+            save = ns.run(["iptables-save", "-t", "mangle" if case == "tproxy-both" else "nat"]).stdout
+            rules = [ln for ln in save.splitlines() if ln.startswith("-A PREROUTING")]
+            assert "tproxy/jump" in rules[0], "our jump is first in the built-in chain"
+        r = cli(ns, "remove", "-c", conf)
+        assert r.returncode == 0, r.stderr
+        assert snapshot(ns) == before
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_failure_half_way_leaves_the_host_as_it_was(ns, tmp_path, backend):
+    """Rules and routes go in, then a sysctl for a missing interface fails: everything comes out again."""
+    conf = str(write_config(tmp_path, "tproxy-loopback-interfaces", backend, intercept={"interfaces": ["nosuch0"]}))
+    before = snapshot(ns)
+    r = cli(ns, "apply", "-c", conf)
+    assert r.returncode == 1
+    assert "interface 'nosuch0' does not exist" in r.stderr and "route_localnet" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert snapshot(ns) == before
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_rejected_rule_file_reports_the_tools_message_and_changes_nothing(ns, backend):
+    """A file the kernel/tool refuses (here: the IPv6 half, after the IPv4 half went in for iptables)."""
+    cfg_case = "tproxy-both"
+    script = f"""
+import sys
+from backends import get_backend
+from tests import golden_gen
+from tproxy.errors import RulesError
+b = get_backend({backend!r})
+text = b.render(golden_gen.config({cfg_case!r}, {backend!r}))
+head, sep, tail = text.rpartition("tproxy/intercept")
+text = head + sep + tail.replace("--on-port", "--on-port 99999 --bogus") if {backend!r} == "iptables" else (
+    text.replace("tproxy ip6 to", "tproxy ip6 too"))
+try:
+    b.apply(text)
+except RulesError as e:
+    print(e)
+    sys.exit(3)
+"""
+    before = snapshot(ns)
+    r = ns.run([PYTHON, "-c", script], check=False, cwd=str(Path(__file__).parent.parent))
+    assert r.returncode == 3, r.stdout + r.stderr
+    if backend == "nftables":
+        assert "nft -f - failed" in r.stdout and "too" in r.stdout
+    else:
+        assert "ip6tables-restore --noflush failed" in r.stdout or "ip6tables-restore --test" in r.stdout
+    assert snapshot(ns) == before
+
+
+def test_iptables_reapply_after_a_mode_change_leaves_no_stale_chain(ns, tmp_path):
+    before = snapshot(ns)
+    tp = str(write_config(tmp_path, "tproxy-both", "iptables"))
+    nat = str(write_config(tmp_path, "nat-both", "iptables"))
+    assert cli(ns, "apply", "-c", tp).returncode == 0
+    assert cli(ns, "apply", "-c", nat).returncode == 0
+    save = ns.run(["iptables-save"]).stdout
+    assert "TPROXY_NAT" in save and "TPROXY_DIVERT" not in save and "TPROXY_PREROUTING" not in save
+    assert cli(ns, "remove", "-c", tp).returncode == 0
+    assert snapshot(ns) == before
+
+
+def test_iptables_refuses_a_host_with_legacy_rules(ns, tmp_path):
+    if not shutil.which("iptables-legacy"):
+        pytest.skip("iptables-legacy is not installed")
+    r = ns.run(
+        ["iptables-legacy", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2", "-j", "ACCEPT"], check=False
+    )
+    if r.returncode != 0:
+        pytest.skip(f"the legacy iptables kernel modules are unavailable here: {r.stderr.strip()}")
+    before = snapshot(ns)
+    conf = str(write_config(tmp_path, "tproxy-both", "iptables"))
+    r = cli(ns, "apply", "-c", conf)
+    assert r.returncode == 1
+    assert "nf_tables variant" in r.stderr and "iptables-legacy holds rules" in r.stderr
+    assert snapshot(ns) == before
+
+
+def test_unprivileged_apply_says_it_needs_cap_net_admin(ns):
+    fd, name = tempfile.mkstemp(suffix=".toml")  # pytest's tmp_path is not readable by uid 65534
+    conf = Path(name)
+    os.write(fd, b"intercept.ports = [8080]\n")
+    os.close(fd)
+    os.chmod(conf, 0o644)
+    try:
+        _unprivileged(ns, conf)
+    finally:
+        conf.unlink()
+
+
+def _unprivileged(ns, conf):
+    for cmd in ("apply", "remove"):
+        r = ns.run(
+            [
+                "setpriv",
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                TPROXY,
+                "rules",
+                cmd,
+                "-c",
+                str(conf),
+            ],
+            check=False,
+        )
+        assert r.returncode == 1, r.stderr
+        assert "needs CAP_NET_ADMIN (run as root)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_show_touches_nothing(ns, tmp_path):
+    before = snapshot(ns)
+    for backend in golden_gen.BACKENDS:
+        conf = str(write_config(tmp_path, "tproxy-loopback-interfaces", backend))
+        r = cli(ns, "show", "-c", conf)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == golden_gen.golden_path("tproxy-loopback-interfaces", backend).read_text()
+    assert snapshot(ns) == before
