@@ -30,10 +30,9 @@ from typing import NoReturn
 
 import attrs
 
+from tproxy import log
 from tproxy.config import Config
 from tproxy.errors import ConfigError, PrivilegeError, TproxyError
-
-log = logging.getLogger("tproxy.privileges")
 
 # include/uapi/linux/capability.h, in order (index = capability number).
 CAP_NAMES = (
@@ -407,21 +406,29 @@ def before_serve(config: Config, sockets: Iterable[object], *, manage_rules: boo
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        _drop(identity, keep)
+        _child(identity, keep, old_mask)
         return False
     _supervise(config, pid, sockets)
 
 
 def _drop(identity: Identity, keep: dict[int, str]) -> None:
     drop_privileges(identity, keep)
-    log.info(
-        "dropped privileges: now user %s (uid %d, gid %d) with capabilities %s",
-        identity.user,
-        identity.uid,
-        identity.gid,
-        format_caps(keep),
-    )
+    log.event("privileges_dropped", user=identity.user, uid=identity.uid, gid=identity.gid, caps=format_caps(keep))
+
+
+def _child(identity: Identity, keep: dict[int, str], old_mask: Iterable[int]) -> None:
+    """The proxy side of the fork: its own process group (a terminal's Ctrl-C reaches it once, through the parent),
+    then the drop. It never returns with privileges: any failure ends it here, leaving the rules to the parent."""
+    try:
+        os.setpgid(0, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _drop(identity, keep)
+    except BaseException as e:
+        print(
+            f"tproxy: {e}" if isinstance(e, TproxyError) else f"tproxy: privilege drop failed: {e!r}", file=sys.stderr
+        )
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoReturn:
@@ -438,21 +445,24 @@ def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoRetur
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-    log.info(
-        "privileged parent (pid %d) waiting for the proxy (pid %d) to remove the rules after it", os.getpid(), child
-    )
+    log.event("supervising", pid=os.getpid(), proxy_pid=child)
 
     _, status = os.waitpid(child, 0)  # retried on EINTR after each forwarded signal (PEP 475)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # nothing left to forward to; removing the rules is not interruptible
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
-        log.warning("the proxy (pid %d) was killed by signal %s", child, signal.Signals(-code).name)
+        log.event("proxy_killed", logging.WARNING, proxy_pid=child, signal=signal.Signals(-code).name)
         code = 128 - code
-    from tproxy import rules
-
     try:
-        log.info("%s", rules.uninstall(config))
-    except TproxyError as e:
-        print(f"tproxy: {e}", file=sys.stderr)
+        from tproxy import rules
+
+        log.event("stop", removed=rules.uninstall(config), proxy_status=code)
+    except Exception as e:
+        print(
+            f"tproxy: {e}" if isinstance(e, TproxyError) else f"tproxy: removing the rules failed: {e!r}",
+            file=sys.stderr,
+        )
         code = code or 1
     logging.shutdown()
     sys.stdout.flush()
