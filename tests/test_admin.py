@@ -3,6 +3,11 @@ malicious client from holding it (virtual time via autojump_clock where a timeou
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import attrs
 import pytest
 import trio
@@ -232,3 +237,123 @@ async def test_port_in_use_raises_before_started(nursery, stats, state, addr):
     cfg = attrs.evolve(config(), admin=Admin(host="127.0.0.1", port=addr[1]))
     with pytest.raises(OSError):
         await nursery.start(admin.serve_admin, cfg, stats, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real proxy in the lab's namespaces (root): /ready after start and on SIGTERM, /metrics exact after traffic
+
+_GET = """\
+import sys, urllib.error, urllib.request
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=5)
+    status, body = r.status, r.read()
+except urllib.error.HTTPError as e:
+    status, body = e.code, e.read()
+sys.stdout.write(f"{status}\\n{body.decode()}")
+"""
+
+_HOLD = """\
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"held")
+line = b""
+while not line.endswith(b"\\n"):
+    line += s.recv(1)
+print(line.decode().strip(), flush=True)
+sys.stdin.read()
+s.shutdown(socket.SHUT_WR)
+while s.recv(65536):
+    pass
+"""
+
+
+def admin_get(lab, path: str) -> tuple[int, str]:
+    from tproxy import lab as L
+
+    url = f"http://{L.ADMIN[0]}:{L.ADMIN[1]}{path}"
+    r = lab.node.run([sys.executable, "-c", _GET, url])
+    status, _, body = r.stdout.partition("\n")
+    return int(status), body
+
+
+def scrape(lab) -> dict[str, float]:
+    status, body = admin_get(lab, "/metrics")
+    assert status == 200
+    samples = {}
+    for line in body.splitlines():
+        if not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def poll(what, until, timeout: float = 15.0):
+    """``what()`` until ``until(value)``; the last value either way (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if until(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+@pytest.mark.root
+def test_ready_and_exact_metrics_with_the_real_proxy():
+    from tproxy import __version__
+    from tproxy import lab as L
+
+    with L.Lab.up() as lab:
+        proxy = lab.start_proxy(L.proxy_config("tproxy", "nftables", shutdown_grace=60.0))  # waits for /ready 200
+        try:
+            assert admin_get(lab, "/ready") == (200, "ready\n")
+            assert admin_get(lab, "/live") == (200, "live\n")
+
+            sizes = [0, 1, 1000, 65536, 300001]
+            jobs = [
+                {"dst": L.NODE[f], "port": L.ECHO_PORT, "count": 10, "concurrency": 5, "sizes": sizes, "timeout": 10}
+                for f in (4, 6)
+            ]
+            results = lab.connect(jobs)
+            assert len(results) == 20 and all(r["ok"] for r in results), results
+            assert {r["peer"][0] for r in results} == {L.CLIENT[4], L.CLIENT[6]}  # it went through the proxy
+
+            m = poll(lambda: scrape(lab), lambda m: m['tproxy_connections_closed_total{outcome="ok"}'] >= 20)
+            assert m["tproxy_connections_accepted_total"] == 20
+            assert m["tproxy_connections_open"] == 0
+            assert m['tproxy_connections_closed_total{outcome="ok"}'] == 20
+            for outcome in ("reset", "refused", "timeout", "idle", "cancelled"):
+                assert m[f'tproxy_connections_closed_total{{outcome="{outcome}"}}'] == 0
+            assert m['tproxy_bytes_relayed_total{direction="in"}'] == sum(r["size"] for r in results)
+            peer_lines = sum(len(f"PEER {r['peer'][0]} {r['peer'][1]}\n") for r in results)
+            assert m['tproxy_bytes_relayed_total{direction="out"}'] == sum(r["size"] for r in results) + peer_lines
+            assert m['tproxy_relay_path_total{path="splice"}'] + m['tproxy_relay_path_total{path="copy"}'] == 40
+            assert m[f'tproxy_info{{mode="tproxy",backend="nftables",version="{__version__}"}}'] == 1
+            assert m["tproxy_ready"] == 1 and m["tproxy_draining"] == 0
+
+            # a connection held open keeps the drain going after SIGTERM: /ready says 503 meanwhile
+            holder = lab.client.popen(
+                [sys.executable, "-c", _HOLD, L.NODE[4], str(L.ECHO_PORT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert holder.stdout.readline().startswith(f"PEER {L.CLIENT[4]} ")
+                assert (
+                    poll(lambda: scrape(lab), lambda m: m["tproxy_connections_open"] == 1)["tproxy_connections_open"]
+                    == 1
+                )
+                proxy.proc.send_signal(signal.SIGTERM)
+                ready = poll(lambda: admin_get(lab, "/ready"), lambda r: r[1] == "not ready: draining\n")
+                assert ready == (503, "not ready: draining\n")
+                m = scrape(lab)
+                assert m["tproxy_ready"] == 0 and m["tproxy_draining"] == 1 and m["tproxy_connections_open"] == 1
+                holder.stdin.close()  # the client finishes; the drain ends early and the proxy exits cleanly
+                assert holder.wait(30) == 0
+            finally:
+                if holder.poll() is None:
+                    holder.kill()
+                    holder.wait()
+            assert proxy.proc.wait(30) == 0
+        finally:
+            proxy.stop()
