@@ -127,7 +127,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     t0 = time.monotonic()
-    held, failed = open_all(host, port, n, window, timeout=60)
+    held, failed = open_all(host, port, n, window, timeout=20)
     print(json.dumps({"phase": 1, "held": len(held), "failed": failed, "seconds": time.monotonic() - t0}), flush=True)
     if not sys.stdin.readline():
         return

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.bench import topology as T
@@ -141,6 +140,8 @@ class Tproxy(Subject):
         self.mode = mode
         self.upstream = upstream
         self.backend = backend
+        self.lab_proxy = None
+        self.status: int | None = None
         self.name = f"tproxy-{upstream}" if mode == "tproxy" else f"tproxy-nat-{upstream}"
 
     def describe(self) -> str:
@@ -171,17 +172,17 @@ class Tproxy(Subject):
         return "\n".join(lines) + "\n"
 
     def start(self, topo: T.Topology) -> None:
+        """Start ``tproxy run`` through the lab and wait until its /ready says rules, routes and listeners are up."""
         topo.set_node_ports(self.node_ports)
-        cfg = topo.workdir / f"{self.name}.toml"
-        cfg.write_text(self.config_text(topo))
-        log = open(topo.workdir / f"{self.name}.log", "ab")  # noqa: SIM115
-        exe = REPO / ".venv" / "bin" / "tproxy"
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "tproxy"]
-        self.proc = topo.node.popen([*argv, "run", "-c", str(cfg)], stdout=log, stderr=log, cwd=REPO)
-        T.wait_listening(topo.node, T.PROXY_PORT, timeout=20, proc=self.proc)
+        self.lab_proxy = topo.lab.start_proxy(self.config_text(topo), wait=True)
+        self.proc = self.lab_proxy.proc
 
     def stop(self, topo: T.Topology) -> None:
-        super().stop(topo)
+        if self.lab_proxy is not None:
+            self.status = self.lab_proxy.stop(timeout=15)
+            (topo.workdir / f"{self.name}.log").write_text(self.lab_proxy.log())
+            self.lab_proxy = None
+        self.proc = None
 
 
 def process_tree(root: int) -> list[int]:

@@ -1,13 +1,13 @@
 """The benchmark's topology: a client namespace and a node namespace joined by a veth pair, and the applications.
 
-The lab module (tproxy/lab.py) had not landed when this was written, so this is a minimal topology of its own built
-with :mod:`tproxy.netns` (unique ``tpx-`` names, always deleted). IPv4 only, 198.18.0.0/15:
+The namespaces and the veth pair are the lab's (:class:`tproxy.lab.Lab`, without its application); the benchmark
+runs its own applications in the node and measures over IPv4:
 
-    client ns  c0 198.18.0.1/24  <-- veth -->  n0 198.18.0.2/24  node ns
-                                                 iperf3 -s :5201, nginx :8080 (/1k: 1 KiB file, /ip: who am I)
+    client ns  veth0 198.18.0.1/24  <-- veth -->  veth0 198.18.0.2/24  node ns
+                                                    iperf3 -s :5201, nginx :8080 (/1k: 1 KiB file, /ip: who am I)
 
-Resource handling: :func:`topology` starts the applications and ends them (by PID) and deletes both namespaces when the
-block ends, however it ends.
+Resource handling: :func:`topology` starts the applications and ends them (by PID), and the lab deletes both
+namespaces (and any proxy it started) when the block ends, however it ends.
 """
 
 from __future__ import annotations
@@ -19,23 +19,24 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tproxy.netns import Netns, netns
+from tproxy.lab import CLIENT, NODE, Lab
+from tproxy.netns import Netns
 
-CLIENT_IP = "198.18.0.1"
-NODE_IP = "198.18.0.2"
-NODE_IF = "n0"
-CLIENT_IF = "c0"
+CLIENT_IP = CLIENT[4]
+NODE_IP = NODE[4]
+NODE_IF = "veth0"
 IPERF_PORT = 5201
 HTTP_PORT = 8080
 PROXY_PORT = 4143
 INTERCEPTED = (IPERF_PORT, HTTP_PORT)
 
-# Ephemeral ports. The client always uses 10000-44999 (room for 10,000 idle connections plus TIME_WAIT). The node
-# keeps the kernel default (overlapping the client's range) except for peers that cannot avoid 5-tuple collisions
-# between their two legs (HAProxy): they get the disjoint range (BENCH-NOTES.md, pitfalls).
-CLIENT_PORTS = "10000 44999"
+# Ephemeral ports. The client uses the Linux default, 32768-60999, set explicitly (tproxy chooses its upstream ports
+# below 32768, where clients do not pick theirs: a client range reaching below 32768 makes a new client SYN collide with
+# an upstream leg of the proxy's). The node keeps the same default, except for peers that cannot avoid 5-tuple
+# collisions between their two legs (HAProxy): they get a disjoint range (BENCH-NOTES.md, pitfalls).
+CLIENT_PORTS = "32768 60999"
 NODE_PORTS_DEFAULT = "32768 60999"
-NODE_PORTS_DISJOINT = "45000 60999"
+NODE_PORTS_DISJOINT = "10000 32767"
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -68,9 +69,10 @@ http {{
 
 
 class Topology:
-    def __init__(self, client: Netns, node: Netns, workdir: Path) -> None:
-        self.client = client
-        self.node = node
+    def __init__(self, lab: Lab, workdir: Path) -> None:
+        self.lab = lab
+        self.client: Netns = lab.client
+        self.node: Netns = lab.node
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
 
@@ -129,35 +131,14 @@ def stop_process(p: subprocess.Popen, grace: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def topology(workdir: Path) -> Iterator[Topology]:
-    with netns("bcli") as client, netns("bnod") as node:
-        subprocess.run(
-            [
-                "ip",
-                "link",
-                "add",
-                CLIENT_IF,
-                "netns",
-                client.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                NODE_IF,
-                "netns",
-                node.name,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        client.sh(f"ip addr add {CLIENT_IP}/24 dev {CLIENT_IF} && ip link set {CLIENT_IF} up")
-        node.sh(f"ip addr add {NODE_IP}/24 dev {NODE_IF} && ip link set {NODE_IF} up")
+    with Lab.up(app=False) as lab:
         # The client reuses its ports at once under the new-connection load (TIME_WAIT): tw_reuse, in its own ns only.
-        client.sh(
+        lab.client.sh(
             f"sysctl -qw net.ipv4.tcp_tw_reuse=1 && sysctl -qw net.ipv4.ip_local_port_range='{CLIENT_PORTS}'"
             " && sysctl -qw net.core.somaxconn=8192"
         )
-        node.sh("sysctl -qw net.core.somaxconn=8192 && sysctl -qw net.ipv4.tcp_max_syn_backlog=8192")
-        topo = Topology(client, node, workdir)
+        lab.node.sh("sysctl -qw net.core.somaxconn=8192 && sysctl -qw net.ipv4.tcp_max_syn_backlog=8192")
+        topo = Topology(lab, workdir)
         topo.set_node_ports(NODE_PORTS_DEFAULT)
         try:
             topo.start_apps()
