@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import re
+import time
 
 from tproxy import metrics
 from tproxy.stats import OUTCOMES, State, Stats
@@ -138,10 +139,8 @@ _HELP = re.compile(rf"^# HELP ({_NAME}) (.*)$")
 _TYPE = re.compile(rf"^# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)$")
 
 
-def test_output_follows_the_grammar():
-    stats = known_stats()
-    stats.connect_errors['E"ODD\\'] = 1
-    text = metrics.render(stats, ready_state())
+def check_grammar(text: str) -> dict[str, str]:
+    """Assert ``text`` is valid 0.0.4 exposition; returns family name -> type."""
     assert text.endswith("\n") and not text.endswith("\n\n")
     declared: dict[str, str] = {}
     current = None
@@ -158,4 +157,34 @@ def test_output_follows_the_grammar():
             m = _SAMPLE.match(line)
             assert m, f"not a valid sample line: {line!r}"
             assert m.group(1) == current and current in declared, f"sample outside its family: {line}"
-    assert len(declared) == 13
+    return declared
+
+
+def test_output_follows_the_grammar():
+    stats = known_stats()
+    stats.connect_errors['E"ODD\\'] = 1
+    assert len(check_grammar(metrics.render(stats, ready_state()))) == 13
+
+
+def test_process_metrics():
+    text = metrics.render_process()
+    assert check_grammar(text) == {
+        "process_cpu_seconds_total": "counter",
+        "process_virtual_memory_bytes": "gauge",
+        "process_resident_memory_bytes": "gauge",
+        "process_start_time_seconds": "gauge",
+        "process_open_fds": "gauge",
+        "process_max_fds": "gauge",
+    }
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if not ln.startswith("#")}
+    assert values["process_resident_memory_bytes"] > 0
+    assert values["process_open_fds"] >= 3
+    with open("/proc/stat") as f:
+        boot = float(next(line.split()[1] for line in f if line.startswith("btime ")))
+    assert boot <= values["process_start_time_seconds"] <= time.time()
+
+
+def test_process_metrics_leave_out_what_cannot_be_read(tmp_path):
+    declared = check_grammar(metrics.render_process(str(tmp_path / "none")))
+    assert "process_open_fds" not in declared and "process_resident_memory_bytes" not in declared
+    assert "process_cpu_seconds_total" in declared

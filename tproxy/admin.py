@@ -14,11 +14,12 @@ the admin address raises ``OSError`` from :func:`serve_admin` before ``started``
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import urlsplit
 
 import trio
 
-from tproxy import metrics
+from tproxy import log, metrics
 from tproxy.config import Config
 from tproxy.stats import State, Stats
 
@@ -85,6 +86,8 @@ class _Admin:
                 await self.exchange(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        except Exception as e:  # never let one admin request take the proxy down
+            log.event("admin_error", logging.ERROR, exc_info=e)
         finally:
             self.slots.release()
 
@@ -108,7 +111,7 @@ class _Admin:
             else:
                 await self.respond(stream, 503, f"not ready: {self.not_ready_reason()}\n", head_only=head_only)
         elif path == "/metrics":
-            body = metrics.render(self.stats, self.state)
+            body = metrics.render(self.stats, self.state) + metrics.render_process()
             await self.respond(stream, 200, body, head_only=head_only, content_type=metrics.CONTENT_TYPE)
         else:
             await self.respond(stream, 404, "not found (try /live, /ready, /metrics)\n", head_only=head_only)
@@ -156,7 +159,7 @@ async def read_head(stream: trio.SocketStream) -> bytes | None:
             return bytes(buf[:end])
         if len(buf) > MAX_REQUEST_BYTES:
             raise _BadRequest(431, "request head too large")
-        chunk = await stream.receive_some(MAX_REQUEST_BYTES + 1 - len(buf) if len(buf) <= MAX_REQUEST_BYTES else 1)
+        chunk = await stream.receive_some(MAX_REQUEST_BYTES + 1 - len(buf))
         if not chunk:
             if not buf:
                 return None

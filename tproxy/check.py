@@ -371,13 +371,22 @@ def _who_listens(port: int) -> str:
     return f" (held by {', '.join(users)})" if users else ""
 
 
-def port_free(family: int, host: str, port: int) -> str | None:
-    """None if ``host:port`` can be bound for listening now; else the reason."""
+def port_free(family: int, host: str, port: int, *, transparent: bool = False) -> str | None:
+    """None if ``host:port`` can be bound for listening now; else the reason.
+
+    ``transparent``: bind as the tproxy listener does (IP_TRANSPARENT, so a non-local address is allowed), when this
+    process may set it.
+    """
+    from tproxy import sockets
+
     af = socket.AF_INET if family == 4 else socket.AF_INET6
     with socket.socket(af, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == 6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            with contextlib.suppress(PermissionError):
+                sockets.set_transparent(s)
         try:
             s.bind((host, port))
             s.listen(1)
@@ -401,7 +410,7 @@ def check_ports(config: Config, config_path: object) -> Iterator[Result]:
     for fam in config.families:
         host = config.listener.address_for(fam)
         name = f"listener {_hostport(host, port)} free"
-        reason = port_free(fam, host, port)
+        reason = port_free(fam, host, port, transparent=config.mode == "tproxy" or config.preserve_source)
         if reason is None:
             yield passed(name)
         else:

@@ -6,11 +6,15 @@ text escapes backslash and newline. Labelled families always list their known la
 ``rate()`` works from the first scrape); values seen at run time (outcomes, errnos) follow in sorted order.
 
 What the caller can rely on: :func:`render` is pure (reads the objects, touches nothing) and its output ends with a
-newline, as the format requires.
+newline, as the format requires. :func:`render_process` adds the standard ``process_*`` metrics every Prometheus
+client library exports (CPU, memory, file descriptors, start time), read from ``/proc/self``; what cannot be read is
+left out, never an error.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 from collections.abc import Iterable, Mapping
 
 from tproxy import __version__
@@ -134,4 +138,41 @@ def render(stats: Stats, state: State, *, version: str = __version__) -> str:
         "Connections refused because their original destination was the proxy itself.",
         stats.loops_refused,
     )
+    return w.text()
+
+
+def render_process(proc: str = "/proc/self") -> str:
+    """The standard ``process_*`` families for this process (Linux), as the official client libraries name them."""
+    w = _Writer()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    w.single(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        usage.ru_utime + usage.ru_stime,
+    )
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open(f"{proc}/statm") as f:
+            vsize, rss = (int(x) for x in f.read().split()[:2])
+        w.single("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", vsize * page)
+        w.single("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss * page)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{proc}/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        start = btime + start_ticks / os.sysconf("SC_CLK_TCK")
+        w.single("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start)
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        w.single("process_open_fds", "gauge", "Number of open file descriptors.", len(os.listdir(f"{proc}/fd")))
+    except OSError:
+        pass
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        w.single("process_max_fds", "gauge", "Maximum number of open file descriptors.", soft)
     return w.text()
