@@ -102,6 +102,7 @@ class Server:
         self._stopping = False
         self._skip_grace = False
         self._last_capacity_log = -1e9
+        self.stopped = trio.Event()  # set when serve() has returned: every connection has ended
 
     # -- lifecycle
 
@@ -128,6 +129,7 @@ class Server:
                         log.event("draining", open=self.stats.open, grace_s=self.grace)
         finally:
             self._close_listeners()
+            self.stopped.set()
 
     def shutdown(self) -> None:
         """Stop accepting now; open connections get ``shutdown_grace`` seconds. Idempotent; callable before start."""
@@ -242,12 +244,12 @@ class Server:
             )
             if outcome == "reset" and flow.error is not None:
                 extra["error"] = errno.errorcode.get(flow.error.errno, str(flow.error))
-        except trio.Cancelled:
-            outcome = "cancelled"
-            raise
         except Exception as e:
             outcome = "reset"
             log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
+        except BaseException:  # Cancelled, possibly inside an exception group from the relay's nursery
+            outcome = "cancelled"
+            raise
         finally:
             if outcome in _RESET_OUTCOMES:
                 sockets.set_reset_on_close(csock)

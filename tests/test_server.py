@@ -1,0 +1,498 @@
+"""The server over loopback, without kernel rules: the original destination is injected (it points at a loopback
+application), everything else is the real thing: listeners, accept loops, upstream connect, relay, limits, drain.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import io
+import json
+import os
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from tproxy import log, sockets
+from tproxy.config import Config
+from tproxy.relay import PipePool
+from tproxy.server import Server
+from tproxy.stats import State, Stats
+
+
+def bounded(fn):
+    """Fail, rather than hang (virtual seconds under autojump_clock)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        with trio.fail_after(60):
+            return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+def make_config(**proxy) -> Config:
+    doc = {"mode": "nat", "intercept": {"ports": [3000], "ipv6": False}, "proxy": {"preserve_source": False, **proxy}}
+    return Config.from_dict(doc)
+
+
+@pytest.fixture
+def log_lines():
+    """Capture the tproxy log as JSON objects."""
+    buf = io.StringIO()
+    log.setup("debug", "json", stream=buf)
+    yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
+    log.setup("info", "text")
+
+
+async def echo_app(stream: trio.SocketStream) -> None:
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
+
+
+async def eof_app(stream: trio.SocketStream) -> None:
+    """Reads until EOF, then answers with the SHA-256 of what it read."""
+    h = hashlib.sha256()
+    while data := await stream.receive_some(65536):
+        h.update(data)
+    await stream.send_all(h.hexdigest().encode())
+
+
+async def start_app(nursery: trio.Nursery, handler, host: str = "127.0.0.1") -> tuple[str, int]:
+    async def wrapped(stream):
+        async with stream:
+            try:
+                await handler(stream)
+            except trio.BrokenResourceError:
+                pass
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, wrapped, 0, host=host))
+    return listeners[0].socket.getsockname()[:2]
+
+
+async def start_proxy(nursery, config, dst, *, family=4, host="127.0.0.1", **kw) -> tuple[Server, Stats, State]:
+    lsock = sockets.listener(family, host, 0, transparent=False)
+    stats, state = Stats(), State()
+    original = dst if callable(dst) else (lambda s: dst)
+    server = Server(config, [lsock], stats, state, original_dst=original, **kw)
+    await nursery.start(server.serve)
+    return server, stats, state
+
+
+async def stop(server: Server, nursery: trio.Nursery) -> None:
+    """Shut the proxy down, wait until every connection has ended, then stop the applications."""
+    server.shutdown()
+    await server.stopped.wait()
+    nursery.cancel_scope.cancel()
+
+
+async def connect(server: Server) -> trio.SocketStream:
+    host, port = server.addresses[0]
+    return await trio.open_tcp_stream(host, port)
+
+
+async def exchange(stream: trio.SocketStream, data: bytes) -> bytes:
+    async with trio.open_nursery() as n:
+
+        async def send():
+            await stream.send_all(data)
+            await stream.send_eof()
+
+        n.start_soon(send)
+        out = bytearray()
+        while chunk := await stream.receive_some(1 << 20):
+            out += chunk
+    return bytes(out)
+
+
+async def expect_reset(stream: trio.SocketStream) -> None:
+    with pytest.raises(trio.BrokenResourceError) as info:
+        while await stream.receive_some(100):
+            pass
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+
+
+@bounded
+@pytest.mark.parametrize("use_splice", [True, False])
+async def test_proxies_and_logs_one_line_per_connection(log_lines, use_splice):
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, state = await start_proxy(n, make_config(), app, use_splice=use_splice)
+        assert state.listening
+        data = os.urandom(3 << 20)
+        async with await connect(server) as s:
+            assert await exchange(s, data) == data
+            client = s.socket.getsockname()
+        while stats.open:
+            await trio.sleep(0.01)
+        await stop(server, n)
+    assert stats.accepted == 1 and stats.closed == {"ok": 1}
+    assert (stats.bytes_in, stats.bytes_out) == (len(data), len(data))
+    assert stats.relay_path == {"splice" if use_splice else "copy": 2}
+    conns = [e for e in log_lines() if e["event"] == "connection"]
+    assert len(conns) == 1
+    line = conns[0]
+    assert line["client"] == f"{client[0]}:{client[1]}"
+    assert line["original_dst"] == f"{app[0]}:{app[1]}"
+    assert line["upstream_src"].startswith("127.0.0.1:")
+    assert (line["bytes_in"], line["bytes_out"], line["outcome"]) == (len(data), len(data), "ok")
+    assert line["duration_ms"] >= 0
+    assert not state.listening
+
+
+@bounded
+async def test_ipv6_listener_and_upstream():
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app, host="::1")
+        cfg = Config.from_dict(
+            {"mode": "nat", "intercept": {"ports": [3000], "ipv4": False}, "proxy": {"preserve_source": False}}
+        )
+        server, stats, _ = await start_proxy(n, cfg, app, family=6, host="::1")
+        async with await connect(server) as s:
+            assert await exchange(s, b"over ipv6") == b"over ipv6"
+        await stop(server, n)
+    assert stats.closed == {"ok": 1}
+
+
+@bounded
+async def test_half_close_application_answers_after_eof():
+    async with trio.open_nursery() as n:
+        app = await start_app(n, eof_app)
+        server, stats, _ = await start_proxy(n, make_config(), app)
+        data = os.urandom(1 << 20)
+        async with await connect(server) as s:
+            assert await exchange(s, data) == hashlib.sha256(data).hexdigest().encode()
+        await stop(server, n)
+    assert stats.closed == {"ok": 1}
+
+
+@bounded
+async def test_refused_upstream_resets_the_client(log_lines):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()  # nothing listens here once closed
+    async with trio.open_nursery() as n:
+        server, stats, _ = await start_proxy(n, make_config(), dead)
+        async with await connect(server) as s:
+            await expect_reset(s)
+        await stop(server, n)
+    assert stats.closed == {"refused": 1}
+    assert stats.connect_errors == {"ECONNREFUSED": 1}
+    (line,) = [e for e in log_lines() if e["event"] == "connection"]
+    assert line["outcome"] == "refused" and line["upstream_src"] == "-"
+
+
+@bounded
+async def test_connect_timeout_resets_the_client(autojump_clock):
+    # a listener with a full accept queue (backlog 0, one connection never accepted) drops further SYNs
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler = socket.create_connection(full.getsockname())
+        try:
+            async with trio.open_nursery() as n:
+                server, stats, _ = await start_proxy(n, make_config(connect_timeout=7.0), full.getsockname())
+                start = trio.current_time()
+                async with await connect(server) as s:
+                    await expect_reset(s)
+                assert trio.current_time() - start >= 7.0
+                await stop(server, n)
+        finally:
+            filler.close()
+    assert stats.closed == {"timeout": 1}
+    assert stats.connect_errors == {"ETIMEDOUT": 1}
+
+
+@bounded
+async def test_idle_connection_is_closed(autojump_clock):
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(idle_timeout=30.0), app)
+        async with await connect(server) as s:
+            await s.send_all(b"hi")
+            assert await s.receive_some(10) == b"hi"
+            t = trio.current_time()
+            assert await s.receive_some(10) == b""  # closed by the proxy, not by the client
+            assert trio.current_time() - t >= 30
+        await stop(server, n)
+    assert stats.closed == {"idle": 1}
+
+
+@bounded
+async def test_max_connections_holds_new_connections_back_until_one_closes():
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(max_connections=2), app)
+        first, second = await connect(server), await connect(server)
+        for s in (first, second):
+            await s.send_all(b"x")
+            assert await s.receive_some(1) == b"x"
+        third = await connect(server)  # completes in the kernel's backlog
+        await third.send_all(b"waiting")
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert stats.accepted == 2 and stats.open == 2
+        assert stats.max_connections_waits == 1
+        await first.aclose()
+        assert await third.receive_some(100) == b"waiting"  # admitted once one closed
+        assert stats.accepted == 3
+        await second.aclose()
+        await third.aclose()
+        await stop(server, n)
+    assert stats.closed == {"ok": 3}
+
+
+@bounded
+async def test_loop_to_own_listener_is_refused(log_lines):
+    async with trio.open_nursery() as n:
+        server, stats, _ = await start_proxy(n, make_config(), lambda s: s.getsockname()[:2])
+        async with await connect(server) as s:
+            await expect_reset(s)
+        await stop(server, n)
+    assert stats.loops_refused == 1 and stats.closed == {"refused": 1}
+    assert stats.accepted == 1  # the upstream connect never happened: no second connection to ourselves
+    (line,) = [e for e in log_lines() if e["event"] == "connection"]
+    assert "loop" in line["error"]
+
+
+@bounded
+async def test_unknown_original_destination_is_refused():
+    def no_dst(sock):
+        raise OSError(errno.ENOENT, "No such file or directory")
+
+    async with trio.open_nursery() as n:
+        server, stats, _ = await start_proxy(n, make_config(), no_dst)
+        async with await connect(server) as s:
+            await expect_reset(s)
+        await stop(server, n)
+    assert stats.closed == {"refused": 1}
+
+
+@bounded
+async def test_shutdown_stops_accepting_and_lets_open_connections_finish():
+    async with trio.open_nursery() as n:
+        app = await start_app(n, eof_app)
+        server, stats, state = await start_proxy(n, make_config(shutdown_grace=30.0), app)
+        addr = server.addresses[0]
+        s = await connect(server)
+        await s.send_all(b"part one, ")
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        server.shutdown()
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert state.draining and not state.listening and not server.stopped.is_set()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(addr).close()
+        await s.send_all(b"part two")  # the open connection still works
+        await s.send_eof()
+        answer = await s.receive_some(100)
+        assert answer == hashlib.sha256(b"part one, part two").hexdigest().encode()
+        await s.aclose()
+        await stop(server, n)
+    assert stats.closed == {"ok": 1}
+
+
+@bounded
+async def test_grace_expiry_cancels_open_connections(autojump_clock, log_lines):
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(shutdown_grace=5.0, idle_timeout=600.0), app)
+        async with await connect(server) as s:
+            await s.send_all(b"x")
+            assert await s.receive_some(1) == b"x"
+            t = trio.current_time()
+            server.shutdown()
+            assert await s.receive_some(10) == b""
+            assert trio.current_time() - t >= 5.0
+        await stop(server, n)
+    assert stats.closed == {"cancelled": 1}
+    assert [e["outcome"] for e in log_lines() if e["event"] == "connection"] == ["cancelled"]
+
+
+@bounded
+async def test_skip_grace_cancels_at_once(autojump_clock):
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(shutdown_grace=500.0), app)
+        async with await connect(server) as s:
+            await s.send_all(b"x")
+            assert await s.receive_some(1) == b"x"
+            t = trio.current_time()
+            server.shutdown()
+            await trio.sleep(1)
+            assert stats.open == 1
+            server.skip_grace()
+            assert await s.receive_some(10) == b""
+            assert trio.current_time() - t < 500
+        await stop(server, n)
+    assert stats.closed == {"cancelled": 1}
+
+
+@bounded
+async def test_cancellation_mid_transfer_leaves_no_fd_open():
+    pipes = PipePool(keep=4)
+    async with trio.open_nursery() as outer:
+        app = await start_app(outer, echo_app)
+        before = len(os.listdir("/proc/self/fd"))
+        clients = []
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                server, stats, _ = await start_proxy(n, make_config(), app, pipes=pipes)
+                for _ in range(5):
+                    s = await connect(server)
+                    clients.append(s)
+                    n.start_soon(s.send_all, b"y" * (16 << 20))  # nobody reads the echo: buffers and pipes fill
+                while stats.bytes_in < 5 << 20:
+                    await trio.sleep(0.01)
+                scope.cancel()
+        assert stats.closed == {"cancelled": 5} and stats.open == 0
+        for s in clients:
+            await s.aclose()
+        pipes.close()
+        await trio.testing.wait_all_tasks_blocked(0.05)  # the app's handlers see the resets and close
+        assert len(os.listdir("/proc/self/fd")) == before
+        outer.cancel_scope.cancel()
+
+
+@bounded
+async def test_accept_survives_emfile(log_lines):
+    import resource
+
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(), app)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hog = []
+        try:
+            c = socket.create_connection(server.addresses[0])  # waits in the backlog
+            # use up every descriptor so that accept() fails with EMFILE
+            while True:
+                try:
+                    hog.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError as e:
+                    assert e.errno == errno.EMFILE
+                    break
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            await trio.sleep(0.25)  # a couple of back-off rounds
+            assert stats.accepted == 0
+            for fd in hog:
+                os.close(fd)
+            hog.clear()
+            c.setblocking(False)
+            s = trio.SocketStream(trio.socket.from_stdlib_socket(c))
+            assert await exchange(s, b"after EMFILE") == b"after EMFILE"
+            await s.aclose()
+        finally:
+            for fd in hog:
+                os.close(fd)
+        await stop(server, n)
+    assert stats.accepted == 1 and stats.closed == {"ok": 1}
+    assert any(e["event"] == "accept_paused" and e["error"] == "EMFILE" for e in log_lines())
+
+
+# -- preserve_source: IP_TRANSPARENT on the upstream socket needs CAP_NET_RAW
+
+
+@pytest.mark.root
+@bounded
+async def test_preserve_source_original_binds_client_ip_and_a_chosen_port():
+    seen = []
+
+    async def peer_app(stream):
+        seen.append(stream.socket.getpeername()[:2])
+        await echo_app(stream)
+
+    async with trio.open_nursery() as n:
+        app = await start_app(n, peer_app)
+        cfg = make_config(preserve_source=True)
+        server, stats, _ = await start_proxy(n, cfg, app)
+        async with await connect(server) as s:
+            client = s.socket.getsockname()[:2]
+            assert await exchange(s, b"who am i") == b"who am i"
+        await stop(server, n)
+    (peer,) = seen
+    lo, hi = sockets.UPSTREAM_PORTS
+    assert peer[0] == client[0] and lo <= peer[1] <= hi and peer[1] != client[1]
+    assert stats.source_fallbacks == 0 and stats.source_port_fallbacks == 0
+    assert server.chooser.own == {} and server.chooser.intercepted == {}  # released when the connection ended
+
+
+@pytest.mark.root
+@bounded
+async def test_preserve_source_never_reuses_the_client_port_for_the_same_destination():
+    seen = []
+
+    async def peer_app(stream):
+        seen.append(stream.socket.getpeername()[1])
+        await echo_app(stream)
+
+    async with trio.open_nursery() as n:
+        app = await start_app(n, peer_app)
+        server, stats, _ = await start_proxy(n, make_config(preserve_source=True), app)
+        # SO_REUSEADDR: the proxy could bind the client's port too on this one host, were it chosen
+        c = trio.socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await c.bind(("127.0.0.1", 0))
+        cport = c.getsockname()[1]
+        server.chooser.lo = server.chooser.hi = cport  # the only port in range is the client's own
+        await c.connect(server.addresses[0])
+        async with trio.SocketStream(c) as s:
+            assert await exchange(s, b"x") == b"x"
+        await stop(server, n)
+    assert seen[0] != cport
+    assert stats.source_port_fallbacks == 1  # no port to choose: the kernel's choice, counted
+
+
+@pytest.mark.root
+@bounded
+async def test_preserve_source_loopback_keeps_client_port():
+    seen = []
+
+    async def peer_app(stream):
+        seen.append(stream.socket.getpeername()[:2])
+        await echo_app(stream)
+
+    async with trio.open_nursery() as n:
+        app = await start_app(n, peer_app)
+        cfg = make_config(preserve_source=True, upstream="loopback")
+        # the injected original destination names a non-loopback address; "loopback" connects to 127.0.0.1 anyway
+        server, stats, _ = await start_proxy(n, cfg, ("198.18.0.2", app[1]))
+        # on one host the client's own socket holds 127.0.0.1:port; SO_REUSEADDR on both lets the proxy bind it too
+        c = trio.socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await c.bind(("127.0.0.1", 0))
+        await c.connect(server.addresses[0])
+        client = c.getsockname()[:2]
+        async with trio.SocketStream(c) as s:
+            assert await exchange(s, b"loop") == b"loop"
+        await stop(server, n)
+    assert seen == [client]
+    assert stats.source_port_fallbacks == 0
+
+
+@pytest.mark.root
+@bounded
+async def test_preserve_source_port_taken_falls_back_not_fails(log_lines):
+    seen = []
+
+    async def peer_app(stream):
+        seen.append(stream.socket.getpeername()[:2])
+        await echo_app(stream)
+
+    async with trio.open_nursery() as n:
+        app = await start_app(n, peer_app)
+        cfg = make_config(preserve_source=True)
+        server, stats, _ = await start_proxy(n, cfg, app)
+        # the only port the chooser may pick is held by a listener: bind() fails EADDRINUSE, every try
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen(1)
+            port = blocker.getsockname()[1]
+            server.chooser.lo = server.chooser.hi = port
+            async with await connect(server) as s:
+                assert await exchange(s, b"fallback") == b"fallback"
+        await stop(server, n)
+    assert stats.source_port_fallbacks == 1 and stats.closed == {"ok": 1}
+    assert seen[0][0] == "127.0.0.1" and seen[0][1] != port
+    assert any(e["event"] == "source_port_fallback" for e in log_lines())
