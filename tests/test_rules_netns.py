@@ -123,6 +123,7 @@ def test_apply_apply_remove_is_byte_for_byte(ns, tmp_path, case, backend):
     r = cli(ns, "apply", "-c", conf)
     assert r.returncode == 0, r.stderr
     assert snapshot(ns) == once, "applying twice changed something (a duplicate?)"
+    assert _installed(ns, conf) == "True"
 
     r = cli(ns, "remove", "-c", conf)
     assert r.returncode == 0, r.stderr
@@ -132,6 +133,15 @@ def test_apply_apply_remove_is_byte_for_byte(ns, tmp_path, case, backend):
     r = cli(ns, "remove", "-c", conf)
     assert r.returncode == 0 and "nothing to remove" in r.stdout
     assert snapshot(ns) == before
+    assert _installed(ns, conf) == "False"
+
+
+def _installed(ns: Netns, conf: str) -> str:
+    script = (
+        "from tproxy import rules\nfrom tproxy.config import Config\n"
+        f"print(rules.installed(Config.from_toml({conf!r})))"
+    )
+    return ns.run([PYTHON, "-c", script]).stdout.strip()
 
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)

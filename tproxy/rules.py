@@ -60,3 +60,9 @@ def uninstall(config: Config) -> str:
     return f"tproxy rules removed: {backend.describe()}" + (
         f", routing: {', '.join(removed_routing)}" if removed_routing else ""
     )
+
+
+def installed(config: Config) -> bool:
+    """Whether any of our rules (the configured backend's) or our fwmark rule are present. Needs CAP_NET_ADMIN."""
+    require_net_admin()
+    return get_backend(config.backend).installed() or routing.installed(config)
