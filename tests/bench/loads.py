@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.bench import topology as T
-from tests.bench.subjects import Subject, cpu_seconds, rss_kib
+from tests.bench.subjects import Subject, cpu_times, rss_kib
 
 HOLDER = Path(__file__).with_name("holder.py")
 
@@ -157,10 +157,31 @@ def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
     return res
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def cpu_during(subject: Subject, fn, *args, **kw) -> tuple[dict, float | None]:
-    """Run a load; return its figures and the proxy's CPU seconds (utime+stime) spent meanwhile."""
+    """Run a load; return its figures and the proxy's CPU seconds (utime+stime) spent meanwhile.
+
+    The split is added to the figures as ``cpu_user_s`` and ``cpu_sys_s``, and how busy the whole machine was
+    (all cores, every process: other users of the machine included) as ``machine_busy``.
+    """
     pids = subject.pids() if subject.is_proxy else []
-    c0 = cpu_seconds(pids) if pids else None
+    b0, t0 = machine_busy()
+    if not pids:
+        res = fn(*args, **kw)
+        b1, t1 = machine_busy()
+        res["machine_busy"] = round((b1 - b0) / max(1, t1 - t0), 2)
+        return res, None
+    u0, s0 = cpu_times(pids)
     res = fn(*args, **kw)
-    c1 = cpu_seconds(pids) if pids else None
-    return res, (c1 - c0 if c0 is not None else None)
+    u1, s1 = cpu_times(pids)
+    b1, t1 = machine_busy()
+    res["machine_busy"] = round((b1 - b0) / max(1, t1 - t0), 2)
+    res["cpu_user_s"], res["cpu_sys_s"] = round(u1 - u0, 2), round(s1 - s0, 2)
+    return res, (u1 - u0) + (s1 - s0)

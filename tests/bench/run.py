@@ -22,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.bench import loads, report
+from tests.bench import loads, profile, report
 from tests.bench import topology as T
 from tests.bench.subjects import REPO, Direct, HAProxy, Subject, Tproxy
 
@@ -91,6 +91,18 @@ def rules_left(topo: T.Topology) -> str:
     return "\n".join(left)
 
 
+def profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
+    """``loads.cpu_during`` under py-spy when ``--profile DIR`` is given and the subject is tproxy."""
+    spy = None
+    if args.profile and subj.name.startswith("tproxy") and subj.proc is not None:
+        out = args.profile / f"{subj.name}-{load}-r{args.round + 1}.txt"
+        spy = profile.start(subj.proc.pid, args.duration, out)
+    try:
+        return loads.cpu_during(subj, fn, *a, **kw)
+    finally:
+        profile.finish(spy)
+
+
 def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tuple[dict, str | None]:
     """One subject under every load. Returns (figures, reason it is invalid or None)."""
     figs: dict = {}
@@ -106,9 +118,9 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
         time.sleep(SETTLE)
         b4, c4 = loads.cpu_during(subj, loads.iperf, topo, 4, d)
         time.sleep(SETTLE)
-        ka, cka = loads.cpu_during(subj, loads.wrk, topo, d, close=False)
+        ka, cka = profiled(subj, args, "keepalive", loads.wrk, topo, d, close=False)
         time.sleep(SETTLE)
-        nc, cnc = loads.cpu_during(subj, loads.wrk, topo, d, close=True)
+        nc, cnc = profiled(subj, args, "newconn", loads.wrk, topo, d, close=True)
         time.sleep(SETTLE)
         figs.update(
             bulk1_gbps=b1["gbps"],
@@ -118,6 +130,12 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             ka_p99_ms=ka["p99_ms"],
             nc_cps=nc["rps"],
             nc_p99_ms=nc["p99_ms"],
+            machine_busy={
+                "bulk1": b1["machine_busy"],
+                "bulk4": b4["machine_busy"],
+                "keepalive": ka["machine_busy"],
+                "newconn": nc["machine_busy"],
+            },
             wrk_errors={"keepalive": ka["socket_errors"] + ka["non2xx"], "newconn": nc["socket_errors"] + nc["non2xx"]},
         )
         for load, r in (("keep-alive", ka), ("new-connection", nc)):
@@ -128,7 +146,10 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             figs["cpu_s_per_gb"] = (c1 + c4) / ((b1["bytes"] + b4["bytes"]) / 1e9)
             figs["cpu_us_per_req"] = cka / ka["requests"] * 1e6 if ka["requests"] else None
             figs["cpu_us_per_conn"] = cnc / nc["requests"] * 1e6 if nc["requests"] else None
-            figs["cpu_seconds"] = {"bulk1": c1, "bulk4": c4, "keepalive": cka, "newconn": cnc}
+            figs["cpu_seconds"] = {
+                name: {"total": round(c, 2), "user": r["cpu_user_s"], "sys": r["cpu_sys_s"]}
+                for name, c, r in (("bulk1", c1, b1), ("bulk4", c4, b4), ("keepalive", cka, ka), ("newconn", cnc, nc))
+            }
             if not figs["cpu_us_per_req"] or figs["cpu_us_per_req"] < 1.0:
                 invalid = invalid or "the keep-alive load did not go through the proxy (it spent no CPU)"
         if args.idle:
@@ -158,6 +179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle", type=int, help="idle connections held (default 10,000 or what the fd limit allows)")
     p.add_argument("--hold", type=float, help="seconds the idle connections are held (default 5; --quick: 2)")
     p.add_argument("--subjects", help="comma-separated subset, e.g. direct,haproxy,tproxy-original")
+    p.add_argument(
+        "--profile", type=Path, help="py-spy the tproxy subjects under keep-alive and new-conn loads into DIR"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 4)
@@ -175,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench: missing {', '.join(missing)} (run `just bench-deps`)", file=sys.stderr)
         return 2
+    if args.profile:
+        if profile.py_spy() is None:
+            print("bench: --profile needs py-spy (.venv/bin/pip install py-spy)", file=sys.stderr)
+            return 2
+        args.profile.mkdir(parents=True, exist_ok=True)
     hard = raise_nofile()
     notes: list[str] = []
     # A proxy holds two sockets per relayed connection, and the hard RLIMIT_NOFILE cannot be raised here.
@@ -206,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with T.topology(workdir) as topo:
             for rnd in range(args.rounds):
+                args.round = rnd
                 order = subjects[rnd % len(subjects) :] + subjects[: rnd % len(subjects)]
                 for subj in order:
                     ts = time.monotonic()
@@ -264,5 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    if args.profile:
+        for f in sorted(args.profile.glob("*.txt")):
+            print()
+            print(profile.summarize(f, top=12))
     print(f"\nbench: {time.monotonic() - t0:.0f} s; results written to {out}")
     return 1 if invalid else 0

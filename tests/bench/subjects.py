@@ -208,17 +208,23 @@ def process_tree(root: int) -> list[int]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (all their threads), in seconds."""
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the processes (all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads), in seconds."""
+    return sum(cpu_times(pids))
 
 
 def rss_kib(pids: list[int]) -> int:
