@@ -10,6 +10,7 @@ plain :class:`OSError` and leave the decision (fall back, reset, count) to the s
 from __future__ import annotations
 
 import errno
+import itertools
 import random
 import socket
 import struct
@@ -176,7 +177,8 @@ class PortChooser:
     The intercepted leg is ``client:Y -> dst:P``; an upstream leg ``client:X -> dst:P`` with ``X == Y`` is the same
     tuple. The server tells the chooser about every live intercepted connection (:meth:`add_intercepted` /
     :meth:`remove_intercepted`) and every live upstream port (:meth:`reserve` / :meth:`release`); :meth:`choose`
-    returns a port in ``UPSTREAM_PORTS`` that is neither, or None after a few tries (the caller falls back).
+    returns a port in ``UPSTREAM_PORTS`` that is neither (random, so that ports are not reused at once), or None
+    when every port is taken (the caller falls back).
 
     Resource handling: memory is one set entry per live connection; empty sets are dropped.
     """
@@ -211,7 +213,7 @@ class PortChooser:
     def choose(
         self, client_ip: str, dst: tuple[str, int], exclude: set[int] | frozenset[int] = frozenset()
     ) -> int | None:
-        """A port for an upstream leg ``client_ip:port -> dst``, or None when a few random tries all collide.
+        """A port for an upstream leg ``client_ip:port -> dst``: random, else the first free one; None when none is.
 
         ``exclude``: ports already tried for this connection. Does not reserve the port.
         """
@@ -220,6 +222,11 @@ class PortChooser:
         randint, lo, hi = self._randint, self.lo, self.hi
         for _ in range(self.TRIES):
             port = randint(lo, hi)
+            if port not in taken and port not in own and port not in exclude:
+                return port
+        # crowded: walk the whole range once from a random point (rare; bounded by the range's size)
+        start = randint(lo, hi)
+        for port in itertools.chain(range(start, hi + 1), range(lo, start)):
             if port not in taken and port not in own and port not in exclude:
                 return port
         return None
