@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.iptables import has_rules
 from tests import golden_gen
 from tproxy.netns import Netns, netns
 
@@ -368,3 +369,50 @@ def test_rules_divert_and_route_replies(pair, tmp_path, case, sees, backend):
         probe.wait()
     assert cli(srv, "remove", "-c", conf).returncode == 0
     assert snapshot(srv) == before
+
+
+@pytest.fixture
+def legacy_path(tmp_path):
+    """A PATH on which ``iptables`` & co. are the legacy variant (the host's alternatives are left alone)."""
+    shim = tmp_path / "legacy-bin"
+    shim.mkdir()
+    for fam in ("iptables", "ip6tables"):
+        for suffix in ("", "-save", "-restore"):
+            target = shutil.which(f"{fam}-legacy{suffix}")
+            if target is None:
+                pytest.skip("iptables-legacy is not installed")
+            (shim / f"{fam}{suffix}").symlink_to(target)
+    return f"{shim}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("case", ["tproxy-both", "nat_preserve-both"])
+def test_iptables_legacy_variant(ns, tmp_path, legacy_path, case):
+    """The legacy variant: same rules, said so in the summary. A legacy table, once loaded, cannot be unloaded: after
+    remove it stays, empty (built-in chains, policy ACCEPT, no rule); everything else reads as before."""
+    env = {**os.environ, "PATH": legacy_path}
+    conf = str(write_config(tmp_path, case, "iptables"))
+    probe = ns.run(["iptables", "-t", "mangle", "-S"], env=env, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"the legacy iptables kernel modules are unavailable here: {probe.stderr.strip()}")
+    before = snapshot(ns)
+    r = ns.run([TPROXY, "rules", "apply", "-c", conf], env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "iptables (legacy variant)" in r.stdout
+    legacy = ns.run(["iptables-save"], env=env).stdout
+    assert '"tproxy/intercept"' in legacy or "tproxy/restore-mark" in legacy
+    assert snapshot(ns)["nft"] == before["nft"]  # nothing went into nf_tables
+    once = ns.run(["iptables-save"], env=env).stdout
+    assert ns.run([TPROXY, "rules", "apply", "-c", conf], env=env, check=False).returncode == 0
+    assert _strip_save(ns.run(["iptables-save"], env=env).stdout) == _strip_save(once)
+    r = ns.run([TPROXY, "rules", "remove", "-c", conf], env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    for fam in ("iptables-save", "ip6tables-save"):
+        save = ns.run([fam], env=env).stdout
+        assert "tproxy" not in save and "TPROXY" not in save
+        assert not has_rules(save), save
+    assert snapshot(ns) == before
+
+
+def _strip_save(text: str) -> str:
+    text = "".join(ln + "\n" for ln in text.splitlines() if not ln.startswith(("# Generated", "# Completed")))
+    return re.sub(r"\[\d+:\d+\]", "[:]", text)
