@@ -1,0 +1,73 @@
+"""tproxy/log.py beyond the line shapes (tests/test_log_json.py): quoting, exceptions, other modules' loggers,
+re-configuration, and that nothing is formatted when the level is off."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from tproxy import log
+
+
+@pytest.fixture
+def buf():
+    b = io.StringIO()
+    yield b
+    log.setup("info", "text")
+
+
+def test_text_values_with_spaces_quotes_or_newlines_are_quoted(buf):
+    log.setup("info", "text", stream=buf)
+    log.event("x", plain="a:b", spaced="a b", quoted='say "hi"', empty="", multi="1\n2")
+    line = buf.getvalue()
+    assert line.count("\n") == 1
+    assert line.rstrip("\n").split(" ", 3)[3] == ('plain=a:b spaced="a b" quoted="say \\"hi\\"" empty="" multi="1\\n2"')
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_exceptions_are_kept_with_their_event(buf, fmt):
+    log.setup("info", fmt, stream=buf)
+    try:
+        raise ValueError("boom")
+    except ValueError as e:
+        log.event("connection_error", logging.ERROR, exc_info=e, client="198.18.0.1:1")
+    text = buf.getvalue()
+    assert "ValueError: boom" in text
+    if fmt == "json":
+        doc = json.loads(text)
+        assert doc["event"] == "connection_error" and "ValueError: boom" in doc["exception"]
+
+
+def test_child_loggers_of_other_modules_use_the_same_format(buf):
+    log.setup("info", "json", stream=buf)
+    logging.getLogger("tproxy.privileges").info("dropped privileges: now user %s", "nobody")
+    doc = json.loads(buf.getvalue())
+    assert doc["event"] == "message" and doc["message"] == "dropped privileges: now user nobody"
+
+
+def test_setup_twice_replaces_the_handler(buf):
+    log.setup("info", "text", stream=io.StringIO())
+    log.setup("debug", "json", stream=buf)
+    log.event("once", logging.DEBUG)
+    assert [json.loads(line)["event"] for line in buf.getvalue().splitlines()] == ["once"]
+    assert len(logging.getLogger(log.LOGGER_NAME).handlers) == 1
+
+
+def test_nothing_is_formatted_below_the_level(buf):
+    class Loud:
+        def __str__(self):
+            raise AssertionError("formatted although the level is off")
+
+    log.setup("warning", "text", stream=buf)
+    log.connection(("198.18.0.1", 1), ("198.18.0.2", 2), None, 0, 0, 0, "ok", extra=Loud())
+    log.event("debugging", logging.DEBUG, value=Loud())
+    assert buf.getvalue() == ""
+
+
+def test_addresses():
+    assert log.addr(("198.18.0.1", 80)) == "198.18.0.1:80"
+    assert log.addr(("fd00::1", 80)) == "[fd00::1]:80"
+    assert log.addr(None) == "-"
