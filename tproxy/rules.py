@@ -13,8 +13,13 @@ Call from a thread under trio (pyroute2's sync API runs its own event loop).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+
 from backends import get_backend
-from backends.base import require_net_admin
+from backends.base import STATE_DIR, require_net_admin
 from tproxy import routing
 from tproxy.config import Config
 
@@ -30,9 +35,26 @@ def show(config: Config) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """One install/uninstall at a time (say a restarting proxy and `tproxy rules remove`); short, so host-wide."""
+    STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY)  # a lock on the directory: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def install(config: Config) -> str:
     """Install rules, routes and sysctls for ``config``; returns a one-line summary."""
     require_net_admin()
+    with _exclusive():
+        return _install(config)
+
+
+def _install(config: Config) -> str:
     backend = get_backend(config.backend)
     text = backend.render(config)
     was_installed = backend.installed()
@@ -51,6 +73,11 @@ def install(config: Config) -> str:
 def uninstall(config: Config) -> str:
     """Remove our rules (the configured backend's) and routes; restore sysctls. Safe when nothing is installed."""
     require_net_admin()
+    with _exclusive():
+        return _uninstall(config)
+
+
+def _uninstall(config: Config) -> str:
     backend = get_backend(config.backend)
     had_rules = backend.installed()
     backend.remove()
