@@ -135,6 +135,12 @@ def test_resolve_identity_errors(priv, key, reason):
     assert e.value.exit_code == 2
 
 
+def test_check_capabilities_looks_up_the_user_first():
+    with pytest.raises(ConfigError, match="privileges.user: no such user"):
+        privileges.check_capabilities(config(privileges={"user": "no-such-user-tpx"}), manage_rules=True, effective=0)
+    privileges.check_capabilities(config(privileges={"user": "nobody"}), manage_rules=True, effective=(1 << 41) - 1)
+
+
 def test_before_serve_without_user_changes_nothing():
     cfg = config()
     assert privileges.before_serve(cfg, [], manage_rules=True) is True

@@ -163,6 +163,18 @@ def test_split_deployment_without_net_raw_fails_at_start(lab, runtime, mode, pre
     assert "IP_TRANSPARENT" in lines[0]
 
 
+def test_unprivileged_run_that_would_install_rules_fails_at_start(lab, runtime):
+    argv, env = runtime
+    config = lab.write_config(proxy_config("tproxy", "nftables"))
+    config.chmod(0o644)
+    before = rules_and_routes(lab)
+    r = lab.node.run([*SETPRIV, *WITH_NET_RAW, *argv, "run", "-c", str(config)], check=False, env=env, cwd="/")
+    assert r.returncode == 1, r
+    assert r.stderr.startswith("tproxy: missing CAP_NET_ADMIN: installing the interception rules"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert rules_and_routes(lab) == before
+
+
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_privileged_parent_drops_the_proxy_and_removes_rules_after_it(lab, runtime, backend):
     argv, env = runtime

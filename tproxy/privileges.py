@@ -221,8 +221,10 @@ def check_capabilities(config: Config, *, manage_rules: bool, effective: int | N
     process's effective set.
 
     Error handling: raises :class:`PrivilegeError` naming the first missing capability, why it is needed and how to
-    grant it.
+    grant it; :class:`ConfigError` for an unknown ``privileges.user`` or ``group`` (before any rule goes in).
     """
+    if config.privileges.user is not None:
+        resolve_identity(config)
     have = cap_set(ProcessCredentials.of().effective if effective is None else effective)
     if manage_rules and CAP_NET_ADMIN not in have:
         raise PrivilegeError(
