@@ -91,10 +91,12 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def start(lab: Lab, argv: list[str], env: dict[str, str], config: Path, *, wait: bool = True) -> Proxy:
+def start(lab: Lab, argv: list[str], env: dict[str, str], config: Path, *, wait: bool = True, **kw) -> Proxy:
     log_path = lab.workdir / f"proxy-{len(lab.proxies)}.log"
     with open(log_path, "wb") as out:
-        proc = lab.node.popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd="/")
+        proc = lab.node.popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd="/", **kw
+        )
     proxy = Proxy(proc=proc, config_path=config, log_path=log_path)
     lab.proxies.append(proxy)
     if wait:
@@ -206,4 +208,18 @@ def test_privileged_parent_in_nat_mode_keeps_no_capability(lab, runtime):
     results = lab.connect({"dst": NODE[4], "port": ECHO_PORT, "kind": "echo", "sizes": [100]})
     assert results[0]["ok"] and results[0]["peer"][0] == NODE[4], results  # nat: the proxy's own address
     assert parent.stop(signal.SIGTERM) == 0, parent.log()
+    assert rules_and_routes(lab) == before
+
+
+def test_privileged_parent_ctrl_c_reaches_the_proxy_once(lab, runtime):
+    """A terminal's Ctrl-C signals the whole foreground process group. The proxy has a process group of its own, so
+    it gets SIGINT once, through the parent (a second signal would cut its drain short), and still stops cleanly."""
+    argv, env = runtime
+    config = lab.write_config(proxy_config("tproxy", "nftables") + '\n[privileges]\nuser = "nobody"\n')
+    before = rules_and_routes(lab)
+    parent = start(lab, [*argv, "run", "-c", str(config)], env, config, start_new_session=True)
+    child = serving_child(parent.pid)
+    assert os.getpgid(parent.pid) == parent.pid and os.getpgid(child) == child
+    os.killpg(parent.pid, signal.SIGINT)
+    assert parent.proc.wait(30) == 0, parent.log()
     assert rules_and_routes(lab) == before
