@@ -223,3 +223,14 @@ def test_privileged_parent_ctrl_c_reaches_the_proxy_once(lab, runtime):
     os.killpg(parent.pid, signal.SIGINT)
     assert parent.proc.wait(30) == 0, parent.log()
     assert rules_and_routes(lab) == before
+
+
+def test_privileged_parent_removes_rules_when_the_proxy_is_killed(lab, runtime):
+    argv, env = runtime
+    config = lab.write_config(proxy_config("tproxy", "iptables") + '\n[privileges]\nuser = "nobody"\n')
+    before = rules_and_routes(lab)
+    parent = start(lab, [*argv, "run", "-c", str(config)], env, config)
+    os.kill(serving_child(parent.pid), signal.SIGKILL)
+    assert parent.proc.wait(30) == 128 + signal.SIGKILL, parent.log()
+    assert "proxy_killed" in parent.log()
+    assert rules_and_routes(lab) == before
