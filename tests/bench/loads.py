@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.bench import topology as T
-from tests.bench.subjects import Subject, cpu_times, rss_kib
+from tests.bench.subjects import Subject, census_diff, cpu_times, rss_kib, take_census
 
 HOLDER = Path(__file__).with_name("holder.py")
 
@@ -108,6 +108,7 @@ def whoami(topo: T.Topology, count: int = 3) -> dict:
 def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
     """RSS of the proxy with ``n`` idle keep-alive connections held open through it, and whether all survive."""
     pids = subject.pids()
+    census0 = take_census(subject)
     rss0 = rss_kib(pids)
     p = topo.client.popen(
         [sys.executable, str(HOLDER), T.NODE_IP, str(T.HTTP_PORT), str(n), "256"],
@@ -124,6 +125,7 @@ def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
         rss1 = rss_kib(subject.pids())
         time.sleep(max(0.0, hold - 1.0))
         rss2 = rss_kib(subject.pids())
+        census1 = take_census(subject) if census0 else None
         p.stdin.write("go\n")
         p.stdin.flush()
         line2 = p.stdout.readline()
@@ -154,6 +156,8 @@ def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
         res["rss_base_kib"] = rss0
         res["rss_held_kib"] = max(rss1, rss2)
         res["kib_per_idle_conn"] = (max(rss1, rss2) - rss0) / held
+        if census0 and census1:
+            res["census"] = census_diff(census0, census1, held)
     return res
 
 

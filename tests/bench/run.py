@@ -29,11 +29,16 @@ from tests.bench.subjects import REPO, Direct, HAProxy, Subject, Tproxy
 SETTLE = 0.5  # seconds between loads, for sockets of the previous load to drain
 
 
-def make_subjects(names: list[str] | None) -> tuple[list[Subject], list[str]]:
+def make_subjects(names: list[str] | None, experiments: bool = False) -> tuple[list[Subject], list[str]]:
     notes: list[str] = []
     subjects: list[Subject] = [Direct(), HAProxy()]
     if (REPO / "tproxy" / "runner.py").exists():
         subjects += [Tproxy("tproxy", "original"), Tproxy("tproxy", "loopback"), Tproxy("nat", "original")]
+        if experiments:
+            subjects += [
+                Tproxy("tproxy", "original", gc="threshold=50000,freeze=2", label="gc"),
+                Tproxy("tproxy", "original", log_level="warning", label="nolog"),
+            ]
     else:
         notes.append("tproxy subjects skipped: tproxy/runner.py has not landed (`tproxy run` does not work yet)")
     if names:
@@ -146,6 +151,8 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             figs["cpu_s_per_gb"] = (c1 + c4) / ((b1["bytes"] + b4["bytes"]) / 1e9)
             figs["cpu_us_per_req"] = cka / ka["requests"] * 1e6 if ka["requests"] else None
             figs["cpu_us_per_conn"] = cnc / nc["requests"] * 1e6 if nc["requests"] else None
+            figs["cpu_user_us_per_req"] = ka["cpu_user_s"] / ka["requests"] * 1e6 if ka["requests"] else None
+            figs["cpu_user_us_per_conn"] = nc["cpu_user_s"] / nc["requests"] * 1e6 if nc["requests"] else None
             figs["cpu_seconds"] = {
                 name: {"total": round(c, 2), "user": r["cpu_user_s"], "sys": r["cpu_sys_s"]}
                 for name, c, r in (("bulk1", c1, b1), ("bulk4", c4, b4), ("keepalive", cka, ka), ("newconn", cnc, nc))
@@ -160,6 +167,8 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             invalid = invalid or f"the proxy exited during the loads (status {subj.proc.returncode})"
     finally:
         subj.stop(topo)
+        if getattr(subj, "probe", None):
+            figs["gc"] = subj.probe["gc"]
         left = rules_left(topo)
         if left:
             figs["rules_left_behind"] = left
@@ -181,6 +190,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subjects", help="comma-separated subset, e.g. direct,haproxy,tproxy-original")
     p.add_argument(
         "--profile", type=Path, help="py-spy the tproxy subjects under keep-alive and new-conn loads into DIR"
+    )
+    p.add_argument(
+        "--experiments",
+        action="store_true",
+        help="add tproxy-original variants: +gc (collector tuned by the probe), +nolog (log level warning)",
+    )
+    p.add_argument(
+        "--census",
+        action="store_true",
+        help="tracemalloc in the tproxy subjects (slows them: figures are not comparable) and a census of Python"
+        " objects per idle connection",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     args = p.parse_args(argv)
@@ -215,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"idle connections capped at {args.idle:,}: the hard RLIMIT_NOFILE is {hard:,} (no CAP_SYS_RESOURCE "
                 "to raise it) and a proxy holds two sockets per connection"
             )
-    subjects, more = make_subjects(args.subjects.split(",") if args.subjects else None)
+    subjects, more = make_subjects(args.subjects.split(",") if args.subjects else None, args.experiments)
+    if args.census:
+        notes.append("--census: tracemalloc runs in the tproxy subjects, their figures are not comparable")
+        for s in subjects:
+            if isinstance(s, Tproxy):
+                s.census = True
     notes += more
     started = dt.datetime.now(dt.UTC)
     out = args.json or REPO / "bench-results" / f"bench-{started:%Y%m%dT%H%M%SZ}.json"
@@ -271,6 +296,29 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     for s, why in invalid.items():
         print(f"INVALID {s}: {why}")
+    for s, rounds in details.items():
+        gcs = [r["gc"] for r in rounds if r.get("gc")]
+        if gcs:
+            parts = []
+            for g in ("0", "1", "2"):
+                count = sum(x[g]["count"] for x in gcs)
+                worst = max(x[g]["max_ms"] for x in gcs)
+                over = sum(x[g]["over_1ms"] for x in gcs)
+                parts.append(f"gen{g} {count:,} (max {worst:.1f} ms, {over} over 1 ms)")
+            print(f"gc pauses {s} (whole process lifetimes): " + "; ".join(parts))
+    for s, rounds in details.items():
+        for r in rounds:
+            if r.get("census"):
+                c = r["census"]
+                print(
+                    f"census {s}: {c['traced_bytes_per_conn'] / 1024:.1f} KiB traced Python memory per idle connection"
+                )
+                print(
+                    "  objects per connection: " + ", ".join(f"{t} {n:.2f}" for t, n in c["objects_per_conn"].items())
+                )
+                for site, b in list(c["bytes_per_conn_by_site"].items())[:12]:
+                    print(f"  {b:8.0f} B/conn  {site}")
+                break
     doc = {
         "date": started.isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - t0, 1),

@@ -7,14 +7,18 @@ are installed only inside the benchmark's own node namespace.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from tests.bench import topology as T
 
 REPO = Path(__file__).resolve().parents[2]
+PROBE_DIR = Path(__file__).resolve().parent / "probe"
 
 HAPROXY_CFG = """\
 global
@@ -135,21 +139,41 @@ class HAProxy(Subject):
 class Tproxy(Subject):
     """tproxy run as a real process in the node namespace, installing and removing its own rules."""
 
-    def __init__(self, mode: str, upstream: str, backend: str = "nftables") -> None:
+    def __init__(
+        self,
+        mode: str,
+        upstream: str,
+        backend: str = "nftables",
+        *,
+        log_level: str = "info",
+        gc: str = "",
+        label: str = "",
+    ) -> None:
         super().__init__()
         self.mode = mode
         self.upstream = upstream
         self.backend = backend
+        self.log_level = log_level
+        self.gc = gc
         self.lab_proxy = None
         self.status: int | None = None
+        self.probe: dict | None = None
+        self.census = False  # set by --census: tracemalloc in the proxy (slow), object census during the idle test
+        self.starts = 0
         self.name = f"tproxy-{upstream}" if mode == "tproxy" else f"tproxy-nat-{upstream}"
+        if label:
+            self.name += f"+{label}"
 
     def describe(self) -> str:
         src = "preserve_source = true" if self.mode == "nat" else "client IP kept"
-        return (
-            f"tproxy mode={self.mode} upstream={self.upstream} backend={self.backend} ({src}); node ephemeral ports"
-            f" {self.node_ports} (overlapping the client's: no disjoint-range crutch)"
+        text = (
+            f"tproxy mode={self.mode} upstream={self.upstream} backend={self.backend} ({src}), log level"
+            f" {self.log_level}; node ephemeral ports {self.node_ports} (overlapping the client's: no disjoint-range"
+            " crutch)"
         )
+        if self.gc:
+            text += f"; EXPERIMENT: garbage collector {self.gc} (set by the benchmark's probe, not by tproxy)"
+        return text
 
     def config_text(self, topo: T.Topology) -> str:
         lines = [
@@ -168,21 +192,67 @@ class Tproxy(Subject):
         ]
         if self.mode == "nat":
             lines.append("preserve_source = true")
-        lines += ["[admin]", 'address = "127.0.0.1:4191"', "[log]", 'level = "info"']
+        lines += ["[admin]", 'address = "127.0.0.1:4191"', "[log]", f'level = "{self.log_level}"']
         return "\n".join(lines) + "\n"
 
     def start(self, topo: T.Topology) -> None:
         """Start ``tproxy run`` through the lab and wait until its /ready says rules, routes and listeners are up."""
         topo.set_node_ports(self.node_ports)
-        self.lab_proxy = topo.lab.start_proxy(self.config_text(topo), wait=True)
+        self.starts += 1
+        self.probe = None
+        self.probe_out = topo.workdir / f"{self.name}-probe-{self.starts}.json"
+        # The probe (tests/bench/probe/sitecustomize.py) records garbage-collector pauses in the proxy process.
+        env = {"PYTHONPATH": str(PROBE_DIR), "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
+        env["TPX_BENCH_CENSUS"] = "1" if self.census else ""
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.lab_proxy = topo.lab.start_proxy(self.config_text(topo), wait=True)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.proc = self.lab_proxy.proc
 
     def stop(self, topo: T.Topology) -> None:
         if self.lab_proxy is not None:
             self.status = self.lab_proxy.stop(timeout=15)
-            (topo.workdir / f"{self.name}.log").write_text(self.lab_proxy.log())
+            with open(topo.workdir / f"{self.name}.log", "a") as f:
+                f.write(self.lab_proxy.log())
             self.lab_proxy = None
+            try:
+                self.probe = json.loads(self.probe_out.read_text())
+            except (OSError, ValueError):
+                self.probe = None
         self.proc = None
+
+
+def take_census(subject: Subject, timeout: float = 20.0) -> dict | None:
+    """Ask the probe in a tproxy process for an object census (SIGUSR2); None for other subjects or on timeout."""
+    if not getattr(subject, "census", False) or subject.proc is None:
+        return None
+    path = Path(str(subject.probe_out) + ".census.json")
+    path.unlink(missing_ok=True)
+    os.kill(subject.proc.pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.1)
+    return None
+
+
+def census_diff(before: dict, after: dict, n: int, top: int = 20) -> dict:
+    """Objects and traced bytes per connection: (after - before) / n, the largest first."""
+    types = {t: (after["types"].get(t, 0) - before["types"].get(t, 0)) / n for t in after["types"]}
+    sites = {s: (after["sites"].get(s, 0) - before["sites"].get(s, 0)) / n for s in after["sites"]}
+    return {
+        "traced_bytes_per_conn": (after["traced_bytes"] - before["traced_bytes"]) / n,
+        "objects_per_conn": dict(sorted(types.items(), key=lambda kv: -kv[1])[:top]),
+        "bytes_per_conn_by_site": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:top]),
+    }
 
 
 def process_tree(root: int) -> list[int]:
