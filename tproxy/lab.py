@@ -207,8 +207,6 @@ class Lab:
                             cmd += ["preferred_lft", "0"]
                     ns.run(cmd)
             ns.run(["ip", "link", "set", "veth0", "up"])
-        # Clients reconnect from ports they just used (port-reuse tests, thousands of connections).
-        self.client.run(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
 
     def destroy(self) -> None:
         for p in self.proxies:
@@ -522,14 +520,20 @@ async def _client(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     res["error"] = "no reset"
                 else:
                     res["ok"] = res["peer"] is not None
-        except trio.TooSlowError:
-            res["error"] = "timeout"
-        except (trio.BrokenResourceError, OSError) as e:
-            cause = e if isinstance(e, OSError) else e.__cause__
-            code = getattr(cause, "errno", None)
-            res["error"] = errno.errorcode.get(code, str(cause or e)) if code else str(cause or e)
-            if kind == "reset" and res["error"] == "ECONNRESET":
-                res["ok"] = True
+        except Exception as exc:
+            e = exc
+            while isinstance(e, BaseExceptionGroup):
+                e = e.exceptions[0]
+            if isinstance(e, trio.TooSlowError):
+                res["error"] = "timeout"
+            elif isinstance(e, trio.BrokenResourceError | OSError):
+                cause = e if isinstance(e, OSError) else e.__cause__
+                code = getattr(cause, "errno", None)
+                res["error"] = errno.errorcode.get(code, str(cause or e)) if code else str(cause or e)
+                if kind == "reset" and res["error"] == "ECONNRESET":
+                    res["ok"] = True
+            else:
+                raise
         finally:
             sock.close()
         return res
