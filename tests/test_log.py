@@ -71,3 +71,24 @@ def test_addresses():
     assert log.addr(("198.18.0.1", 80)) == "198.18.0.1:80"
     assert log.addr(("fd00::1", 80)) == "[fd00::1]:80"
     assert log.addr(None) == "-"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_direct_connection_line_is_what_the_formatter_writes(buf, fmt):
+    # the per-connection line skips the logging machinery when our handler is the only one: same bytes either way
+    args = (("fd00::1", 40000), ("198.18.0.2", 8080), None, 10, 32, 0.25, "reset")
+    log.setup("info", fmt, stream=buf)
+    log.connection(*args, error="ECONNRESET by peer")
+    direct = buf.getvalue()
+    logging.getLogger(log.LOGGER_NAME).addHandler(logging.NullHandler())  # two handlers: the ordinary path
+    try:
+        log.connection(*args, error="ECONNRESET by peer")
+    finally:
+        logging.getLogger(log.LOGGER_NAME).handlers.pop()
+    via_logging = buf.getvalue()[len(direct) :]
+
+    def strip_ts(line: str) -> str:
+        return line.split(" ", 1)[1] if fmt == "text" else json.dumps({**json.loads(line), "ts": None})
+
+    assert strip_ts(direct) == strip_ts(via_logging)
+    assert via_logging.count("\n") == 1

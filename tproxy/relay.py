@@ -144,112 +144,130 @@ def _eof(dst: socket.socket) -> None:
 
 
 async def _pump_splice(
-    src: socket.socket, dst: socket.socket, flow: Flow, inbound: bool, stats: Stats, pipes: PipePool
-) -> str:
-    sfd = src.fileno()
-    dfd = dst.fileno()
-    moved = 0
-    while True:
-        pipe = pipes.get()
-        try:
-            n = _splice(sfd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            pipes.put(pipe)
-            await _wait_readable(src)
-            continue
-        except OSError as e:
-            pipes.put(pipe)  # nothing entered it
-            if e.errno in _NO_SPLICE and moved == 0:
-                return await _pump_copy(src, dst, flow, inbound, stats, BUFFERS)
-            _fail(flow, e)
-            return "splice"
-        if n == 0:
-            pipes.put(pipe)
-            _eof(dst)
-            return "splice"
-        left = n
-        try:
-            while left:
-                try:
-                    left -= _splice(pipe[0], dfd, left, flags=_SPLICE_FLAGS)
-                except BlockingIOError:
-                    await _wait_writable(dst)
-        except OSError as e:
-            pipes.discard(pipe)
-            _fail(flow, e)
-            return "splice"
-        except BaseException:
-            pipes.discard(pipe)
-            raise
-        pipes.put(pipe)
-        moved += n
-        if inbound:
-            flow.bytes_in += n
-            stats.bytes_in += n
-        else:
-            flow.bytes_out += n
-            stats.bytes_out += n
-        _touch(flow)
-
-
-async def _pump_copy(
-    src: socket.socket, dst: socket.socket, flow: Flow, inbound: bool, stats: Stats, buffers: BufferPool
-) -> str:
-    recv_into = src.recv_into
-    send = dst.send
-    while True:
-        buf = buffers.get()
-        try:
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                await _wait_readable(src)
-                continue
-            except OSError as e:
-                _fail(flow, e)
-                return "copy"
-            if n == 0:
-                _eof(dst)
-                return "copy"
-            sent = 0
-            try:
-                while sent < n:
-                    try:
-                        sent += send(buf[sent:n])
-                    except BlockingIOError:
-                        await _wait_writable(dst)
-            except OSError as e:
-                _fail(flow, e)
-                return "copy"
-        finally:
-            buffers.put(buf)
-        if inbound:
-            flow.bytes_in += n
-            stats.bytes_in += n
-        else:
-            flow.bytes_out += n
-            stats.bytes_out += n
-        _touch(flow)
-
-
-async def _direction(
     src: socket.socket,
     dst: socket.socket,
     flow: Flow,
     inbound: bool,
     stats: Stats,
-    use_splice: bool,
     pipes: PipePool,
     buffers: BufferPool,
 ) -> None:
-    path = "copy"
-    try:
-        if use_splice:
-            path = await _pump_splice(src, dst, flow, inbound, stats, pipes)
+    # Awaits are kept out of `except` blocks: an exception being handled would stay alive (with its traceback) for
+    # as long as the connection is idle.
+    sfd = src.fileno()
+    dfd = dst.fileno()
+    moved = 0
+    ready = True  # try reading before waiting; after a short read, wait first (the socket is most likely drained)
+    stats.relay_path["splice"] += 1
+    while True:
+        if not ready:
+            await _wait_readable(src)
+        pipe = pipes.get()
+        try:
+            n = _splice(sfd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            n = -1
+        except OSError as e:
+            pipes.put(pipe)  # nothing entered it
+            if e.errno in _NO_SPLICE and moved == 0:
+                break
+            _fail(flow, e)
+            return
+        if n <= 0:
+            pipes.put(pipe)
+            if n == 0:
+                _eof(dst)
+                return
+            ready = False
+            continue
+        left = n
+        try:
+            while left:
+                try:
+                    left -= _splice(pipe[0], dfd, left, flags=_SPLICE_FLAGS)
+                    continue
+                except BlockingIOError:
+                    pass
+                await _wait_writable(dst)
+        except OSError as e:
+            pipes.discard(pipe)
+            _fail(flow, e)
+            return
+        except BaseException:
+            pipes.discard(pipe)
+            raise
+        pipes.put(pipe)
+        moved += n
+        ready = n == PIPE_SIZE
+        if inbound:
+            flow.bytes_in += n
+            stats.bytes_in += n
         else:
-            path = await _pump_copy(src, dst, flow, inbound, stats, buffers)
-    finally:
-        stats.relay_path[path] += 1
+            flow.bytes_out += n
+            stats.bytes_out += n
+        _touch(flow)
+    # the kernel refused to splice these files: copy instead
+    paths = stats.relay_path
+    paths["splice"] -= 1
+    if not paths["splice"]:
+        del paths["splice"]
+    await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
+
+
+async def _pump_copy(
+    src: socket.socket,
+    dst: socket.socket,
+    flow: Flow,
+    inbound: bool,
+    stats: Stats,
+    pipes: PipePool,
+    buffers: BufferPool,
+) -> None:
+    recv_into = src.recv_into
+    send = dst.send
+    size = buffers.size
+    ready = True
+    stats.relay_path["copy"] += 1
+    while True:
+        if not ready:
+            await _wait_readable(src)
+        buf = buffers.get()
+        try:
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                n = -1
+            except OSError as e:
+                _fail(flow, e)
+                return
+            if n <= 0:
+                if n == 0:
+                    _eof(dst)
+                    return
+                ready = False
+                continue
+            sent = 0
+            try:
+                while sent < n:
+                    try:
+                        sent += send(buf[sent:n])
+                        continue
+                    except BlockingIOError:
+                        pass
+                    await _wait_writable(dst)
+            except OSError as e:
+                _fail(flow, e)
+                return
+        finally:
+            buffers.put(buf)
+        ready = n == size
+        if inbound:
+            flow.bytes_in += n
+            stats.bytes_in += n
+        else:
+            flow.bytes_out += n
+            stats.bytes_out += n
+        _touch(flow)
 
 
 async def relay(
@@ -275,11 +293,12 @@ async def relay(
     flow.idle = idle_timeout
     flow.slack = min(1.0, idle_timeout / 100)
     flow.extended = now = _current_time()
+    pump = _pump_splice if use_splice else _pump_copy
     async with trio.open_nursery() as nursery:
         flow.scope = nursery.cancel_scope
         nursery.cancel_scope.deadline = now + idle_timeout + flow.slack
-        nursery.start_soon(_direction, upstream, client, flow, False, stats, use_splice, pipes, buffers)
-        await _direction(client, upstream, flow, True, stats, use_splice, pipes, buffers)
+        nursery.start_soon(pump, upstream, client, flow, False, stats, pipes, buffers)
+        await pump(client, upstream, flow, True, stats, pipes, buffers)
     if flow.outcome is None:
         flow.outcome = "idle" if nursery.cancel_scope.cancelled_caught else "ok"
     return flow.outcome

@@ -51,6 +51,7 @@ PORT_ATTEMPTS = 4  # chosen upstream ports tried before falling back to the kern
 OriginalDst = Callable[[socket.socket], tuple[str, int]]
 
 _current_time = trio.current_time
+_log_enabled = log.logger.isEnabledFor
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _RESET_OUTCOMES = frozenset({"reset", "refused", "timeout"})
@@ -238,7 +239,8 @@ class Server:
             if usock is None:
                 extra["error"] = err
                 return
-            usrc = sockets.sockname(usock)
+            if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
+                usrc = (client[0], reserved) if reserved is not None else sockets.sockname(usock)
             outcome = await relay(
                 csock, usock, flow, stats, idle_timeout=self.idle_timeout, use_splice=self.use_splice, pipes=self.pipes
             )

@@ -36,6 +36,7 @@ UPSTREAM_PORTS = (1024, 32767)
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 BACKLOG = 4096
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # non-blocking from socket(2): one syscall fewer
 
 _SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, address, padding
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")  # family, port, flowinfo, address, scope id
@@ -143,9 +144,8 @@ def upstream_socket(
 
     Error handling: raises OSError (the socket closed) when an option or the bind fails.
     """
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, _STREAM_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NODELAY, 1)
         if source is not None:
             if transparent:
