@@ -105,8 +105,12 @@ def whoami(topo: T.Topology, count: int = 3) -> dict:
     return {"ok": ok, "answers": answers, "logged": logged, "error": r.stderr.strip()[-300:] if not answers else ""}
 
 
-def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
-    """RSS of the proxy with ``n`` idle keep-alive connections held open through it, and whether all survive."""
+def idle(topo: T.Topology, subject: Subject, n: int, hold: float, busy: float = 0) -> dict:
+    """RSS of the proxy with ``n`` idle keep-alive connections held open through it, and whether all survive.
+
+    With ``busy`` > 0, a keep-alive load of that many seconds runs while they are held: the tail latency of a proxy
+    whose heap holds ``n`` connections (a garbage collector's full pass costs in proportion to it).
+    """
     pids = subject.pids()
     census0 = take_census(subject)
     rss0 = rss_kib(pids)
@@ -126,6 +130,7 @@ def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
         time.sleep(max(0.0, hold - 1.0))
         rss2 = rss_kib(subject.pids())
         census1 = take_census(subject) if census0 else None
+        loaded = wrk(topo, busy, close=False) if busy > 0 else None
         p.stdin.write("go\n")
         p.stdin.flush()
         line2 = p.stdout.readline()
@@ -152,6 +157,9 @@ def idle(topo: T.Topology, subject: Subject, n: int, hold: float) -> dict:
         "idle_lost": held - ph2["answered"],
         "idle_lost_reasons": ph2["lost"],
     }
+    if loaded is not None:
+        res["ka_idle_rps"] = loaded["rps"]
+        res["ka_idle_p99_ms"] = loaded["p99_ms"]
     if subject.is_proxy and held:
         res["rss_base_kib"] = rss0
         res["rss_held_kib"] = max(rss1, rss2)

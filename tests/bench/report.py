@@ -11,6 +11,8 @@ METRICS: dict[str, tuple[str, str, bool, tuple[str, float] | None]] = {
     "ka_rps": ("keep-alive req/s", "req/s", True, (">=", 1.0)),
     "ka_p50_ms": ("keep-alive p50", "ms", False, None),
     "ka_p99_ms": ("keep-alive p99", "ms", False, ("<=", 1.2)),
+    "ka_idle_rps": ("keep-alive req/s, idle conns held", "req/s", True, None),
+    "ka_idle_p99_ms": ("keep-alive p99, idle conns held", "ms", False, ("<=", 1.2)),
     "nc_cps": ("new conn/s", "conn/s", True, (">=", 0.8)),
     "nc_p99_ms": ("new conn p99", "ms", False, None),
     "cpu_us_per_req": ("proxy CPU per keep-alive req", "µs", False, ("<=", 1.2)),

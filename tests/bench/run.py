@@ -160,7 +160,7 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             if not figs["cpu_us_per_req"] or figs["cpu_us_per_req"] < 1.0:
                 invalid = invalid or "the keep-alive load did not go through the proxy (it spent no CPU)"
         if args.idle:
-            idle = loads.idle(topo, subj, args.idle, args.hold)
+            idle = loads.idle(topo, subj, args.idle, args.hold, busy=args.duration)
             figs.update(idle)
             figs["idle_lost_or_refused"] = idle["idle_refused"] + idle["idle_lost"]
         if subj.is_proxy and subj.proc is not None and subj.proc.poll() is not None:
