@@ -211,3 +211,39 @@ def test_without_cap_net_raw_one_line_and_exit_1(lab):
     assert r.returncode == 1, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("tproxy: ")]
     assert len(lines) == 1 and "CAP_NET_RAW" in lines[0], r.stderr
+
+
+def test_operator_error_is_found_inside_nested_exception_groups():
+    err = TproxyError("cannot start the admin endpoint")
+    group = BaseExceptionGroup("outer", [ExceptionGroup("inner", [err]), KeyError("x")])
+    assert runner._operator_error(group) is err
+    assert runner._operator_error(ExceptionGroup("g", [ValueError("v")])) is None
+
+
+@pytest.mark.root
+def test_admin_port_taken_is_one_line_and_the_rules_come_out(lab):
+    before = snapshot(lab)
+    blocker = lab.node.popen(
+        [
+            sys.executable,
+            "-c",
+            f"import socket,sys; s=socket.socket(); s.bind(('{L.ADMIN[0]}', {L.ADMIN[1]})); s.listen(); "
+            "print('up', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert blocker.stdout.readline().strip() == "up"
+        path = lab.write_config(L.proxy_config("nat", "nftables"))
+        r = lab.tproxy("run", "-c", str(path), check=False)
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == (
+        f"tproxy: cannot start the admin endpoint on {L.ADMIN[0]}:{L.ADMIN[1]}: Address already in use"
+    )
+    assert "Traceback" not in r.stderr
+    assert snapshot(lab) == before
