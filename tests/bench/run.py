@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -81,6 +82,20 @@ def machine() -> dict:
     }
 
 
+def code_version() -> str:
+    """The git commit and a hash of tproxy's sources as they are on disk now: the working tree changes under a
+    long run when others commit, and each proxy process runs what was on disk when it started."""
+    h = hashlib.sha256()
+    for f in sorted([*(REPO / "tproxy").glob("*.py"), *(REPO / "backends").glob("*.py")]):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "tproxy", "backends"], capture_output=True, text=True
+    )
+    return f"{r.stdout.strip() or '?'}{'+dirty' if dirty.stdout.strip() else ''} src:{h.hexdigest()[:10]}"
+
+
 def rules_left(topo: T.Topology) -> str:
     """Whatever rules or policy routes are left in the node namespace (it must be clean between subjects)."""
     left = []
@@ -110,7 +125,7 @@ def profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
 
 def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tuple[dict, str | None]:
     """One subject under every load. Returns (figures, reason it is invalid or None)."""
-    figs: dict = {}
+    figs: dict = {"code": code_version()}
     invalid = None
     subj.start(topo)
     try:
@@ -292,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in subjects]
     text = report.table(summary, names, invalid)
     finished = dt.datetime.now(dt.UTC)
+    versions = sorted({r.get("code", "?") for rs in details.values() for r in rs})
     print()
     print(text)
+    print(f"tproxy code measured: {', '.join(versions)}" + ("  (CHANGED DURING THE RUN)" if len(versions) > 1 else ""))
     for s, why in invalid.items():
         print(f"INVALID {s}: {why}")
     for s, rounds in details.items():
@@ -333,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             "client_ports": T.CLIENT_PORTS,
         },
         "subjects": {s.name: s.describe() for s in subjects},
+        "code": sorted({r.get("code", "?") for rs in details.values() for r in rs}),
         "notes": notes,
         "invalid": invalid,
         "summary": summary,
