@@ -197,6 +197,9 @@ class Lab:
         self.client.run(
             ["ip", "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", self.node.name]
         )
+        for ns in (self.client, self.node):
+            # no duplicate address detection, link-local included: every address and route is there at once
+            ns.run(["sysctl", "-qw", "net.ipv6.conf.veth0.accept_dad=0"])
         for ns, addrs, extra in ((self.client, CLIENT, EXCLUDED_CLIENT), (self.node, NODE, None)):
             for fam in (4, 6):
                 for a in (addrs[fam], *((extra[fam],) if extra else ())):
@@ -227,11 +230,20 @@ class Lab:
         """Start the application in the node namespace and wait until it listens on every port."""
         ports = APP_PORTS if ports is None else ports
         args = [f"--port={p}:{kind}" for p, kind in ports.items()]
-        self.app = self.node.popen(_python("app", *args), stdout=subprocess.PIPE, stderr=None, text=True)
+        err_path = self.workdir / "app.err"
+        with open(err_path, "ab") as err:
+            self.app = self.node.popen(
+                _python("app", *args),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
         line = self.app.stdout.readline().strip()
         if line != _READY_LINE:
             self.stop_app()
-            raise RuntimeError(f"the lab application did not start (it said {line!r})")
+            raise RuntimeError(f"the lab application did not start: {err_path.read_text(errors='replace')[-2000:]}")
 
     def stop_app(self) -> None:
         if self.app is not None and self.app.poll() is None:
@@ -255,7 +267,9 @@ class Lab:
         log_path = self.workdir / f"proxy-{len(self.proxies)}.log"
         with open(log_path, "wb") as out:
             cmd = [sys.executable, "-m", "tproxy", "run", "-c", str(path), *extra]
-            proc = self.node.popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = self.node.popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         proxy = Proxy(proc=proc, config_path=path, log_path=log_path)
         self.proxies.append(proxy)
         if wait:
@@ -291,8 +305,8 @@ class Lab:
     def snapshot(self) -> str:
         """Every rule, policy-routing rule and route of the node namespace, as text, for before/after comparisons.
 
-        Normalised only where the kernel's output varies by itself: iptables-save's timestamp comments and its
-        packet/byte counters.
+        Normalised only where the output varies by itself: iptables-save's timestamp comments, and packet/byte
+        counters (iptables-save's and nft's).
         """
         parts = []
         cmds = [
@@ -308,6 +322,7 @@ class Lab:
             r = self.node.run(cmd, check=False)
             out = "\n".join(ln for ln in r.stdout.splitlines() if not ln.startswith("#"))
             out = re.sub(r"\[\d+:\d+\]", "[-:-]", out)
+            out = re.sub(r"counter packets \d+ bytes \d+", "counter packets - bytes -", out)
             parts.append(f"$ {' '.join(cmd)}\n{out}\n{r.stderr}")
         return "\n".join(parts)
 
@@ -325,9 +340,8 @@ class Lab:
                 f"  ip netns exec {self.client.name} {py} -m tproxy.lab say {NODE[4]} {ECHO_PORT} hello",
                 "",
                 "to delete it:",
-                f"  kill {pids}; ip netns delete {self.client.name}; ip netns delete {self.node.name}"
-                if pids
-                else f"  ip netns delete {self.client.name}; ip netns delete {self.node.name}",
+                (f"  kill {pids}; " if pids else "  ")
+                + f"ip netns delete {self.client.name}; ip netns delete {self.node.name}; rm -r {self.workdir}",
             ]
         )
 
