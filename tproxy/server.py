@@ -3,7 +3,14 @@
 One trio nursery owns everything (hypercorn's two-nursery shape): the *connection* nursery holds a task per
 connection and, inside it, the *accept* nursery holds an accept loop per listening socket. :meth:`Server.shutdown`
 cancels the accept nursery (no new connection is accepted; the listeners are closed), then the connection nursery gets
-``shutdown_grace`` seconds before it is cancelled; :meth:`Server.skip_grace` cancels it at once.
+``shutdown_grace`` seconds before it is cancelled; :meth:`Server.skip_grace` cancels it at once. Closing the listeners
+at once means that, while the proxy drains, new connections are refused in nat mode and go straight to the application
+in tproxy mode (TPROXY finds no listener: fail-open, DESIGN.md), rather than waiting in a backlog nobody accepts from.
+
+Upstream source (``preserve_source``): the client's IP, with a port chosen by :class:`tproxy.sockets.PortChooser` so the
+two legs never share a 5-tuple (``upstream = "original"``), or the client's own port (``"loopback"``). A port that
+cannot be had falls back to the kernel's choice (``stats.source_port_fallbacks``), an address that cannot be bound to an
+ordinary source (``stats.source_fallbacks``); both are logged, neither fails the connection.
 
 Error handling: a connection's error never reaches the server (it is counted and logged, the connection closed with a
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
