@@ -496,3 +496,24 @@ async def test_preserve_source_port_taken_falls_back_not_fails(log_lines):
     assert stats.source_port_fallbacks == 1 and stats.closed == {"ok": 1}
     assert seen[0][0] == "127.0.0.1" and seen[0][1] != port
     assert any(e["event"] == "source_port_fallback" for e in log_lines())
+
+
+@bounded
+async def test_only_the_idle_connection_is_closed(autojump_clock):
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(idle_timeout=30.0), app)
+        quiet, busy = await connect(server), await connect(server)
+        for s in (quiet, busy):
+            await s.send_all(b"x")
+            assert await s.receive_some(1) == b"x"
+        for _ in range(5):  # 50 s: the busy one talks every 10 s
+            await trio.sleep(10)
+            await busy.send_all(b"y")
+            assert await busy.receive_some(1) == b"y"
+        assert await quiet.receive_some(10) == b""  # closed by the proxy
+        assert stats.closed == {"idle": 1} and stats.open == 1
+        await busy.aclose()
+        await quiet.aclose()
+        await stop(server, n)
+    assert stats.closed == {"idle": 1, "ok": 1}

@@ -1,22 +1,25 @@
 """Moving bytes between the two legs of a connection: splice(2) through a pipe, recv_into/send as the fallback.
 
-Each direction is its own task. A direction holds a pipe (or a copy buffer) only while it has bytes in flight: it
-takes one from a small process-wide pool when the source is readable, and gives it back once the pipe is empty again.
-An idle connection therefore costs its two sockets and no pipe, and the number of pipes is bounded by the number of
+Each direction is its own task, and there is nothing else per connection: no nursery, no cancel scope, no timer. A
+direction holds a pipe (or a copy buffer) only while it has bytes in flight: it takes one from a small process-wide
+pool when the source is readable, and gives it back once the pipe is empty again. An idle connection therefore costs
+its two sockets, two suspended tasks and a :class:`Flow`, and the number of pipes is bounded by the number of
 directions moving data at the same moment, not by the number of connections.
 
-What the caller can rely on (:func:`relay`):
+What the caller can rely on (:func:`run_direction`, and :func:`relay` which runs both directions and the idle check):
 
 - every byte arrives once and in order, whatever the chunking;
-- EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; the relay
-  returns when both directions have seen EOF (outcome ``"ok"``);
+- EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; the relay is
+  done when both directions have seen EOF (outcome ``"ok"``);
 - a reset (or any other error) on either side ends both directions at once (outcome ``"reset"``): the caller closes
   both sockets with SO_LINGER 0 so the other peer sees a reset too;
-- no byte in either direction for ``idle_timeout`` seconds ends both directions (outcome ``"idle"``);
-- cancellation from outside propagates; byte counts so far are in the :class:`Flow`.
+- :func:`abort` ends both directions at once (the idle check uses it: outcome ``"idle"``): a direction waiting on
+  either socket is woken (``trio.lowlevel.notify_closing``), one that has not started yet does not start;
+- ``flow.on_done(flow)`` is called exactly once, by whichever direction ends last, however it ends (cancellation
+  included: outcome ``"cancelled"``); that is where the caller closes the sockets.
 
-Resource handling: :func:`relay` never closes the sockets (the caller owns them). A pipe that still holds bytes when
-its direction is cancelled or fails is closed rather than pooled, so a pooled pipe is always empty.
+Resource handling: the relay never closes the sockets (``on_done`` does). A pipe that still holds bytes when its
+direction is cancelled or fails is closed rather than pooled, so a pooled pipe is always empty.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import errno
 import fcntl
 import os
 import socket
+from collections.abc import Callable, Collection
 
 import trio
 
@@ -42,6 +46,7 @@ _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _current_time = trio.current_time
 _splice = os.splice
+_notify_closing = trio.lowlevel.notify_closing
 
 
 class PipePool:
@@ -105,35 +110,47 @@ BUFFERS = BufferPool()
 
 
 class Flow:
-    """The per-connection relay state the caller reads afterwards: bytes each way, outcome, error seen."""
+    """One relayed connection: its two sockets, bytes each way, outcome, last activity, who to call when done."""
 
-    __slots__ = ("bytes_in", "bytes_out", "outcome", "error", "scope", "idle", "slack", "extended")
+    __slots__ = (
+        "client",
+        "upstream",
+        "bytes_in",
+        "bytes_out",
+        "outcome",
+        "error",
+        "last",
+        "aborted",
+        "running",
+        "on_done",
+    )
 
     def __init__(self) -> None:
+        self.client: socket.socket | None = None
+        self.upstream: socket.socket | None = None
         self.bytes_in = 0  # client -> upstream
         self.bytes_out = 0  # upstream -> client
-        self.outcome: str | None = None  # "ok" | "reset" | "idle"; None while running or when cancelled
-        self.error: OSError | None = None  # what ended a "reset" relay
-        self.scope: trio.CancelScope | None = None
-        self.idle = 0.0
-        self.slack = 0.0
-        self.extended = 0.0
+        self.outcome: str | None = None  # "reset" | "idle" | "cancelled" once decided; None: "ok" so far
+        self.error: BaseException | None = None  # what ended a "reset" relay
+        self.last = 0.0  # trio.current_time() of the last byte moved (or of the start)
+        self.aborted = False
+        self.running = 0  # directions not yet ended
+        self.on_done: Callable[[Flow], None] | None = None
 
 
-def _touch(flow: Flow) -> None:
-    # Push the idle deadline forward, at most once per `slack` seconds (a heap entry per extension, not per chunk).
-    # The deadline is `extended + idle + slack`, so a connection never closes before `idle` seconds without a byte.
-    now = _current_time()
-    if now - flow.extended > flow.slack:
-        flow.extended = now
-        flow.scope.deadline = now + flow.idle + flow.slack
-
-
-def _fail(flow: Flow, err: OSError) -> None:
+def abort(flow: Flow, outcome: str, error: BaseException | None = None) -> None:
+    """End both directions of ``flow`` now; the first outcome given sticks. Idempotent."""
     if flow.outcome is None:
-        flow.outcome = "reset"
-        flow.error = err
-    flow.scope.cancel()
+        flow.outcome = outcome
+        flow.error = error
+    if not flow.aborted:
+        flow.aborted = True
+        _notify_closing(flow.client)
+        _notify_closing(flow.upstream)
+
+
+def _fail(flow: Flow, err: BaseException) -> None:
+    abort(flow, "reset", err)
 
 
 def _eof(dst: socket.socket) -> None:
@@ -159,9 +176,12 @@ async def _pump_splice(
     moved = 0
     ready = True  # try reading before waiting; after a short read, wait first (the socket is most likely drained)
     stats.relay_path["splice"] += 1
-    while True:
+    while not flow.aborted:
         if not ready:
-            await _wait_readable(src)
+            try:
+                await _wait_readable(src)
+            except trio.ClosedResourceError:
+                return
         pipe = pipes.get()
         try:
             n = _splice(sfd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
@@ -189,6 +209,9 @@ async def _pump_splice(
                 except BlockingIOError:
                     pass
                 await _wait_writable(dst)
+        except trio.ClosedResourceError:
+            pipes.discard(pipe)
+            return
         except OSError as e:
             pipes.discard(pipe)
             _fail(flow, e)
@@ -205,7 +228,9 @@ async def _pump_splice(
         else:
             flow.bytes_out += n
             stats.bytes_out += n
-        _touch(flow)
+        flow.last = _current_time()
+    else:
+        return
     # the kernel refused to splice these files: copy instead
     paths = stats.relay_path
     paths["splice"] -= 1
@@ -228,9 +253,12 @@ async def _pump_copy(
     size = buffers.size
     ready = True
     stats.relay_path["copy"] += 1
-    while True:
+    while not flow.aborted:
         if not ready:
-            await _wait_readable(src)
+            try:
+                await _wait_readable(src)
+            except trio.ClosedResourceError:
+                return
         buf = buffers.get()
         try:
             try:
@@ -255,6 +283,8 @@ async def _pump_copy(
                     except BlockingIOError:
                         pass
                     await _wait_writable(dst)
+            except trio.ClosedResourceError:
+                return
             except OSError as e:
                 _fail(flow, e)
                 return
@@ -267,7 +297,42 @@ async def _pump_copy(
         else:
             flow.bytes_out += n
             stats.bytes_out += n
-        _touch(flow)
+        flow.last = _current_time()
+
+
+async def run_direction(
+    src: socket.socket,
+    dst: socket.socket,
+    flow: Flow,
+    inbound: bool,
+    stats: Stats,
+    use_splice: bool = True,
+    pipes: PipePool = PIPES,
+    buffers: BufferPool = BUFFERS,
+) -> None:
+    """Relay ``src`` -> ``dst`` until EOF, a failure or :func:`abort`; the last direction to end calls ``on_done``.
+
+    Set ``flow.client``, ``flow.upstream``, ``flow.running = 2``, ``flow.last`` and ``flow.on_done`` first, then
+    run one direction per task (``inbound``: client -> upstream).
+
+    Error handling: never raises but ``Cancelled`` (the outcome is then ``"cancelled"``); an unexpected exception
+    ends the relay as a reset, kept in ``flow.error``.
+    """
+    try:
+        if use_splice:
+            await _pump_splice(src, dst, flow, inbound, stats, pipes, buffers)
+        else:
+            await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
+    except Exception as e:
+        _fail(flow, e)
+    except BaseException:
+        if flow.outcome is None:
+            flow.outcome = "cancelled"
+        raise
+    finally:
+        flow.running -= 1
+        if flow.running == 0 and flow.on_done is not None:
+            flow.on_done(flow)
 
 
 async def relay(
@@ -281,24 +346,38 @@ async def relay(
     pipes: PipePool = PIPES,
     buffers: BufferPool = BUFFERS,
 ) -> str:
-    """Relay between two connected non-blocking sockets until both directions end; returns ``flow.outcome``.
+    """Relay between two connected non-blocking sockets until both directions end; returns the outcome.
 
-    ``use_splice=False`` forces the recv_into/send path (splice also falls back by itself when the kernel refuses a
-    pair of files). Counts bytes into ``flow`` and ``stats`` as they move, and each direction's path into
-    ``stats.relay_path``.
+    The self-contained form of :func:`run_direction` (both directions and an idle check, in a nursery of their own);
+    the server runs the directions in its own nursery instead and checks idleness for every connection at once.
 
     Error handling: socket errors never escape; they end the relay with outcome ``"reset"`` (``flow.error`` says
     which). Cancellation propagates.
     """
-    flow.idle = idle_timeout
-    flow.slack = min(1.0, idle_timeout / 100)
-    flow.extended = now = _current_time()
-    pump = _pump_splice if use_splice else _pump_copy
+    done = trio.Event()
+    flow.client, flow.upstream = client, upstream
+    flow.running = 2
+    flow.last = _current_time()
+    flow.on_done = lambda _flow: done.set()
     async with trio.open_nursery() as nursery:
-        flow.scope = nursery.cancel_scope
-        nursery.cancel_scope.deadline = now + idle_timeout + flow.slack
-        nursery.start_soon(pump, upstream, client, flow, False, stats, pipes, buffers)
-        await pump(client, upstream, flow, True, stats, pipes, buffers)
-    if flow.outcome is None:
-        flow.outcome = "idle" if nursery.cancel_scope.cancelled_caught else "ok"
-    return flow.outcome
+        nursery.start_soon(run_direction, upstream, client, flow, False, stats, use_splice, pipes, buffers)
+        nursery.start_soon(reap_idle, [flow], idle_timeout)
+        await run_direction(client, upstream, flow, True, stats, use_splice, pipes, buffers)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    return flow.outcome or "ok"
+
+
+def idle_tick(idle_timeout: float) -> float:
+    """How often :func:`reap_idle` looks: a connection closes between ``idle`` and ``idle + tick`` seconds."""
+    return min(1.0, idle_timeout / 10)
+
+
+async def reap_idle(flows: Collection[Flow], idle_timeout: float) -> None:
+    """Forever: abort every flow in ``flows`` (a live collection) without a byte for ``idle_timeout`` seconds."""
+    tick = idle_tick(idle_timeout)
+    while True:
+        await trio.sleep(tick)
+        oldest = _current_time() - idle_timeout
+        for flow in [f for f in flows if f.last <= oldest and not f.aborted]:
+            abort(flow, "idle")

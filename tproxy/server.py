@@ -31,7 +31,7 @@ import trio
 
 from tproxy import log, sockets
 from tproxy.config import Config
-from tproxy.relay import PIPES, Flow, PipePool, relay
+from tproxy.relay import BUFFERS, PIPES, Flow, PipePool, reap_idle, run_direction
 from tproxy.stats import State, Stats
 
 # Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
@@ -111,6 +111,7 @@ class Server:
         self._skip_grace = False
         self._last_capacity_log = -1e9
         self.stopped = trio.Event()  # set when serve() has returned: every connection has ended
+        self._flows: set[Conn] = set()  # connections relaying: the idle check looks at them
 
     # -- lifecycle
 
@@ -123,6 +124,7 @@ class Server:
                     self._accepts = accepts
                     for lsock in self.listeners:
                         accepts.start_soon(self._accept_loop, lsock)
+                    accepts.start_soon(reap_idle, self._flows, self.idle_timeout)  # (the grace bounds a drain)
                     self.state.listening = True
                     task_status.started(self)
                     if self._stopping:
@@ -214,69 +216,101 @@ class Server:
         return port in self._listen_wild_ports or dst in self._listen_exact
 
     async def _handle(self, csock: socket.socket, caddr: tuple) -> None:
+        """Find the original destination, connect upstream, then relay: this task runs the client -> upstream
+        direction, a second task in the connection nursery the other one. The last of them to end calls
+        :meth:`_finish`; until the relay starts, this task's ``finally`` does."""
         stats = self.stats
-        t0 = _current_time()
-        client = (caddr[0], caddr[1])
-        dst: tuple[str, int] | None = None
-        usock: socket.socket | None = None
-        usrc: tuple[str, int] | None = None
-        reserved: int | None = None
-        registered = False
-        flow = Flow()
-        outcome = "reset"
-        extra: dict = {}
+        conn = Conn(csock, (caddr[0], caddr[1]), _current_time())
+        client = conn.client_addr
+        relaying = False
         try:
             try:
                 csock.setblocking(False)
                 sockets.set_nodelay(csock)
-                dst = self.original_dst(csock)
+                dst = conn.dst = self.original_dst(csock)
             except OSError as e:
-                outcome = "refused"
-                extra["error"] = "no original destination: " + (e.strerror or str(e))
+                conn.outcome = "refused"
+                conn.note = "no original destination: " + (e.strerror or str(e))
                 return
             if self._is_loop(dst):
                 stats.loops_refused += 1
-                outcome = "refused"
-                extra["error"] = "loop: the original destination is the proxy itself"
+                conn.outcome = "refused"
+                conn.note = "loop: the original destination is the proxy itself"
                 return
             if self.chooser is not None:
                 self.chooser.add_intercepted(client, dst)
-                registered = True
-            usock, reserved, outcome, err = await self._connect(csock.family, client, dst)
+                conn.registered = True
+            usock, conn.reserved, outcome, err = await self._connect(csock.family, client, dst)
             if usock is None:
-                extra["error"] = err
+                conn.outcome = outcome
+                conn.note = err
                 return
             if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
-                usrc = (client[0], reserved) if reserved is not None else sockets.sockname(usock)
-            outcome = await relay(
-                csock, usock, flow, stats, idle_timeout=self.idle_timeout, use_splice=self.use_splice, pipes=self.pipes
+                conn.usrc = (client[0], conn.reserved) if conn.reserved is not None else sockets.sockname(usock)
+            conn.upstream = usock
+            conn.running = 2
+            conn.last = _current_time()
+            conn.on_done = self._finish
+            self._flows.add(conn)
+            relaying = True
+            self._conns.start_soon(
+                run_direction, usock, csock, conn, False, stats, self.use_splice, self.pipes, BUFFERS
             )
-            if outcome == "reset" and flow.error is not None:
-                extra["error"] = errno.errorcode.get(flow.error.errno, str(flow.error))
         except Exception as e:
-            outcome = "reset"
+            conn.outcome = "reset"
             log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
-        except BaseException:  # Cancelled, possibly inside an exception group from the relay's nursery
-            outcome = "cancelled"
+            return
+        except BaseException:
+            conn.outcome = "cancelled"
             raise
         finally:
-            if outcome in _RESET_OUTCOMES:
-                sockets.set_reset_on_close(csock)
-                if usock is not None:
-                    sockets.set_reset_on_close(usock)
-            csock.close()
+            if not relaying:
+                self._finish(conn)
+        await run_direction(csock, usock, conn, True, stats, self.use_splice, self.pipes, BUFFERS)
+
+    def _finish(self, conn: Conn) -> None:
+        """Close both legs (with a reset after a failure), release the ports, count, log. Called once per connection."""
+        stats = self.stats
+        outcome = conn.outcome or "ok"
+        csock, usock = conn.client, conn.upstream
+        if outcome in _RESET_OUTCOMES:
+            sockets.set_reset_on_close(csock)
             if usock is not None:
-                usock.close()
-            if self.chooser is not None:
-                if registered:
-                    self.chooser.remove_intercepted(client, dst)
-                if reserved is not None:
-                    self.chooser.release(client[0], reserved)
-            stats.open -= 1
-            stats.closed[outcome] += 1
-            if self._lot:
-                self._lot.unpark_all()
-            log.connection(client, dst, usrc, flow.bytes_in, flow.bytes_out, _current_time() - t0, outcome, **extra)
+                sockets.set_reset_on_close(usock)
+        csock.close()
+        if usock is not None:
+            usock.close()
+            self._flows.discard(conn)
+        if self.chooser is not None:
+            if conn.registered:
+                self.chooser.remove_intercepted(conn.client_addr, conn.dst)
+            if conn.reserved is not None:
+                self.chooser.release(conn.client_addr[0], conn.reserved)
+        stats.open -= 1
+        stats.closed[outcome] += 1
+        if self._lot:
+            self._lot.unpark_all()
+        if not _log_enabled(logging.INFO):
+            return
+        note = conn.note
+        if note is None and outcome == "reset" and conn.error is not None:
+            err = conn.error
+            note = errno.errorcode.get(err.errno, str(err)) if isinstance(err, OSError) and err.errno else repr(err)
+        args = (
+            conn.client_addr,
+            conn.dst,
+            conn.usrc,
+            conn.bytes_in,
+            conn.bytes_out,
+            _current_time() - conn.t0,
+            outcome,
+        )
+        if note is None:
+            log.connection(*args)
+        else:
+            log.connection(*args, error=note)
+        if outcome == "reset" and conn.error is not None and not isinstance(conn.error, OSError):
+            log.event("connection_error", logging.ERROR, exc_info=conn.error, client=log.addr(conn.client_addr))
 
     async def _connect(
         self, family: int, client: tuple[str, int], dst: tuple[str, int]
@@ -385,6 +419,23 @@ class Server:
     def _source_fallback(self, client: tuple[str, int], e: OSError) -> None:
         self.stats.source_fallbacks += 1
         log.event("source_fallback", logging.WARNING, client=log.addr(client), error=e.strerror or str(e))
+
+
+class Conn(Flow):
+    """A connection: the relay's :class:`Flow` plus what the server needs to close and log it."""
+
+    __slots__ = ("client_addr", "t0", "dst", "usrc", "reserved", "registered", "note")
+
+    def __init__(self, csock: socket.socket, client_addr: tuple[str, int], t0: float) -> None:
+        super().__init__()
+        self.client = csock
+        self.client_addr = client_addr
+        self.t0 = t0
+        self.dst: tuple[str, int] | None = None
+        self.usrc: tuple[str, int] | None = None
+        self.reserved: int | None = None  # upstream port reserved in the chooser
+        self.registered = False  # in the chooser's intercepted map
+        self.note: str | None = None  # why it failed, for the log line
 
 
 def _unspecified(host: str) -> bool:
