@@ -516,7 +516,7 @@ async def _client(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     while chunk := await stream.receive_some(262144):
                         got.extend(chunk)
 
-                if kind == "read":
+                if kind in ("read", "reset"):  # (a shutdown after a reset would say ENOTCONN, hiding it)
                     await receiver()
                 else:
                     async with trio.open_nursery() as n:
