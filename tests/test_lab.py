@@ -33,13 +33,13 @@ def test_expected_peer_ip():
 @pytest.mark.parametrize(
     "line",
     [
-        "accepted 198.18.0.1:34567 -> 198.18.0.2:8080",
-        "conn client=198.18.0.1 port=34567 dst=198.18.0.2:8080",
-        '{"client": "198.18.0.1", "client_port": 34567}',
-        "closed [fd00:18::1]:34567 -> [fd00:18::2]:8080",
+        "info connection client=198.18.0.1:34567 original_dst=198.18.0.2:8080 upstream_src=198.18.0.1:2652",
+        '{"event":"connection","client":"198.18.0.1:34567","original_dst":"198.18.0.2:8080"}',
+        "info connection client=[fd00:18::1]:34567 original_dst=[fd00:18::2]:8080",
+        '{"event":"connection","client":"[fd00:18::1]:34567"}',
     ],
 )
-def test_proxy_log_names_the_client_however_written(line):
+def test_proxy_log_names_the_client_text_and_json(line):
     ip = "fd00:18::1" if "fd00" in line else "198.18.0.1"
     assert L.proxy_log_names(line, ip, 34567) == [line]
 
@@ -47,10 +47,13 @@ def test_proxy_log_names_the_client_however_written(line):
 @pytest.mark.parametrize(
     "line",
     [
-        "accepted 198.18.0.11:34567 -> 198.18.0.2:8080",  # another address with the same prefix
-        "accepted 198.18.0.1:345670 -> 198.18.0.2:8080",  # another port with the same prefix
-        "accepted 198.18.0.1:4567 -> 198.18.0.2:8080",
-        "closed [fd00:18::11]:34567 -> [fd00:18::2]:8080",
+        "connection client=198.18.0.11:34567 original_dst=198.18.0.2:8080",  # another address, same prefix
+        "connection client=198.18.0.1:345670 original_dst=198.18.0.2:8080",  # another port, same prefix
+        "connection client=198.18.0.1:4567 original_dst=198.18.0.2:8080",
+        "connection client=[fd00:18::11]:34567 original_dst=[fd00:18::2]:8080",
+        "info connection client=198.18.0.1:5000 original_dst=198.18.0.2:8080 upstream_src=198.18.0.1:34567",
+        "info connection client=198.18.0.1:5000 original_dst=198.18.0.2:8080 bytes_in=34567",
+        "info connection client=[fd00:18::1]:5000 original_dst=[fd00:18::2]:8080 upstream_src=[fd00:18::1]:34567",
     ],
 )
 def test_proxy_log_names_nothing_else(line):

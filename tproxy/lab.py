@@ -372,10 +372,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def proxy_log_names(log: str, ip: str, port: int) -> list[str]:
-    """The lines of a proxy's output that name the client ``ip`` and ``port`` (however the pair is written)."""
-    ip_re = re.compile(rf"(?<![0-9A-Fa-f:.]){re.escape(ip)}(?![0-9A-Fa-f.]|:[0-9A-Fa-f]*:)")
-    port_re = re.compile(rf"(?<!\d){port}(?!\d)")
-    return [ln for ln in log.splitlines() if ip_re.search(ln) and port_re.search(ln.replace(ip, " "))]
+    """The lines of a proxy's output whose ``client`` field is ``ip``:``port``: ``client=198.18.0.1:34567`` or
+    ``client=[fd00:18::1]:34567`` (text), ``"client":"198.18.0.1:34567"`` (JSON). The same pair in another field
+    (``upstream_src`` keeps the client's IP) does not count."""
+    where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    pair = re.compile(rf"(?:\bclient=|\"client\":\s*\"){re.escape(where)}(?![0-9])")
+    return [ln for ln in log.splitlines() if pair.search(ln)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
