@@ -28,7 +28,8 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any
 
 import trio
 
@@ -160,7 +161,7 @@ def _eof(dst: socket.socket) -> None:
         pass  # the peer is gone already; its own direction reports that
 
 
-async def _pump_splice(
+async def _splice_direction(
     src: socket.socket,
     dst: socket.socket,
     flow: Flow,
@@ -169,74 +170,84 @@ async def _pump_splice(
     pipes: PipePool,
     buffers: BufferPool,
 ) -> None:
+    # One frame per idle direction: the loop, the fallback and the end-of-direction bookkeeping live here together.
     # Awaits are kept out of `except` blocks: an exception being handled would stay alive (with its traceback) for
     # as long as the connection is idle.
-    sfd = src.fileno()
-    dfd = dst.fileno()
-    moved = 0
-    ready = True  # try reading before waiting; after a short read, wait first (the socket is most likely drained)
-    stats.relay_path["splice"] += 1
-    while not flow.aborted:
-        if not ready:
-            try:
-                await _wait_readable(src)
-            except trio.ClosedResourceError:
-                return
-        pipe = pipes.get()
-        try:
-            n = _splice(sfd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            n = -1
-        except OSError as e:
-            pipes.put(pipe)  # nothing entered it
-            if e.errno in _NO_SPLICE and moved == 0:
-                break
-            _fail(flow, e)
-            return
-        if n <= 0:
-            pipes.put(pipe)
-            if n == 0:
-                _eof(dst)
-                return
-            ready = False
-            continue
-        left = n
-        try:
-            while left:
+    try:
+        sfd = src.fileno()
+        dfd = dst.fileno()
+        moved = 0
+        ready = True  # try reading before waiting; after a short read, wait first (the socket is most likely drained)
+        stats.relay_path["splice"] += 1
+        while not flow.aborted:
+            if not ready:
                 try:
-                    left -= _splice(pipe[0], dfd, left, flags=_SPLICE_FLAGS)
-                    continue
-                except BlockingIOError:
-                    pass
-                await _wait_writable(dst)
-        except trio.ClosedResourceError:
-            pipes.discard(pipe)
-            return
-        except OSError as e:
-            pipes.discard(pipe)
-            _fail(flow, e)
-            return
-        except BaseException:
-            pipes.discard(pipe)
-            raise
-        pipes.put(pipe)
-        moved += n
-        ready = n == PIPE_SIZE
-        if inbound:
-            flow.bytes_in += n
-            stats.bytes_in += n
+                    await _wait_readable(src)
+                except trio.ClosedResourceError:
+                    return
+            pipe = pipes.get()
+            try:
+                n = _splice(sfd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                n = -1
+            except OSError as e:
+                pipes.put(pipe)  # nothing entered it
+                if e.errno in _NO_SPLICE and moved == 0:
+                    break
+                _fail(flow, e)
+                return
+            if n <= 0:
+                pipes.put(pipe)
+                if n == 0:
+                    _eof(dst)
+                    return
+                ready = False
+                continue
+            left = n
+            try:
+                while left:
+                    try:
+                        left -= _splice(pipe[0], dfd, left, flags=_SPLICE_FLAGS)
+                        continue
+                    except BlockingIOError:
+                        pass
+                    await _wait_writable(dst)
+            except trio.ClosedResourceError:
+                pipes.discard(pipe)
+                return
+            except OSError as e:
+                pipes.discard(pipe)
+                _fail(flow, e)
+                return
+            except BaseException:
+                pipes.discard(pipe)
+                raise
+            pipes.put(pipe)
+            moved += n
+            ready = n == PIPE_SIZE
+            if inbound:
+                flow.bytes_in += n
+                stats.bytes_in += n
+            else:
+                flow.bytes_out += n
+                stats.bytes_out += n
+            flow.last = _current_time()
         else:
-            flow.bytes_out += n
-            stats.bytes_out += n
-        flow.last = _current_time()
-    else:
-        return
-    # the kernel refused to splice these files: copy instead
-    paths = stats.relay_path
-    paths["splice"] -= 1
-    if not paths["splice"]:
-        del paths["splice"]
-    await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
+            return
+        # the kernel refused to splice these files: copy instead
+        paths = stats.relay_path
+        paths["splice"] -= 1
+        if not paths["splice"]:
+            del paths["splice"]
+        await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
+    except Exception as e:
+        _fail(flow, e)
+    except BaseException:
+        if flow.outcome is None:
+            flow.outcome = "cancelled"
+        raise
+    finally:
+        _end(flow)
 
 
 async def _pump_copy(
@@ -300,7 +311,34 @@ async def _pump_copy(
         flow.last = _current_time()
 
 
-async def run_direction(
+async def _copy_direction(
+    src: socket.socket,
+    dst: socket.socket,
+    flow: Flow,
+    inbound: bool,
+    stats: Stats,
+    pipes: PipePool,
+    buffers: BufferPool,
+) -> None:
+    try:
+        await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
+    except Exception as e:
+        _fail(flow, e)
+    except BaseException:
+        if flow.outcome is None:
+            flow.outcome = "cancelled"
+        raise
+    finally:
+        _end(flow)
+
+
+def _end(flow: Flow) -> None:
+    flow.running -= 1
+    if flow.running == 0 and flow.on_done is not None:
+        flow.on_done(flow)
+
+
+def run_direction(
     src: socket.socket,
     dst: socket.socket,
     flow: Flow,
@@ -309,30 +347,18 @@ async def run_direction(
     use_splice: bool = True,
     pipes: PipePool = PIPES,
     buffers: BufferPool = BUFFERS,
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Relay ``src`` -> ``dst`` until EOF, a failure or :func:`abort`; the last direction to end calls ``on_done``.
 
     Set ``flow.client``, ``flow.upstream``, ``flow.running = 2``, ``flow.last`` and ``flow.on_done`` first, then
-    run one direction per task (``inbound``: client -> upstream).
+    run one direction per task (``inbound``: client -> upstream): ``await run_direction(...)`` or
+    ``nursery.start_soon(run_direction, ...)``.
 
     Error handling: never raises but ``Cancelled`` (the outcome is then ``"cancelled"``); an unexpected exception
     ends the relay as a reset, kept in ``flow.error``.
     """
-    try:
-        if use_splice:
-            await _pump_splice(src, dst, flow, inbound, stats, pipes, buffers)
-        else:
-            await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
-    except Exception as e:
-        _fail(flow, e)
-    except BaseException:
-        if flow.outcome is None:
-            flow.outcome = "cancelled"
-        raise
-    finally:
-        flow.running -= 1
-        if flow.running == 0 and flow.on_done is not None:
-            flow.on_done(flow)
+    direction = _splice_direction if use_splice else _copy_direction
+    return direction(src, dst, flow, inbound, stats, pipes, buffers)
 
 
 async def relay(
