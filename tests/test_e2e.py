@@ -134,6 +134,7 @@ def test_port_reuse_after_the_application_closes_first(proxied, family):
     ports = fresh_ports(5)
     job = {"dst": L.NODE[family], "port": L.CLOSE_PORT, "kind": "read", "reuse_ports": ports, "repeat": 60}
     job["timeout"] = 10
+    since = len(proxy.log())
     results = lab.connect(job)
     assert len(results) == 300
     bad = [r for r in results if not r["ok"]]
@@ -143,6 +144,11 @@ def test_port_reuse_after_the_application_closes_first(proxied, family):
     if cell.keeps_client_ip:
         bypassed += [r for r in results if r["peer"][1] == r["src"][1]]
     assert not bypassed, f"{len(bypassed)} of 300 reached the application directly:\n{explain(proxy, bypassed)}"
+    # and the proxy logged each of the 60 connections of each port, under the client's own port
+    wait_logged(proxy, [(L.CLIENT[family], p) for p in ports], since=since)
+    log = proxy.log()[since:]
+    logged = {p: len(L.proxy_log_names(log, L.CLIENT[family], p)) for p in ports}
+    assert logged == dict.fromkeys(ports, 60), logged
 
 
 @matrix()
