@@ -16,8 +16,10 @@ Error handling: a connection's error never reaches the server (it is counted and
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
 errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
 
-Resource handling: every accepted socket and every upstream socket is closed by the connection task that owns it,
-however it ends. The listening sockets are the caller's; the server closes them when it stops accepting.
+Resource handling: a connection is two tasks in the connection nursery (the handler, which then relays client ->
+upstream, and the other direction); whichever ends last closes both sockets, releases the ports and logs the line,
+however they end. One idle check covers every connection. The listening sockets are the caller's; the server closes
+them when it stops accepting.
 """
 
 from __future__ import annotations
