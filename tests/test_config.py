@@ -109,6 +109,12 @@ group = "nogroup"
     assert c.privileges.user == "nobody" and c.privileges.group == "nogroup"
 
 
+def test_upstream_ports(tmp_path):
+    assert load(tmp_path, MINIMAL).proxy.upstream_ports == PortRange(lo=1024, hi=32767)
+    c = load(tmp_path, MINIMAL + '[proxy]\nupstream_ports = "61000-65535"\n')
+    assert c.proxy.upstream_ports == PortRange(lo=61000, hi=65535)
+
+
 def test_admin_disabled(tmp_path):
     assert not load(tmp_path, MINIMAL + '[admin]\naddress = ""\n').admin.enabled
 
@@ -204,6 +210,10 @@ def test_admin_disabled(tmp_path):
         (MINIMAL + '[admin]\naddress = "127.0.0.1:99999"\n', "admin.address: 99999 is not a port"),
         (MINIMAL + '[admin]\naddress = "example:80"\n', "admin.address: 'example' is not an IP address"),
         (MINIMAL + '[privileges]\ngroup = "x"\n', "privileges.group: set privileges.user too"),
+        # upstream source ports
+        (MINIMAL + "[proxy]\nupstream_ports = 1024\n", 'proxy.upstream_ports: expected a "lo-hi" string'),
+        (MINIMAL + '[proxy]\nupstream_ports = "2000-1000"\n', "proxy.upstream_ports: inverted range"),
+        (MINIMAL + '[proxy]\nupstream_ports = "2000-2100"\n', "proxy.upstream_ports: '2000-2100' is too narrow"),
     ],
 )
 def test_bad_input(tmp_path, text, expected):

@@ -98,6 +98,8 @@ class Proxy:
     idle_timeout: float = 3600.0
     max_connections: int = 10000
     shutdown_grace: float = 30.0
+    # upstream = "original": source ports for the upstream leg, outside the clients' own ephemeral ranges
+    upstream_ports: PortRange = PortRange(lo=1024, hi=32767)
 
 
 @attrs.frozen(kw_only=True)
@@ -210,6 +212,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "idle_timeout",
         "max_connections",
         "shutdown_grace",
+        "upstream_ports",
     ),
     "admin": ("address",),
     "log": ("level", "format"),
@@ -404,6 +407,7 @@ class _Loader:
                 t, "max_connections", "proxy.max_connections", 1, 10_000_000, 10000, "a connection count"
             ),
             shutdown_grace=self.positive(t, "shutdown_grace", "proxy.shutdown_grace", 30.0),
+            upstream_ports=self.upstream_ports(t),
         )
 
         t = self.table(top, "admin")
@@ -435,6 +439,18 @@ class _Loader:
             privileges=privileges,
             source=self.source,
         )
+
+    def upstream_ports(self, table: dict[str, Any]) -> PortRange:
+        path = "proxy.upstream_ports"
+        if "upstream_ports" not in table:
+            return PortRange(lo=1024, hi=32767)
+        value = table["upstream_ports"]
+        if not isinstance(value, str):
+            raise self.error(path, f'expected a "lo-hi" string, got {_type_name(value)} {value!r}')
+        ports = self.port_value(value, path)
+        if ports.hi - ports.lo < 255:
+            raise self.error(path, f"{value!r} is too narrow: give the upstream leg at least 256 ports")
+        return ports
 
     def admin_address(self, text: str) -> Admin:
         path = "admin.address"

@@ -101,7 +101,8 @@ class Server:
         self.idle_timeout = config.proxy.idle_timeout
         self.max_connections = config.proxy.max_connections
         self.grace = config.proxy.shutdown_grace
-        self.chooser = sockets.PortChooser() if self.preserve and not self.loopback else None
+        ports = config.proxy.upstream_ports
+        self.chooser = sockets.PortChooser(ports.lo, ports.hi) if self.preserve and not self.loopback else None
         self.addresses = [sockets.sockname(s) for s in self.listeners]
         self._listen_ports = {a[1] for a in self.addresses}
         self._listen_exact = {a for a in self.addresses if not _unspecified(a[0])}
