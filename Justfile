@@ -30,6 +30,14 @@ demo *args: deps
 test *args: deps
     pytest {{args}}
 
+# Run only the end-to-end tests in network namespaces (root): mode x backend x family matrix, load, lifecycle, demo
+e2e *args: deps
+    pytest tests/test_e2e.py tests/test_e2e_load.py tests/test_e2e_lifecycle.py tests/test_demo.py {{args}}
+
+# Preflight this host for a config (root): one PASS/FAIL line per check, each failure with its fix
+check config="conf/tproxy.toml": deps
+    tproxy check -c {{config}}
+
 # Check lint and formatting without changing anything
 lint:
     ruff check .
