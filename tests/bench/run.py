@@ -27,6 +27,7 @@ from tests.bench import loads, profile, report
 from tests.bench import topology as T
 from tests.bench.subjects import REPO, Direct, HAProxy, Subject, Tproxy
 
+HOT_PATH = ("relay.py", "server.py", "sockets.py", "log.py", "runner.py", "stats.py")
 SETTLE = 0.5  # seconds between loads, for sockets of the previous load to drain
 
 
@@ -83,17 +84,28 @@ def machine() -> dict:
 
 
 def code_version() -> str:
-    """The git commit and a hash of tproxy's sources as they are on disk now: the working tree changes under a
-    long run when others commit, and each proxy process runs what was on disk when it started."""
+    """The git commit and a hash of the proxy's hot-path sources as they are on disk now: the working tree changes
+    under a long run when others commit, and each proxy process runs what was on disk when it started."""
     h = hashlib.sha256()
-    for f in sorted([*(REPO / "tproxy").glob("*.py"), *(REPO / "backends").glob("*.py")]):
+    for f in sorted((REPO / "tproxy" / n) for n in HOT_PATH):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    paths = [f"tproxy/{n}" for n in HOT_PATH]
     dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--", "tproxy", "backends"], capture_output=True, text=True
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", *paths], capture_output=True, text=True
     )
     return f"{r.stdout.strip() or '?'}{'+dirty' if dirty.stdout.strip() else ''} src:{h.hexdigest()[:10]}"
+
+
+def pauses_by_phase(pauses: list, phases: dict[str, tuple[float, float]]) -> dict:
+    """Garbage-collector pauses over 2 ms (from the probe) that ended during each load: count, max and total ms."""
+    out = {}
+    for name, (t0, t1) in phases.items():
+        ms = [p[2] for p in pauses if t0 <= p[0] <= t1]
+        gens = sorted({p[1] for p in pauses if t0 <= p[0] <= t1})
+        out[name] = {"count": len(ms), "max_ms": max(ms, default=0.0), "total_ms": round(sum(ms), 1), "gens": gens}
+    return out
 
 
 def rules_left(topo: T.Topology) -> str:
@@ -112,9 +124,18 @@ def rules_left(topo: T.Topology) -> str:
 
 
 def profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
-    """``loads.cpu_during`` under py-spy when ``--profile DIR`` is given and the subject is tproxy."""
+    """``loads.cpu_during`` under py-spy when ``--profile DIR`` is given and the subject is tproxy; the load's
+    wall-clock span goes to ``args.phases`` (to place the proxy's garbage-collector pauses)."""
+    t0 = time.time()
+    try:
+        return _profiled(subj, args, load, fn, *a, **kw)
+    finally:
+        args.phases[load] = (t0, time.time())
+
+
+def _profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
     spy = None
-    if args.profile and subj.name.startswith("tproxy") and subj.proc is not None:
+    if args.profile and load in ("keepalive", "newconn") and subj.name.startswith("tproxy") and subj.proc:
         out = args.profile / f"{subj.name}-{load}-r{args.round + 1}.txt"
         spy = profile.start(subj.proc.pid, args.duration, out)
     try:
@@ -126,6 +147,7 @@ def profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
 def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tuple[dict, str | None]:
     """One subject under every load. Returns (figures, reason it is invalid or None)."""
     figs: dict = {"code": code_version()}
+    args.phases = {}
     invalid = None
     subj.start(topo)
     try:
@@ -134,9 +156,9 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
         if not who["ok"]:
             invalid = f"the application did not see the client's address: answers {who['answers']} log {who['logged']}"
         d = args.duration
-        b1, c1 = loads.cpu_during(subj, loads.iperf, topo, 1, d)
+        b1, c1 = profiled(subj, args, "bulk1", loads.iperf, topo, 1, d)
         time.sleep(SETTLE)
-        b4, c4 = loads.cpu_during(subj, loads.iperf, topo, 4, d)
+        b4, c4 = profiled(subj, args, "bulk4", loads.iperf, topo, 4, d)
         time.sleep(SETTLE)
         ka, cka = profiled(subj, args, "keepalive", loads.wrk, topo, d, close=False)
         time.sleep(SETTLE)
@@ -175,7 +197,14 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             if not figs["cpu_us_per_req"] or figs["cpu_us_per_req"] < 1.0:
                 invalid = invalid or "the keep-alive load did not go through the proxy (it spent no CPU)"
         if args.idle:
-            idle = loads.idle(topo, subj, args.idle, args.hold, busy=args.duration)
+            idle, cidle = profiled(subj, args, "idle", loads.idle, topo, subj, args.idle, args.hold, busy=args.duration)
+            figs["machine_busy"]["idle"] = idle.pop("machine_busy", None)
+            if cidle is not None:
+                figs["cpu_seconds"]["idle"] = {
+                    "total": round(cidle, 2),
+                    "user": idle.pop("cpu_user_s"),
+                    "sys": idle.pop("cpu_sys_s"),
+                }
             figs.update(idle)
             figs["idle_lost_or_refused"] = idle["idle_refused"] + idle["idle_lost"]
         if subj.is_proxy and subj.proc is not None and subj.proc.poll() is not None:
@@ -184,6 +213,7 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
         subj.stop(topo)
         if getattr(subj, "probe", None):
             figs["gc"] = subj.probe["gc"]
+            figs["gc_pauses_by_load"] = pauses_by_phase(subj.probe.get("pauses", []), args.phases)
         left = rules_left(topo)
         if left:
             figs["rules_left_behind"] = left
@@ -323,6 +353,17 @@ def main(argv: list[str] | None = None) -> int:
                 over = sum(x[g]["over_1ms"] for x in gcs)
                 parts.append(f"gen{g} {count:,} (max {worst:.1f} ms, {over} over 1 ms)")
             print(f"gc pauses {s} (whole process lifetimes): " + "; ".join(parts))
+            by = [r.get("gc_pauses_by_load") for r in rounds if r.get("gc_pauses_by_load")]
+            if by:
+                loads_seen = list(by[0])
+                print(
+                    "  pauses over 2 ms during each load (all rounds: count, max): "
+                    + ", ".join(
+                        f"{ld} {sum(b[ld]['count'] for b in by if ld in b)}, "
+                        f"{max((b[ld]['max_ms'] for b in by if ld in b), default=0):.0f} ms"
+                        for ld in loads_seen
+                    )
+                )
     for s, rounds in details.items():
         for r in rounds:
             if r.get("census"):

@@ -1,7 +1,8 @@
 """Measurement probe loaded into a tproxy process by the benchmark (PYTHONPATH=tests/bench/probe), never by tproxy.
 
 Active only when ``TPX_BENCH_PROBE_OUT`` is set: records every garbage-collector pause (count, total, max, pauses
-over 1 ms, per generation) and writes them as JSON to that path when the process exits. ``TPX_BENCH_GC`` changes the
+over 1 ms, per generation; and when each pause over 2 ms ended) and writes them as JSON to that path when the process
+exits. ``TPX_BENCH_GC`` changes the
 collector for an experiment: ``threshold=N`` (gen0 threshold), ``freeze=S`` (``gc.freeze()`` S seconds after start,
 moving everything allocated at startup out of the collector's sight), ``off`` (gc disabled).
 With ``TPX_BENCH_CENSUS=1``, SIGUSR2 writes a census of live Python objects by type and the top allocation sites
@@ -21,6 +22,7 @@ if os.environ.get("TPX_BENCH_PROBE_OUT"):
     _out = os.environ["TPX_BENCH_PROBE_OUT"]
     _stats = {g: {"count": 0, "total_ms": 0.0, "max_ms": 0.0, "over_1ms": 0, "over_5ms": 0} for g in (0, 1, 2)}
     _t0 = [0.0]
+    _pauses: list = []  # (unix time at the end, generation, ms) of pauses over 2 ms, at most 5,000
 
     def _cb(phase: str, info: dict) -> None:
         if phase == "start":
@@ -33,6 +35,8 @@ if os.environ.get("TPX_BENCH_PROBE_OUT"):
         s["max_ms"] = max(s["max_ms"], ms)
         s["over_1ms"] += ms > 1
         s["over_5ms"] += ms > 5
+        if ms > 2 and len(_pauses) < 5000:
+            _pauses.append((round(time.time(), 3), info["generation"], round(ms, 2)))
 
     gc.callbacks.append(_cb)
     for part in filter(None, os.environ.get("TPX_BENCH_GC", "").split(",")):
@@ -69,4 +73,5 @@ if os.environ.get("TPX_BENCH_PROBE_OUT"):
     @atexit.register
     def _write() -> None:
         with open(_out, "w") as f:
-            json.dump({"gc": _stats, "threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}, f)
+            doc = {"gc": _stats, "threshold": gc.get_threshold(), "frozen": gc.get_freeze_count(), "pauses": _pauses}
+            json.dump(doc, f)
