@@ -115,6 +115,8 @@ class Server:
         self._last_capacity_log = -1e9
         self.stopped = trio.Event()  # set when serve() has returned: every connection has ended
         self._flows: set[Conn] = set()  # connections relaying: the idle check looks at them
+        self._listening: dict[socket.socket, tuple[trio.CancelScope, trio.Event]] = {}  # reload: accept loops
+        self._reaper: trio.CancelScope | None = None  # reload: the idle check, restarted when idle_timeout changes
 
     # -- lifecycle
 
@@ -126,8 +128,8 @@ class Server:
                 async with trio.open_nursery() as accepts:
                     self._accepts = accepts
                     for lsock in self.listeners:
-                        accepts.start_soon(self._accept_loop, lsock)
-                    accepts.start_soon(reap_idle, self._flows, self.idle_timeout)  # (the grace bounds a drain)
+                        await accepts.start(self._listen, lsock)
+                    accepts.start_soon(self._reap)  # (the grace bounds a drain)
                     self.state.listening = True
                     task_status.started(self)
                     if self._stopping:
@@ -422,6 +424,77 @@ class Server:
     def _source_fallback(self, client: tuple[str, int], e: OSError) -> None:
         self.stats.source_fallbacks += 1
         log.event("source_fallback", logging.WARNING, client=log.addr(client), error=e.strerror or str(e))
+
+    # -- reload (the runner applies a tproxy.reload.Plan): listeners adopted and retired, settings for new connections
+
+    async def _listen(self, lsock: socket.socket, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """An accept loop that :meth:`retire_listeners` can stop on its own."""
+        done = trio.Event()
+        with trio.CancelScope() as scope:
+            self._listening[lsock] = (scope, done)
+            task_status.started()
+            try:
+                await self._accept_loop(lsock)
+            finally:
+                done.set()
+
+    async def _reap(self) -> None:
+        """The idle check; :meth:`apply_settings` restarts it with a new ``idle_timeout``."""
+        while True:
+            with trio.CancelScope() as self._reaper:
+                await reap_idle(self._flows, self.idle_timeout)
+
+    async def adopt_listeners(self, socks: Sequence[socket.socket]) -> None:
+        """Accept on ``socks`` too (bound and listening); from now on they are the server's to close.
+
+        Error handling: raises RuntimeError once the server is stopping (the caller closes ``socks`` then)."""
+        if self._stopping or self._accepts is None:
+            raise RuntimeError("the server is stopping")
+        for lsock in socks:
+            await self._accepts.start(self._listen, lsock)
+            self.listeners.append(lsock)
+        self._update_addresses()
+
+    async def retire_listeners(self, socks: Sequence[socket.socket]) -> None:
+        """Stop accepting on ``socks``, proxy what already waits in their backlog, close them. Open connections
+        are not touched."""
+        for lsock in socks:
+            entry = self._listening.pop(lsock, None)
+            if entry is not None:
+                entry[0].cancel()
+                await entry[1].wait()
+            while self._conns is not None and not self._stopping:
+                try:
+                    csock, caddr = lsock.accept()
+                except OSError:
+                    break
+                self.stats.accepted += 1
+                self.stats.open += 1
+                self._conns.start_soon(self._handle, csock, caddr)
+            if lsock in self.listeners:
+                self.listeners.remove(lsock)
+            lsock.close()
+        self._update_addresses()
+
+    def _update_addresses(self) -> None:
+        self.addresses = [sockets.sockname(s) for s in self.listeners if s.fileno() >= 0]
+        self._listen_ports = {a[1] for a in self.addresses}
+        self._listen_exact = {a for a in self.addresses if not _unspecified(a[0])}
+        self._listen_wild_ports = {a[1] for a in self.addresses if _unspecified(a[0])}
+
+    def apply_settings(self, config: Config) -> None:
+        """Timeouts and limits of ``config`` for new connections (the idle check applies to all of them). Keys a
+        reload cannot change (mode, mark, preserve_source, upstream) are ignored here."""
+        self.config = config
+        self.connect_timeout = config.proxy.connect_timeout
+        self.max_connections = config.proxy.max_connections
+        self.grace = config.proxy.shutdown_grace
+        if config.proxy.idle_timeout != self.idle_timeout:
+            self.idle_timeout = config.proxy.idle_timeout
+            if self._reaper is not None:
+                self._reaper.cancel()
+        if self._lot:
+            self._lot.unpark_all()  # a higher max_connections frees parked accept loops
 
 
 class Conn(Flow):
