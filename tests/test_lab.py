@@ -95,3 +95,22 @@ def test_the_lab_is_deleted_when_the_block_fails():
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listed for n in names)
     assert app.poll() is not None
+
+
+@pytest.mark.root
+def test_the_lab_is_settled_when_built():
+    """What the kernel adds by itself once the veth carrier is up (IPv6 link-local address and routes, IPv4 routes no
+    longer ``linkdown``) is there before the lab is handed out: a "before" snapshot taken at once is final."""
+    lab = L.Lab.create(app=False)
+    try:
+        routes = [
+            ns.run(["ip", "-6", "route", "show", "table", "all", "dev", "veth0"]).stdout
+            for ns in (lab.node, lab.client)
+        ]
+        routes += [ns.run(["ip", "-4", "route", "show", "dev", "veth0"]).stdout for ns in (lab.node, lab.client)]
+        for v6 in routes[:2]:
+            assert "fe80::/64" in v6 and "local fe80::" in v6 and "multicast ff00::/8" in v6, v6
+        for v4 in routes[2:]:
+            assert v4.strip() and "linkdown" not in v4, v4
+    finally:
+        lab.destroy()

@@ -210,6 +210,27 @@ class Lab:
                             cmd += ["preferred_lft", "0"]
                     ns.run(cmd)
             ns.run(["ip", "link", "set", "veth0", "up"])
+        self._wait_settled()
+
+    def _wait_settled(self, timeout: float = 10.0) -> None:
+        """Wait until the kernel has finished setting up the link by itself, so that "before" snapshots are final.
+
+        The veth's carrier comes up a moment after ``ip link set up`` (the kernel's link watch runs deferred); only
+        then are the IPv4 routes no longer ``linkdown`` and the IPv6 link-local address, its routes and the multicast
+        route added. Measured here: none of them were there yet when the last ``ip`` command returned.
+
+        Error handling: raises RuntimeError naming the namespace when the link has not settled after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        for ns in (self.client, self.node):
+            while True:
+                v4 = ns.run(["ip", "-4", "route", "show", "dev", "veth0"]).stdout
+                v6 = ns.run(["ip", "-6", "route", "show", "table", "all", "dev", "veth0"]).stdout
+                if v4.strip() and "linkdown" not in v4 and "local fe80::" in v6 and "multicast ff00::/8" in v6:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"veth0 in {ns.name} did not come up within {timeout}s:\n{v4}{v6}")
+                time.sleep(0.02)
 
     def destroy(self) -> None:
         for p in self.proxies:
