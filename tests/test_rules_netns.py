@@ -109,7 +109,7 @@ def test_apply_apply_remove_is_byte_for_byte(ns, tmp_path, case, backend):
     if backend == "nftables":
         assert "table inet tproxy_rules" in once["nft"] and '"tproxy/intercept"' in once["nft"]
     else:
-        assert '"tproxy/intercept"' in once["iptables"] + once["iptables"]
+        assert '"tproxy/intercept"' in once["iptables"] and '"tproxy/intercept"' in once["ip6tables"]
         assert "iptables (nf_tables variant)" in r.stdout
     if cfg.needs_routing:
         assert "fwmark 0x1/0x1 lookup 100" in once["rule4"] and "fwmark 0x1/0x1 lookup 100" in once["rule6"]
