@@ -3,8 +3,10 @@
 Order: logging; RLIMIT_NOFILE raised to the hard limit; rules and routes installed (unless ``--no-rules``); the
 listening sockets bound; :func:`before_serve` (the one place where privileges are dropped); then the trio run, with
 the proxy, the admin endpoint and the signal watcher in one nursery. SIGTERM/SIGINT stop accepting and drain for up
-to ``proxy.shutdown_grace`` seconds; a second signal cancels what is left. Whatever happens after the rules went in,
-they are removed before the process exits, and signals arriving meanwhile cannot interrupt that.
+to ``proxy.shutdown_grace`` seconds; a second signal cancels what is left. SIGHUP reloads the config file
+(:class:`Reloader`, tproxy/reload.py). Whatever happens after the rules went in, they are removed before the process
+exits, and signals arriving meanwhile cannot interrupt that (a SIGHUP received while the rules go in is applied once
+serving starts; one received while they come out is ignored).
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import logging
 import resource
 import signal
 import socket
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import trio
 
-from tproxy import log, sockets
+from tproxy import log, reload, sockets
 from tproxy.config import Config
-from tproxy.errors import TproxyError
+from tproxy.errors import ConfigError, TproxyError
 from tproxy.stats import State, Stats
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)  # stop
+RELOAD_SIGNALS = (signal.SIGHUP,)
 
 
 def before_serve(config: Config, listeners: list[socket.socket], *, manage_rules: bool) -> bool:
@@ -83,7 +88,7 @@ class _Signals:
 @contextlib.contextmanager
 def _deferred_signals() -> Iterator[_Signals]:
     sigs = _Signals()
-    previous = {s: signal.signal(s, sigs.handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, sigs.handler) for s in SIGNALS + RELOAD_SIGNALS}
     try:
         yield sigs
     finally:
@@ -91,17 +96,31 @@ def _deferred_signals() -> Iterator[_Signals]:
             signal.signal(s, h)
 
 
-async def _watch_signals(server, early: _Signals, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    with trio.open_signal_receiver(*SIGNALS) as received:
-        task_status.started()
-        count = 0
-        for signum in early.pending:
-            count += 1
-            _on_signal(server, signum, count)
-        early.pending.clear()
-        async for signum in received:
-            count += 1
-            _on_signal(server, signum, count)
+async def _watch_signals(
+    server,
+    early: _Signals,
+    reloader: Reloader | None = None,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(*SIGNALS, *RELOAD_SIGNALS) as received:
+        async with trio.open_nursery() as reloads:
+            task_status.started()
+            count = 0
+            pending, early.pending = early.pending, []
+            for signum in pending:
+                if signum in RELOAD_SIGNALS:
+                    if reloader is not None:
+                        reloads.start_soon(reloader.reload)
+                    continue
+                count += 1
+                _on_signal(server, signum, count)
+            async for signum in received:
+                if signum in RELOAD_SIGNALS:
+                    if reloader is not None:
+                        reloads.start_soon(reloader.reload)
+                    continue
+                count += 1
+                _on_signal(server, signum, count)
 
 
 def _on_signal(server, signum: int, count: int) -> None:
@@ -114,15 +133,154 @@ def _on_signal(server, signum: int, count: int) -> None:
         server.skip_grace()
 
 
-async def _main(config: Config, listeners: list[socket.socket], stats: Stats, state: State, early: _Signals) -> None:
+class Reloader:
+    """SIGHUP: re-read ``config.source`` (with the command-line overrides), apply what changed, log it.
+
+    Order, so that there is no moment without interception: new listeners bound and accepting; the new rules installed
+    (one atomic step per backend; a backend change installs the new backend's rules, then removes the old one's); the
+    old listeners closed (what waits in their backlog is still proxied); timeouts, limits and logging for new
+    connections. Open connections are never touched. Keys that cannot change live (tproxy/reload.py,
+    ``RESTART_KEYS``) are logged as needing a restart and keep their running value.
+
+    Error handling: an invalid file, a listener that cannot be bound, or rules the kernel rejects print one line
+    (``tproxy: reload failed: ...; keeping the running config``) and change nothing. Reloads run one at a time.
+
+    ``config`` is always the config in force: the runner removes the rules of this one at the end.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[socket.socket],
+        state: State,
+        *,
+        owns_rules: bool,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.sockets = dict(zip(reload.listener_key(config), listeners, strict=True))
+        self.state = state
+        self.owns_rules = owns_rules
+        self.overrides = overrides or {}
+        self.server = None
+        self.serving = trio.Event()  # a SIGHUP received during start-up waits for the server
+        self._lock = trio.Lock()
+
+    async def reload(self) -> bool:
+        """One reload; True when the new config is in force (possibly with keys waiting for a restart)."""
+        async with self._lock:
+            return await self._reload()
+
+    def _failed(self, err: Exception) -> bool:
+        print(reload.failed_line(err), file=sys.stderr, flush=True)
+        return False
+
+    async def _reload(self) -> bool:
+        await self.serving.wait()
+        server = self.server
+        if server is None or server._stopping:
+            log.event("reload_ignored", reason="stopping")
+            return False
+        old = self.config
+        try:
+            new = reload.load(old, self.overrides)
+        except ConfigError as e:
+            return self._failed(e)
+        plan = reload.plan(old, new)
+        for c in plan.restart:
+            log.event("reload", logging.WARNING, key=c.key, old=c.old, new=c.new, applied="no: needs a restart")
+        if plan.empty:
+            log.event("reloaded", changes=0, restart_needed=len(plan.restart))
+            return True
+        # 1. new listeners, accepting before any rule points at them
+        keys = reload.listener_key(plan.config)
+        fresh: dict[tuple, socket.socket] = {}
+        try:
+            for key in keys:
+                if key not in self.sockets:
+                    family, address, port, transparent = key
+                    fresh[key] = sockets.listener(family, address, port, transparent=transparent)
+            await server.adopt_listeners(list(fresh.values()))
+        except (TproxyError, RuntimeError) as e:
+            for s in fresh.values():
+                if s not in server.listeners:
+                    s.close()
+            await server.retire_listeners([s for s in fresh.values() if s in server.listeners])
+            return self._failed(e)
+        # 2. the rules: in force together with the config they belong to, even if a stop signal comes meanwhile
+        with trio.CancelScope(shield=True):
+            if plan.rules and self.owns_rules:
+                try:
+                    summary = await trio.to_thread.run_sync(_install, old, plan)
+                except Exception as e:  # noqa: BLE001 - the host is as it was; one line, keep running
+                    await server.retire_listeners(list(fresh.values()))
+                    return self._failed(e)
+                log.event("reload_rules", installed=summary)
+            elif plan.rules:
+                log.event("reload_rules", installed="nothing: the rules are applied by a privileged step")
+            self.config = plan.config
+            self.state.backend = plan.config.backend
+        # 3. the old listeners go; 4. settings for new connections
+        old_socks = [s for k, s in self.sockets.items() if k not in keys]
+        self.sockets = {k: self.sockets.get(k) or fresh[k] for k in keys}
+        await server.retire_listeners(old_socks)
+        server.apply_settings(plan.config)
+        if (old.log.level, old.log.format) != (plan.config.log.level, plan.config.log.format):
+            log.setup(plan.config.log.level, plan.config.log.format)
+        for c in plan.applied:
+            log.event("reload", key=c.key, old=c.old, new=c.new)
+        log.event(
+            "reloaded",
+            changes=len(plan.applied),
+            restart_needed=len(plan.restart),
+            rules="replaced" if plan.rules and self.owns_rules else "unchanged" if not plan.rules else "not ours",
+            listeners=",".join(log.addr(a) for a in server.addresses),
+        )
+        return True
+
+
+def _install(old: Config, plan: reload.Plan) -> str:
+    """In a thread: the new rules in, then (backend change) the old backend's rules out."""
+    from tproxy import rules
+
+    summary = rules.install(plan.config)
+    if plan.backend:
+        from backends import get_backend
+
+        try:
+            get_backend(old.backend).remove()
+        except Exception as e:  # noqa: BLE001 - the new rules are in and working; say what is left behind
+            log.event(
+                "reload_old_rules_left",
+                logging.ERROR,
+                backend=old.backend,
+                error=str(e),
+                hint=f"tproxy rules remove -c {old.source} --backend {old.backend}",
+            )
+    return summary
+
+
+async def _main(
+    config: Config,
+    listeners: list[socket.socket],
+    stats: Stats,
+    state: State,
+    early: _Signals,
+    reloader: Reloader | None = None,
+) -> None:
     from tproxy.server import Server
 
     server = Server(config, listeners, stats, state)
+    if reloader is not None:
+        reloader.server = server
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, server, early)
+        await nursery.start(_watch_signals, server, early, reloader)
         if config.admin.enabled:
             await _start_admin(nursery, config, stats, state)
-        await server.serve()
+        await nursery.start(server.serve)
+        if reloader is not None:
+            reloader.serving.set()
+        await server.stopped.wait()
         nursery.cancel_scope.cancel()  # the admin endpoint and the signal watcher
 
 
@@ -147,8 +305,22 @@ def _operator_error(group: BaseExceptionGroup) -> TproxyError | None:
     return match
 
 
-def run(config: Config, manage_rules: bool) -> int:
+def _overrides(config: Config, mode: str | None, backend: str | None) -> dict[str, Any]:
+    """The command-line overrides to keep on reload: as given, or else what differs from the file as it is now."""
+    out = {k: v for k, v in (("mode", mode), ("backend", backend)) if v is not None}
+    try:
+        on_disk = Config.from_toml(config.source)
+    except TproxyError:
+        return out
+    for key in ("mode", "backend"):
+        if key not in out and getattr(on_disk, key) != getattr(config, key):
+            out[key] = getattr(config, key)
+    return out
+
+
+def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend: str | None = None) -> int:
     """Install rules (when ``manage_rules``), serve until SIGTERM/SIGINT, remove the rules; returns the exit status.
+    SIGHUP reloads ``config.source``, keeping the command-line ``mode``/``backend`` overrides (:class:`Reloader`).
 
     Error handling: raises TproxyError (PrivilegeError when a capability is missing) for anything that stops the
     proxy from starting; rules installed before the failure are removed first.
@@ -162,6 +334,8 @@ def run(config: Config, manage_rules: bool) -> int:
     state = State(mode=config.mode, backend=config.backend)
     installed: str | None = None  # the install summary, while this process owns the rules
     listeners: list[socket.socket] = []
+    overrides = _overrides(config, mode, backend)
+    reloader: Reloader | None = None
     with _deferred_signals() as early:
         try:
             if manage_rules:
@@ -183,9 +357,10 @@ def run(config: Config, manage_rules: bool) -> int:
                 installed=summary,
                 nofile=soft,
             )
+            reloader = Reloader(config, listeners, state, owns_rules=installed is not None, overrides=overrides)
             gc.freeze()  # what start-up allocated stays out of every later collection (shorter full collections)
             try:
-                trio.run(_main, config, listeners, stats, state, early)
+                trio.run(_main, config, listeners, stats, state, early, reloader)
             except BaseExceptionGroup as group:
                 err = _operator_error(group)
                 if err is None:
@@ -193,6 +368,9 @@ def run(config: Config, manage_rules: bool) -> int:
                 raise err from None
             return 0
         finally:
+            if reloader is not None:
+                config = reloader.config  # the rules in force are the last reload's
+                listeners = [*listeners, *reloader.sockets.values()]
             for s in listeners:
                 s.close()
             if installed is not None:

@@ -1,0 +1,229 @@
+"""Reload: the "what changed" plan (pure), and the runner's Reloader on a real server over loopback, without rules
+(the original destination is injected, as in tests/test_server.py). The namespace tests are in test_reload_netns.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from tproxy import log, reload
+from tproxy.config import Config
+from tproxy.runner import Reloader, bind_listeners
+from tproxy.server import Server
+from tproxy.stats import State, Stats
+
+BASE = {
+    "mode": "nat",
+    "listener": {"address": "127.0.0.1", "port": 4143},
+    "intercept": {"ports": [8080], "ipv6": False},
+    "proxy": {"preserve_source": False},
+    "admin": {"address": ""},
+}
+
+
+def cfg(**changes) -> Config:
+    doc = json.loads(json.dumps(BASE))
+    for path, value in changes.items():
+        section, _, key = path.rpartition("__")
+        (doc.setdefault(section, {}) if section else doc)[key] = value
+    return Config.from_dict(doc, source="/etc/tproxy.toml")
+
+
+# -- the plan (pure)
+
+
+def test_no_change_is_an_empty_plan():
+    p = reload.plan(cfg(), cfg())
+    assert p.empty and not p.restart and not p.rules and not p.listeners and not p.settings
+
+
+def test_an_added_port_changes_the_rules_only():
+    p = reload.plan(cfg(), cfg(intercept__ports=[8080, 9090]))
+    assert [c.line() for c in p.applied] == ["intercept.ports [8080] -> [8080, 9090]"]
+    assert p.rules and not p.listeners and not p.backend and not p.settings
+    assert p.config.intercept.intercepts(9090)
+
+
+def test_a_listener_port_changes_rules_and_listeners():
+    p = reload.plan(cfg(), cfg(listener__port=4144))
+    assert [c.line() for c in p.applied] == ["listener.port 4143 -> 4144"]
+    assert p.rules and p.listeners
+
+
+def test_settings_change_neither_rules_nor_listeners():
+    p = reload.plan(cfg(), cfg(proxy__idle_timeout=60, proxy__max_connections=5, log__level="debug"))
+    assert [c.key for c in p.applied] == ["proxy.idle_timeout", "proxy.max_connections", "log.level"]
+    assert p.settings and not p.rules and not p.listeners
+    assert p.config.proxy.idle_timeout == 60 and p.config.proxy.max_connections == 5
+
+
+def test_a_backend_change_is_applied():
+    p = reload.plan(cfg(), cfg(backend="iptables"))
+    assert p.backend and p.rules and p.config.backend == "iptables"
+
+
+def test_keys_that_need_a_restart_keep_their_running_value():
+    new = cfg(mode="tproxy", routing__mark=2, proxy__upstream="loopback", intercept__ports=[8080, 9090])
+    p = reload.plan(cfg(), new)
+    assert {c.key for c in p.restart} == {"mode", "routing.mark", "proxy.upstream"}  # preserve_source is set
+    assert [c.key for c in p.applied] == ["intercept.ports"]
+    assert p.config.mode == "nat" and p.config.routing.mark == 1 and p.config.proxy.upstream == "original"
+    assert p.config.preserve_source is False
+    assert p.config.intercept.intercepts(9090)
+    assert "routing.mark 0x1 -> 0x2" in [c.line() for c in p.restart]
+
+
+def test_the_failure_line_names_file_and_key(tmp_path: Path):
+    path = tmp_path / "t.toml"
+    path.write_text('[intercept]\nports = ["9090-80"]\n')
+    with pytest.raises(Exception) as info:
+        reload.load(cfg(), {})  # /etc/tproxy.toml does not exist here: that is a failure too
+    assert reload.failed_line(info.value).startswith("tproxy: reload failed: /etc/tproxy.toml: ")
+    with pytest.raises(Exception) as info:
+        Config.from_toml(path)
+    assert reload.failed_line(info.value) == (
+        f"tproxy: reload failed: {path}: intercept.ports[0]: inverted range '9090-80' (low end above high end); "
+        "keeping the running config"
+    )
+
+
+# -- the Reloader on a real server over loopback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write(path: Path, port: int, *, ports: str = "[8080]", extra: str = "") -> None:
+    path.write_text(
+        f'mode = "nat"\n[listener]\naddress = "127.0.0.1"\nport = {port}\n'
+        f"[intercept]\nports = {ports}\nipv6 = false\n[proxy]\npreserve_source = false\n{extra}"
+        '[admin]\naddress = ""\n'
+    )
+
+
+@pytest.fixture
+def log_lines():
+    buf = io.StringIO()
+    log.setup("info", "json", stream=buf)
+    yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
+    log.setup("info", "text")
+
+
+async def echo_app(stream: trio.SocketStream) -> None:
+    while data := await stream.receive_some(65536):
+        await stream.send_all(data)
+
+
+async def roundtrip(stream: trio.SocketStream, data: bytes) -> bytes:
+    await stream.send_all(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = await stream.receive_some(65536)
+        assert chunk, "the connection ended"
+        got += chunk
+    return got
+
+
+async def start(nursery: trio.Nursery, path: Path) -> tuple[Reloader, Server]:
+    app = (await nursery.start(functools.partial(trio.serve_tcp, echo_app, 0, host="127.0.0.1")))[0]
+    app_port = app.socket.getsockname()[1]
+    config = Config.from_toml(path)
+    listeners = bind_listeners(config)
+    state = State(mode=config.mode, backend=config.backend, rules_installed=True)
+    server = Server(config, listeners, Stats(), state, original_dst=lambda s: ("127.0.0.1", app_port))
+    reloader = Reloader(config, listeners, state, owns_rules=False)
+    reloader.server = server
+    await nursery.start(server.serve)
+    reloader.serving.set()
+    return reloader, server
+
+
+async def test_an_invalid_config_changes_nothing_and_says_so_in_one_line(tmp_path, capsys, log_lines):
+    path = tmp_path / "tproxy.toml"
+    port = free_port()
+    write(path, port)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reloader, server = await start(nursery, path)
+            before = reloader.config
+            path.write_text(path.read_text().replace("ports = [8080]", 'ports = ["8080", "x"]'))
+            assert await reloader.reload() is False
+            err = capsys.readouterr().err.splitlines()
+            assert err == [
+                f"tproxy: reload failed: {path}: intercept.ports[1]: 'x' is not a port or a \"lo-hi\" range; "
+                "keeping the running config"
+            ]
+            assert reloader.config is before
+            assert server.state.ready
+            conn = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await roundtrip(conn, b"still here") == b"still here"
+            await conn.aclose()
+            server.shutdown()
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()  # the application
+    assert not [e for e in log_lines() if e["event"].startswith("reload")]
+
+
+async def test_a_new_listener_port_keeps_the_open_connection(tmp_path, log_lines):
+    path = tmp_path / "tproxy.toml"
+    old_port, new_port = free_port(), free_port()
+    write(path, old_port)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reloader, server = await start(nursery, path)
+            held = await trio.open_tcp_stream("127.0.0.1", old_port)
+            assert await roundtrip(held, b"before") == b"before"
+            write(path, new_port, extra="max_connections = 7\nidle_timeout = 600\n")
+            assert await reloader.reload() is True
+            assert server.addresses == [("127.0.0.1", new_port)]
+            assert server.max_connections == 7 and server.idle_timeout == 600
+            assert server.state.ready
+            assert await roundtrip(held, b"after") == b"after"
+            fresh = await trio.open_tcp_stream("127.0.0.1", new_port)
+            assert await roundtrip(fresh, b"new") == b"new"
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", old_port)
+            await held.aclose()
+            await fresh.aclose()
+            server.shutdown()
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()  # the application
+    events = log_lines()
+    changes = [(e["key"], e["old"], e["new"]) for e in events if e["event"] == "reload"]
+    assert changes == [
+        ("listener.port", str(old_port), str(new_port)),
+        ("proxy.idle_timeout", "3600", "600"),
+        ("proxy.max_connections", "10000", "7"),
+    ]
+    summary = [e for e in events if e["event"] == "reloaded"]
+    assert summary and summary[0]["changes"] == 3 and summary[0]["rules"] == "not ours"
+
+
+async def test_a_key_that_needs_a_restart_is_logged_and_ignored(tmp_path, log_lines):
+    path = tmp_path / "tproxy.toml"
+    port = free_port()
+    write(path, port)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reloader, server = await start(nursery, path)
+            path.write_text(path.read_text().replace("[admin]", "[routing]\nmark = 16\n[admin]"))
+            assert await reloader.reload() is True
+            assert reloader.config.routing.mark == 1
+            server.shutdown()
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()  # the application
+    events = log_lines()
+    assert [(e["level"], e["key"], e["applied"]) for e in events if e["event"] == "reload"] == [
+        ("warning", "routing.mark", "no: needs a restart")
+    ]
+    assert [(e["changes"], e["restart_needed"]) for e in events if e["event"] == "reloaded"] == [(0, 1)]

@@ -1,0 +1,163 @@
+"""Reload (SIGHUP): what changed between the running config and the file, and what can be applied live.
+
+:func:`plan` is pure: it compares two configs key by key (:func:`flatten`), keeps the running value of every key that
+cannot change under open connections (:data:`RESTART_KEYS`), and says whether the rules, the listeners or the serving
+settings change. The runner (tproxy/runner.py) applies a plan: new listeners bound first, then the rules, then the old
+listeners closed, then the settings for new connections.
+
+Why some keys need a restart: an open connection's upstream socket carries ``routing.mark`` and was bound by the rules
+of its ``mode`` / ``preserve_source`` / ``upstream``; replies to it are routed by the fwmark rule of the running mark
+and table. Changing any of them live would cut those connections, which a reload must never do. ``admin.address`` and
+``privileges`` belong to other parts of the process that are set up once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from tproxy.config import Config
+
+# Keys a reload logs as "needs a restart" and otherwise ignores (the running value stays).
+RESTART_KEYS = (
+    "mode",
+    "routing.mark",
+    "routing.table",
+    "proxy.preserve_source",
+    "proxy.upstream",
+    "proxy.upstream_ports",
+    "admin.address",
+    "privileges.user",
+    "privileges.group",
+)
+# Keys that only concern new connections or the log: applied by the server / logger without touching rules.
+SETTINGS_KEYS = (
+    "proxy.connect_timeout",
+    "proxy.idle_timeout",
+    "proxy.max_connections",
+    "proxy.shutdown_grace",
+    "log.level",
+    "log.format",
+)
+
+
+def _ports(ranges) -> str:
+    return "[" + ", ".join(str(r) for r in ranges) + "]"
+
+
+def flatten(config: Config) -> dict[str, str]:
+    """Every key of ``config`` as it would be written in the file, with a display value (for "what changed")."""
+    admin = "" if not config.admin.enabled else f"{config.admin.host}:{config.admin.port}"
+    return {
+        "mode": config.mode,
+        "backend": config.backend,
+        "listener.address": str(config.listener.address),
+        "listener.port": str(config.listener.port),
+        "intercept.ports": _ports(config.intercept.ports),
+        "intercept.interfaces": "[" + ", ".join(config.intercept.interfaces) + "]",
+        "intercept.exclude_ports": _ports(config.intercept.exclude_ports),
+        "intercept.exclude_cidrs": "[" + ", ".join(str(n) for n in config.intercept.exclude_cidrs) + "]",
+        "intercept.ipv4": str(config.intercept.ipv4).lower(),
+        "intercept.ipv6": str(config.intercept.ipv6).lower(),
+        "routing.mark": f"{config.routing.mark:#x}",
+        "routing.table": str(config.routing.table),
+        "proxy.preserve_source": str(config.preserve_source).lower(),  # the effective value (mode default or set)
+        "proxy.upstream": config.proxy.upstream,
+        "proxy.connect_timeout": f"{config.proxy.connect_timeout:g}",
+        "proxy.idle_timeout": f"{config.proxy.idle_timeout:g}",
+        "proxy.max_connections": str(config.proxy.max_connections),
+        "proxy.shutdown_grace": f"{config.proxy.shutdown_grace:g}",
+        "proxy.upstream_ports": str(config.proxy.upstream_ports),
+        "admin.address": admin,
+        "log.level": config.log.level,
+        "log.format": config.log.format,
+        "privileges.user": config.privileges.user or "",
+        "privileges.group": config.privileges.group or "",
+    }
+
+
+@attrs.frozen
+class Change:
+    key: str
+    old: str
+    new: str
+
+    def line(self) -> str:
+        """``intercept.ports [8080] -> [8080, 9090]``"""
+        return f"{self.key} {self.old or '(unset)'} -> {self.new or '(unset)'}"
+
+
+def diff(old: Config, new: Config) -> list[Change]:
+    """The keys whose value differs, in file order."""
+    a, b = flatten(old), flatten(new)
+    return [Change(k, a[k], b[k]) for k in a if a[k] != b[k]]
+
+
+def listener_key(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
+    """What the listening sockets are: (family, address, port, transparent) per family."""
+    transparent = config.mode == "tproxy" or config.preserve_source
+    return tuple((f, config.listener.address_for(f), config.listener.port, transparent) for f in config.families)
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """What a reload does. ``config`` is the config to run with: the new one, with :data:`RESTART_KEYS` kept."""
+
+    config: Config
+    applied: tuple[Change, ...]  # changes that take effect now
+    restart: tuple[Change, ...]  # changes ignored until a restart
+    rules: bool  # the rule text or routing differs (install the new rules)
+    backend: bool  # the rule backend differs (install the new, then remove the old backend's rules)
+    listeners: bool  # the listening sockets differ (bind the new ones, close the old ones)
+    settings: bool  # timeouts, limits or logging differ
+
+    @property
+    def empty(self) -> bool:
+        return not self.applied
+
+
+def _keep_running(old: Config, new: Config) -> Config:
+    """``new`` with the running value of every key in :data:`RESTART_KEYS`."""
+    proxy = attrs.evolve(
+        new.proxy,
+        preserve_source=old.preserve_source,  # the effective value: the running mode decides the default
+        upstream=old.proxy.upstream,
+        upstream_ports=old.proxy.upstream_ports,
+    )
+    return attrs.evolve(
+        new, mode=old.mode, routing=old.routing, proxy=proxy, admin=old.admin, privileges=old.privileges
+    )
+
+
+def plan(old: Config, new: Config) -> Plan:
+    """Compare the running config with a newly loaded one (pure)."""
+    changes = diff(old, new)
+    restart = tuple(c for c in changes if c.key in RESTART_KEYS)
+    applied = tuple(c for c in changes if c.key not in RESTART_KEYS)
+    config = _keep_running(old, new)
+    from tproxy import rules
+
+    backend = config.backend != old.backend
+    return Plan(
+        config=config,
+        applied=applied,
+        restart=restart,
+        rules=backend or rules.show(config) != rules.show(old),
+        backend=backend,
+        listeners=listener_key(config) != listener_key(old),
+        settings=any(c.key in SETTINGS_KEYS for c in applied),
+    )
+
+
+def load(old: Config, overrides: dict[str, Any]) -> Config:
+    """Re-read ``old.source`` with the command-line overrides the process started with.
+
+    Error handling: :class:`~tproxy.errors.ConfigError` (file, key, reason) for anything wrong; nothing else happens.
+    """
+    return Config.from_toml(old.source, mode=overrides.get("mode"), backend=overrides.get("backend"))
+
+
+def failed_line(err: Exception) -> str:
+    """The one line an invalid config or a failed apply is reported with."""
+    return f"tproxy: reload failed: {err}; keeping the running config"
