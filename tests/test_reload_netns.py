@@ -1,0 +1,149 @@
+"""Reload (SIGHUP) in the lab, per backend: the real ``tproxy run`` in the node namespace, real rules.
+
+A long-lived connection (the echo application on 8080, opened before the reload, used again after it) must carry on;
+a port added to ``intercept.ports`` must be intercepted right after (the proxy's log names the client); an invalid
+file prints one line and the old rules keep working; a new listener port takes over new connections while the open
+one survives. Each test gets its own lab.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab_fixtures import BACKENDS, wait_logged
+from tproxy import lab as L
+
+pytestmark = pytest.mark.root
+
+# A client that stays connected: prints the application's PEER line and its own address, then echoes each stdin line
+# through the connection and prints what came back.
+HOLD = """
+import json, socket, sys
+dst, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((dst, port), timeout=20)
+f = s.makefile("rb")
+print(json.dumps({"peer": f.readline().decode().split()[1:], "src": list(s.getsockname()[:2])}), flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print(f.readline().decode().strip(), flush=True)
+"""
+
+
+class Held:
+    """A connection from the client namespace kept open across reloads."""
+
+    def __init__(self, lab: L.Lab, family: int, port: int) -> None:
+        self.proc = lab.client.popen(
+            [sys.executable, "-c", HOLD, L.NODE[family], str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        hello = self.proc.stdout.readline()
+        assert hello, self.proc.stderr.read()
+        info = json.loads(hello)
+        self.peer = info["peer"][0]
+        self.src = (info["src"][0], info["src"][1])
+
+    def echo(self, text: str) -> str:
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def lab():
+    with L.Lab.up() as lab:
+        yield lab
+
+
+def config(backend: str, *, ports: str = f'"{L.INTERCEPT_PORTS}"', listener_port: int = L.LISTENER_PORT) -> str:
+    text = L.proxy_config("tproxy", backend)
+    text = text.replace(f'ports = ["{L.INTERCEPT_PORTS}"]', f"ports = [{ports}]")
+    return text.replace(f"port = {L.LISTENER_PORT}", f"port = {listener_port}")
+
+
+def hup(proxy: L.Proxy, path: Path, text: str, *, expect: str, timeout: float = 30) -> str:
+    """Write ``text`` to the config, SIGHUP the proxy, wait until its log (from now on) contains ``expect``."""
+    since = len(proxy.log())
+    path.write_text(text)
+    proxy.proc.send_signal(1)  # SIGHUP
+    deadline = time.monotonic() + timeout
+    while expect not in proxy.log()[since:]:
+        assert proxy.proc.poll() is None, proxy.log()
+        assert time.monotonic() < deadline, f"no {expect!r} after SIGHUP:\n{proxy.log()[since:]}"
+        time.sleep(0.05)
+    return proxy.log()[since:]
+
+
+def through_proxy(lab: L.Lab, proxy: L.Proxy, port: int) -> None:
+    """A new connection per family to ``port`` works, the application sees the client, the proxy logs it."""
+    since = len(proxy.log())
+    results = lab.connect([{"dst": L.NODE[f], "port": port, "sizes": [100]} for f in (4, 6)])
+    for r, fam in zip(results, (4, 6), strict=True):
+        assert r["ok"] and r["peer"][0] == L.CLIENT[fam], r
+    assert not wait_logged(proxy, [tuple(r["src"]) for r in results], since=since), proxy.log()[since:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reload_adds_a_port_without_dropping_the_open_connection(lab, backend):
+    path = lab.write_config(config(backend))
+    proxy = lab.start_proxy(path)
+    held = Held(lab, 4, L.ECHO_PORT)
+    try:
+        assert held.peer == L.CLIENT[4]
+        assert held.echo("before") == "before"
+        out = hup(proxy, path, config(backend, ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}'), expect="reloaded")
+        assert 'key=intercept.ports old=[8080-8090] new="[8080-8090, 9090]"' in out, out
+        assert held.echo("after") == "after"
+        through_proxy(lab, proxy, L.DIRECT_PORT)
+        lab.wait_ready(proxy, timeout=5)
+
+        # an invalid file: one line, the running config (9090 intercepted) stays
+        out = hup(proxy, path, config(backend, ports='"9090-80"'), expect="reload failed")
+        failed = [ln for ln in out.splitlines() if "reload failed" in ln]
+        assert failed == [
+            f"tproxy: reload failed: {path}: intercept.ports[0]: inverted range '9090-80' (low end above high end); "
+            "keeping the running config"
+        ], out
+        assert held.echo("still") == "still"
+        through_proxy(lab, proxy, L.DIRECT_PORT)
+    finally:
+        held.close()
+    assert not wait_logged(proxy, [held.src]), proxy.log()
+    assert proxy.stop() == 0, proxy.log()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reload_moves_the_listener_without_dropping_the_open_connection(lab, backend):
+    path = lab.write_config(config(backend))
+    proxy = lab.start_proxy(path)
+    held = Held(lab, 6, L.ECHO_PORT)
+    try:
+        assert held.echo("before") == "before"
+        out = hup(proxy, path, config(backend, listener_port=4144), expect="reloaded")
+        assert "key=listener.port old=4143 new=4144" in out, out
+        listening = lab.node.run(["ss", "-Hltn"]).stdout
+        assert ":4144 " in listening and ":4143 " not in listening, listening
+        assert held.echo("after") == "after"
+        through_proxy(lab, proxy, L.ECHO_PORT)
+    finally:
+        held.close()
+    assert not wait_logged(proxy, [held.src]), proxy.log()
+    assert proxy.stop() == 0, proxy.log()
