@@ -223,6 +223,19 @@ def test_iptables_reapply_after_a_mode_change_leaves_no_stale_chain(ns, tmp_path
     assert snapshot(ns) == before
 
 
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_remove_with_the_other_backend_configured_removes_everything(ns, tmp_path, backend):
+    """Applied with one backend, then the config names the other (edited, or ``--backend`` given once): remove still
+    takes out every rule of ours and says which."""
+    other = next(b for b in golden_gen.BACKENDS if b != backend)
+    before = snapshot(ns)
+    assert cli(ns, "apply", "-c", str(write_config(tmp_path, "tproxy-both", backend))).returncode == 0
+    r = cli(ns, "remove", "-c", str(write_config(tmp_path, "tproxy-both", other)))
+    assert r.returncode == 0, r.stderr
+    assert backend in r.stdout and "routing:" in r.stdout, r.stdout
+    assert snapshot(ns) == before
+
+
 def test_iptables_refuses_a_host_with_legacy_rules(ns, tmp_path):
     if not shutil.which("iptables-legacy"):
         pytest.skip("iptables-legacy is not installed")

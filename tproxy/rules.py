@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from backends import get_backend
 from backends.base import STATE_DIR, require_net_admin
 from tproxy import routing
-from tproxy.config import Config
+from tproxy.config import BACKENDS, Config
+from tproxy.errors import MissingBinaryError
 
 
 def show(config: Config) -> str:
@@ -71,7 +72,8 @@ def _install(config: Config) -> str:
 
 
 def uninstall(config: Config) -> str:
-    """Remove our rules (the configured backend's) and routes; restore sysctls. Safe when nothing is installed."""
+    """Remove our rules (the configured backend's, and any the other backend left) and routes; restore sysctls.
+    Safe when nothing is installed."""
     require_net_admin()
     with _exclusive():
         return _uninstall(config)
@@ -81,12 +83,33 @@ def _uninstall(config: Config) -> str:
     backend = get_backend(config.backend)
     had_rules = backend.installed()
     backend.remove()
+    also = _other_backends_rules(config)
     removed_routing = routing.uninstall(config)
-    if not had_rules and not removed_routing:
+    if not had_rules and not also and not removed_routing:
         return f"tproxy rules: nothing to remove ({backend.describe()})"
-    return f"tproxy rules removed: {backend.describe()}" + (
-        f", routing: {', '.join(removed_routing)}" if removed_routing else ""
+    return (
+        f"tproxy rules removed: {backend.describe()}"
+        + "".join(f", {name}" for name in also)
+        + (f", routing: {', '.join(removed_routing)}" if removed_routing else "")
     )
+
+
+def _other_backends_rules(config: Config) -> list[str]:
+    """Remove our rules of the backend(s) ``config`` does not name: left by an earlier run with another ``backend``
+    (the config was edited, or ``--backend`` given once). A backend whose programs are not installed has none."""
+    removed = []
+    for name in BACKENDS:
+        if name == config.backend:
+            continue
+        other = get_backend(name)
+        try:
+            if not other.installed():
+                continue
+        except MissingBinaryError:
+            continue
+        other.remove()
+        removed.append(other.describe())
+    return removed
 
 
 def installed(config: Config) -> bool:
