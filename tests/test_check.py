@@ -216,6 +216,18 @@ def test_all_pass_in_a_fresh_namespace(cfg_file, mode, backend):
 
 
 @pytest.mark.root
+def test_named_interfaces_with_the_loopback_upstream(cfg_file):
+    """The loopback upstream sets route_localnet on each of intercept.interfaces: the rules round trip in the
+    throwaway namespace (which has none of the host's interfaces) must not fail for that."""
+    path = cfg_file('[intercept]\nports = [8080]\ninterfaces = ["veth7"]\n[proxy]\nupstream = "loopback"\n')
+    with netns("chkt") as ns:
+        ns.run(["ip", "link", "add", "veth7", "type", "veth", "peer", "name", "veth8"])
+        r = run_check(ns, path)
+        assert failures(r.stdout) == [] and r.returncode == 0, r.stdout
+        assert "PASS rules install and remove: in a throwaway namespace: " in r.stdout
+
+
+@pytest.mark.root
 def test_listener_port_taken(cfg_file):
     path = cfg_file()
     with netns("chkt") as ns:

@@ -338,8 +338,15 @@ def check_kernel(config: Config, config_path: object) -> Iterator[Result]:
 
 
 def _rules_roundtrip(ns, config: Config, config_path: object) -> Result:
-    """The real rule set and routes, installed and removed by `tproxy rules` inside the throwaway namespace."""
+    """The real rule set and routes, installed and removed by `tproxy rules` inside the throwaway namespace.
+
+    ``intercept.interfaces`` get veth interfaces of the same names there: ``route_localnet`` is set on them for the
+    loopback upstream, and the host's interfaces are not in the namespace.
+    """
     name = "rules install and remove"
+    for i, iface in enumerate(config.intercept.interfaces):  # not in the namespace: stand-ins of the same names
+        peer = ["peer", "name", f"tpxchk{i}"]
+        ns.run(["ip", "link", "add", iface, "type", "veth", *peer], check=False, timeout=TIMEOUT)
     base = [sys.executable, "-m", "tproxy", "rules"]
     flags = ["-c", str(config_path), "--mode", config.mode, "--backend", config.backend]
     applied = ns.run([*base, "apply", *flags], check=False, timeout=60)
