@@ -437,6 +437,7 @@ def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoRetur
     """The privileged parent: forward signals, wait, remove the rules and routes, exit with the child's status."""
     for sock in sockets:
         sock.close()  # type: ignore[attr-defined]
+    from tproxy.reload import ParentReload
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -444,8 +445,10 @@ def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoRetur
         except ProcessLookupError:
             pass
 
+    on_hup = ParentReload(config, lambda: forward(signal.SIGHUP, None))  # moves the rules, then forwards
+
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
+        signal.signal(sig, on_hup if sig == signal.SIGHUP else forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     log.event("supervising", pid=os.getpid(), proxy_pid=child)
 
@@ -459,7 +462,7 @@ def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoRetur
     try:
         from tproxy import rules
 
-        log.event("stop", removed=rules.uninstall(config), proxy_status=code)
+        log.event("stop", removed=rules.uninstall(on_hup.config), proxy_status=code)
     except Exception as e:
         print(
             f"tproxy: {e}" if isinstance(e, TproxyError) else f"tproxy: removing the rules failed: {e!r}",

@@ -13,11 +13,23 @@ and table. Changing any of them live would cut those connections, which a reload
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
 
+from tproxy import log
 from tproxy.config import Config
+from tproxy.errors import TproxyError
+
+# The command-line overrides (mode, backend) the process started with; set by the runner, kept by every reload.
+OVERRIDES: dict[str, Any] = {}
+LISTEN_WAIT = 10.0  # seconds a privileged parent waits for the proxy to listen on a new port before moving the rules
 
 # Keys a reload logs as "needs a restart" and otherwise ignores (the running value stays).
 RESTART_KEYS = (
@@ -158,6 +170,119 @@ def load(old: Config, overrides: dict[str, Any]) -> Config:
     return Config.from_toml(old.source, mode=overrides.get("mode"), backend=overrides.get("backend"))
 
 
+def install(old: Config, plan: Plan) -> str:
+    """The new rules in, then (backend change) the old backend's rules out."""
+    from tproxy import rules
+
+    summary = rules.install(plan.config)
+    if plan.backend:
+        from backends import get_backend
+
+        try:
+            get_backend(old.backend).remove()
+        except Exception as e:  # noqa: BLE001 - the new rules are in and working; say what is left behind
+            log.event(
+                "reload_old_rules_left",
+                logging.ERROR,
+                backend=old.backend,
+                error=str(e),
+                hint=f"tproxy rules remove -c {old.source} --backend {old.backend}",
+            )
+    return summary
+
+
 def failed_line(err: Exception) -> str:
     """The one line an invalid config or a failed apply is reported with."""
     return f"tproxy: reload failed: {err}; keeping the running config"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The privileged parent (tproxy/privileges.py): it owns the rules, the unprivileged child serves.
+
+
+def listening_ports(proc_net_tcp: str) -> set[int]:
+    """The local ports in LISTEN state in the text of ``/proc/net/tcp`` or ``/proc/net/tcp6`` (pure)."""
+    out = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) > 3 and parts[3] == "0A":
+            out.add(int(parts[1].rpartition(":")[2], 16))
+    return out
+
+
+def _listening(ports: set[int]) -> bool:
+    found: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            found |= listening_ports(Path(f"/proc/net/{name}").read_text())
+        except OSError:
+            pass
+    return ports <= found
+
+
+class ParentReload:
+    """SIGHUP in the privileged parent (a signal handler): move the rules with the config, pass the signal on.
+
+    ``config`` is the config whose rules are in force (the parent removes those at the end). An invalid file is left
+    to the proxy to report (one line); no rule change: just forward. Otherwise the rules go in before the proxy hears
+    of it, except when the listener moves: then the proxy first binds the new port (keeping the old one open until
+    its next reload) and the rules follow once the port is listening (at most :data:`LISTEN_WAIT` seconds). A SIGHUP
+    arriving meanwhile runs one more reload afterwards.
+
+    Error handling: never raises. Rules the kernel rejects leave the host as it was and print the one failure line;
+    the signal is then not forwarded, so proxy and rules stay on the running config.
+    """
+
+    def __init__(self, config: Config, forward: Callable[[], None]) -> None:
+        self.config = config
+        self.forward = forward
+        self._busy = False
+        self._again = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._reload()
+        finally:
+            self._busy = False
+
+    def _reload(self) -> None:
+        old = self.config
+        try:
+            new = load(old, OVERRIDES)
+        except TproxyError:
+            self.forward()  # the proxy reports it
+            return
+        p = plan(old, new)
+        if not p.rules:
+            self.forward()
+            return
+        if p.listeners:
+            self.forward()
+            ports = {key[2] for key in listener_key(p.config)}
+            deadline = time.monotonic() + LISTEN_WAIT
+            while not _listening(ports):
+                if time.monotonic() > deadline:
+                    log.event(
+                        "reload_rules",
+                        logging.WARNING,
+                        installed="nothing: the proxy does not listen on the new port",
+                        ports=",".join(str(x) for x in sorted(ports)),
+                    )
+                    return
+                time.sleep(0.02)
+        try:
+            summary = install(old, p)
+        except Exception as e:  # noqa: BLE001 - the host is as it was; one line
+            print(failed_line(e), file=sys.stderr, flush=True)
+            return
+        self.config = p.config
+        log.event("reload_rules", installed=summary, by="privileged parent", pid=os.getpid())
+        if not p.listeners:
+            self.forward()

@@ -145,6 +145,9 @@ class Reloader:
     Error handling: an invalid file, a listener that cannot be bound, or rules the kernel rejects print one line
     (``tproxy: reload failed: ...; keeping the running config``) and change nothing. Reloads run one at a time.
 
+    Without the rules (``--no-rules``, or behind a privileged parent) the rules move at a moment this process does
+    not know: replaced listeners stay open, still accepting, until the next reload (or the stop).
+
     ``config`` is always the config in force: the runner removes the rules of this one at the end.
     """
 
@@ -162,6 +165,7 @@ class Reloader:
         self.state = state
         self.owns_rules = owns_rules
         self.overrides = overrides or {}
+        self.lingering: dict[tuple, socket.socket] = {}  # replaced listeners kept open until the next reload
         self.server = None
         self.serving = trio.Event()  # a SIGHUP received during start-up waits for the server
         self._lock = trio.Lock()
@@ -190,6 +194,8 @@ class Reloader:
         for c in plan.restart:
             log.event("reload", logging.WARNING, key=c.key, old=c.old, new=c.new, applied="no: needs a restart")
         if plan.empty:
+            retire, self.lingering = list(self.lingering.values()), {}
+            await server.retire_listeners(retire)
             log.event("reloaded", changes=0, restart_needed=len(plan.restart))
             return True
         # 1. new listeners, accepting before any rule points at them
@@ -197,7 +203,9 @@ class Reloader:
         fresh: dict[tuple, socket.socket] = {}
         try:
             for key in keys:
-                if key not in self.sockets:
+                if key in self.lingering:  # moved back: a listener still open from the reload before
+                    self.sockets[key] = self.lingering.pop(key)
+                elif key not in self.sockets:
                     family, address, port, transparent = key
                     fresh[key] = sockets.listener(family, address, port, transparent=transparent)
             await server.adopt_listeners(list(fresh.values()))
@@ -211,7 +219,7 @@ class Reloader:
         with trio.CancelScope(shield=True):
             if plan.rules and self.owns_rules:
                 try:
-                    summary = await trio.to_thread.run_sync(_install, old, plan)
+                    summary = await trio.to_thread.run_sync(reload.install, old, plan)
                 except Exception as e:  # noqa: BLE001 - the host is as it was; one line, keep running
                     await server.retire_listeners(list(fresh.values()))
                     return self._failed(e)
@@ -221,9 +229,15 @@ class Reloader:
             self.config = plan.config
             self.state.backend = plan.config.backend
         # 3. the old listeners go; 4. settings for new connections
-        old_socks = [s for k, s in self.sockets.items() if k not in keys]
+        replaced = {k: s for k, s in self.sockets.items() if k not in keys}
         self.sockets = {k: self.sockets.get(k) or fresh[k] for k in keys}
-        await server.retire_listeners(old_socks)
+        retire = list(self.lingering.values())
+        self.lingering = {}
+        if self.owns_rules:
+            retire += replaced.values()
+        else:  # the rules move when a privileged step says so: keep accepting on the old port until the next reload
+            self.lingering = replaced
+        await server.retire_listeners(retire)
         server.apply_settings(plan.config)
         if (old.log.level, old.log.format) != (plan.config.log.level, plan.config.log.format):
             log.setup(plan.config.log.level, plan.config.log.format)
@@ -237,27 +251,6 @@ class Reloader:
             listeners=",".join(log.addr(a) for a in server.addresses),
         )
         return True
-
-
-def _install(old: Config, plan: reload.Plan) -> str:
-    """In a thread: the new rules in, then (backend change) the old backend's rules out."""
-    from tproxy import rules
-
-    summary = rules.install(plan.config)
-    if plan.backend:
-        from backends import get_backend
-
-        try:
-            get_backend(old.backend).remove()
-        except Exception as e:  # noqa: BLE001 - the new rules are in and working; say what is left behind
-            log.event(
-                "reload_old_rules_left",
-                logging.ERROR,
-                backend=old.backend,
-                error=str(e),
-                hint=f"tproxy rules remove -c {old.source} --backend {old.backend}",
-            )
-    return summary
 
 
 async def _main(
@@ -334,7 +327,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
     state = State(mode=config.mode, backend=config.backend)
     installed: str | None = None  # the install summary, while this process owns the rules
     listeners: list[socket.socket] = []
-    overrides = _overrides(config, mode, backend)
+    overrides = reload.OVERRIDES = _overrides(config, mode, backend)  # (also for a privileged parent's reload)
     reloader: Reloader | None = None
     with _deferred_signals() as early:
         try:
@@ -370,7 +363,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
         finally:
             if reloader is not None:
                 config = reloader.config  # the rules in force are the last reload's
-                listeners = [*listeners, *reloader.sockets.values()]
+                listeners = [*listeners, *reloader.sockets.values(), *reloader.lingering.values()]
             for s in listeners:
                 s.close()
             if installed is not None:
