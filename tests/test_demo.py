@@ -82,3 +82,22 @@ def test_demo_keep_leaves_a_working_lab_and_says_how_to_delete_it():
         if w and "tpx-lab-" in w.group(1):
             shutil.rmtree(w.group(1), ignore_errors=True)
     assert not {client, node} & set(namespaces().split())
+
+
+def test_a_lab_that_cannot_be_built_is_one_line_and_exit_1(tmp_path):
+    """``ip netns add`` refused (here by an ``ip`` on PATH that fails): one line naming the cause, no traceback."""
+    shim = tmp_path / "ip"
+    shim.write_text('#!/bin/sh\necho "ip: refused by the test ($*)" >&2\nexit 1\n')
+    shim.chmod(0o755)
+    r = subprocess.run(
+        [sys.executable, "-m", "tproxy", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("tproxy: cannot build the demo lab: ip: refused by the test (netns add tpx-"), r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr

@@ -14,11 +14,13 @@ Ctrl-C too; with ``keep`` they stay up (a tproxy-mode proxy running) and the dem
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
 
-from tproxy.errors import MissingBinaryError, PrivilegeError
+from tproxy.errors import MissingBinaryError, PrivilegeError, TproxyError
 from tproxy.lab import CLIENT, ECHO_PORT, NODE, Lab, expected_peer_ip, proxy_config, proxy_log_names
 
 RUNS = (("tproxy", None), ("nat", None), ("nat", True))
@@ -35,6 +37,12 @@ def _addr(pair: list | None) -> str:
         return "-"
     ip, port = pair
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _one_line(text: object) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return " | ".join(ln.strip() for ln in str(text).splitlines() if ln.strip())
 
 
 def _preflight(backend: str) -> None:
@@ -57,7 +65,12 @@ def demo(backend: str = "nftables", keep: bool = False) -> int:
     out = sys.stdout
     rows: list[tuple[str, ...]] = []
     problems: list[str] = []
-    with Lab.up(keep=keep) as lab:
+    with contextlib.ExitStack() as stack:
+        try:
+            lab = stack.enter_context(Lab.up(keep=keep))
+        except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            raise TproxyError(f"cannot build the demo lab: {_one_line(detail)}") from None
         print(
             f"lab: client {lab.client.name} ({CLIENT[4]}, {CLIENT[6]}) <-veth-> node {lab.node.name} "
             f"({NODE[4]}, {NODE[6]}); the application on the node answers with the peer address it saw",
@@ -78,6 +91,10 @@ def demo(backend: str = "nftables", keep: bool = False) -> int:
                     for f in (4, 6)
                 ]
                 results = lab.connect(jobs, timeout=60)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # the client failed: a row, not a traceback
+                results = []
+                rows.append((label, backend, "-", "-", "FAILED: the client did not run"))
+                problems.append(f"{label}: {e}")
             finally:
                 status = proxy.stop()
             log = proxy.log()
