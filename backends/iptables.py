@@ -231,11 +231,18 @@ class IptablesBackend(Backend):
                         'or use backend = "nftables"'
                     )
         else:
-            r = run(["nft", "list", "tables"], check=False)
-            nft_tables = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("table ")}
+            try:
+                r = run(["nft", "list", "tables"], check=False)
+                nft_tables = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("table ")}
+            except MissingBinaryError:  # no nft program (a legacy host need not have one): ask iptables-nft itself
+                nft_tables = {"ip", "ip6"}
             for fam in (4, 6):
                 if ("ip" if fam == 4 else "ip6") in nft_tables:
-                    if has_rules(run([f"{PREFIX[fam]}-nft-save"], check=False).stdout):
+                    try:
+                        saved = run([f"{PREFIX[fam]}-nft-save"], check=False).stdout
+                    except MissingBinaryError:
+                        continue  # an iptables without the nf_tables variant: nothing can be mixed in
+                    if has_rules(saved):
                         raise RulesError(
                             f"this host's iptables is the legacy variant, but {PREFIX[fam]}-nft holds rules "
                             f"(see {PREFIX[fam]}-nft-save); mixing the two variants breaks both: move those rules "

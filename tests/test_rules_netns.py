@@ -426,6 +426,28 @@ def test_iptables_legacy_variant(ns, tmp_path, legacy_path, case):
     assert snapshot(ns) == before
 
 
+def test_iptables_legacy_variant_without_nft_installed(ns, tmp_path, legacy_path):
+    """A legacy-only host need not have the ``nft`` program: apply and remove work without it (PATH: the legacy
+    shim and ``ip``, nothing else)."""
+    shim = Path(legacy_path.split(":")[0])
+    (shim / "ip").symlink_to(shutil.which("ip"))
+    for prog in ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"):
+        if shutil.which(prog):
+            (shim / prog).symlink_to(shutil.which(prog))
+    env = {**os.environ, "PATH": str(shim)}
+    probe = ns.run(["iptables", "-t", "mangle", "-S"], env=env, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"the legacy iptables kernel modules are unavailable here: {probe.stderr.strip()}")
+    conf = str(write_config(tmp_path, "tproxy-both", "iptables"))
+    before = snapshot(ns)
+    for cmd in ("apply", "remove"):
+        r = ns.run([TPROXY, "rules", cmd, "-c", conf], env=env, check=False)
+        assert r.returncode == 0, r.stderr
+    assert "nft" not in r.stderr
+    after = snapshot(ns)
+    assert after["nft"] == before["nft"] and after["rule4"] == before["rule4"] and after["route6"] == before["route6"]
+
+
 def _strip_save(text: str) -> str:
     text = "".join(ln + "\n" for ln in text.splitlines() if not ln.startswith(("# Generated", "# Completed")))
     return re.sub(r"\[\d+:\d+\]", "[:]", text)
