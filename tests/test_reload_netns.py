@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.lab_fixtures import BACKENDS, wait_logged
+from tests.test_privileges_netns import runtime  # noqa: F401 - the fixture
+from tests.test_privileges_netns import start as start_unprivileged
 from tproxy import lab as L
 
 pytestmark = pytest.mark.root
@@ -147,3 +149,56 @@ def test_reload_moves_the_listener_without_dropping_the_open_connection(lab, bac
         held.close()
     assert not wait_logged(proxy, [held.src]), proxy.log()
     assert proxy.stop() == 0, proxy.log()
+
+
+def test_reload_switches_the_backend_without_dropping_the_open_connection(lab):
+    before = lab.snapshot()
+    path = lab.write_config(config("nftables"))
+    proxy = lab.start_proxy(path)
+    held = Held(lab, 4, L.ECHO_PORT)
+    try:
+        assert held.echo("before") == "before"
+        out = hup(proxy, path, config("iptables"), expect="reloaded")
+        assert "key=backend old=nftables new=iptables" in out, out
+        assert "table inet tproxy_rules" not in lab.node.run(["nft", "list", "tables"]).stdout
+        assert "TPROXY_PREROUTING" in lab.node.run(["iptables-save"]).stdout
+        assert held.echo("after") == "after"
+        through_proxy(lab, proxy, L.ECHO_PORT)
+    finally:
+        held.close()
+    assert proxy.stop() == 0, proxy.log()
+    assert lab.snapshot() == before  # the rules removed at the end are the reloaded backend's
+
+
+def test_privileged_parent_moves_the_rules_on_reload(lab, runtime):  # noqa: F811 - the imported fixture
+    argv, env = runtime
+    lab.workdir.chmod(0o755)  # the unprivileged proxy re-reads its config from here
+    nobody = '\n[privileges]\nuser = "nobody"\n'
+    path = lab.write_config(config("nftables") + nobody)
+    path.chmod(0o644)
+    proxy = start_unprivileged(lab, [*argv, "run", "-c", str(path)], env, path)
+    held = Held(lab, 4, L.ECHO_PORT)
+    try:
+        assert held.echo("before") == "before"
+        out = hup(
+            proxy, path, config("nftables", ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}') + nobody, expect="reloaded"
+        )
+        assert 'by="privileged parent"' in out and "key=intercept.ports" in out, out
+        assert held.echo("after") == "after"
+        through_proxy(lab, proxy, L.DIRECT_PORT)
+
+        # the listener moves: the proxy binds 4144, then the parent points the rules at it
+        out = hup(
+            proxy,
+            path,
+            config("nftables", ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}', listener_port=4144) + nobody,
+            expect="privileged parent",
+        )
+        table = lab.node.run(["nft", "list", "table", "inet", "tproxy_rules"]).stdout
+        assert ":4144" in table and ":4143" not in table, out + table
+        assert held.echo("moved") == "moved"
+        through_proxy(lab, proxy, L.ECHO_PORT)
+    finally:
+        held.close()
+    assert proxy.stop() == 0, proxy.log()
+    assert "table inet tproxy_rules" not in lab.node.run(["nft", "list", "tables"]).stdout
