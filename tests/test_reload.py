@@ -10,6 +10,7 @@ import json
 import socket
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -230,3 +231,52 @@ async def test_a_key_that_needs_a_restart_is_logged_and_ignored(tmp_path, log_li
         ("warning", "routing.mark", "no: needs a restart")
     ]
     assert [(e["changes"], e["restart_needed"]) for e in events if e["event"] == "reloaded"] == [(0, 1)]
+
+
+# -- signals and the privileged parent's pieces
+
+
+def test_a_sighup_while_the_rules_go_in_is_kept_for_later_not_fatal():
+    import os
+    import signal
+
+    from tproxy import runner
+
+    with runner._deferred_signals() as early:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert early.pending == [signal.SIGHUP, signal.SIGHUP]
+
+
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:102F 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 00000000:1030 00000000:0000 06 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+   2: 0100007F:1F90 0200007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+"""
+
+
+def test_listening_ports_reads_only_listen_sockets():
+    assert reload.listening_ports(PROC_NET_TCP) == {4143}
+    assert reload.listening_ports("  sl  local_address\n") == set()
+
+
+def test_the_parent_forwards_an_invalid_config_to_the_proxy_and_keeps_its_rules(tmp_path):
+    path = tmp_path / "tproxy.toml"
+    path.write_text("[intercept]\nports = []\n")
+    running = attrs.evolve(cfg(), source=str(path))
+    forwarded = []
+    on_hup = reload.ParentReload(running, lambda: forwarded.append(True))
+    on_hup(1, None)
+    assert forwarded == [True] and on_hup.config is running
+
+
+def test_the_parent_forwards_at_once_when_no_rule_changes(tmp_path):
+    path = tmp_path / "tproxy.toml"
+    write(path, 4143, extra="idle_timeout = 5\n")
+    running = Config.from_toml(path)
+    write(path, 4143, extra="idle_timeout = 50\n")
+    forwarded = []
+    on_hup = reload.ParentReload(running, lambda: forwarded.append(True))
+    on_hup(1, None)
+    assert forwarded == [True] and on_hup.config is running  # the proxy applies settings; the rules stay
