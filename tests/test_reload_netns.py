@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -202,3 +203,38 @@ def test_privileged_parent_moves_the_rules_on_reload(lab, runtime):  # noqa: F81
         held.close()
     assert proxy.stop() == 0, proxy.log()
     assert "table inet tproxy_rules" not in lab.node.run(["nft", "list", "tables"]).stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_connection_misses_the_proxy_while_reloads_come_one_after_another(lab, backend):
+    """Reloads back to back (intercepted ports, then the listener port, changing) during a client batch: every
+    connection succeeds and goes through the proxy: no moment without interception, no listener gap."""
+    path = lab.write_config(config(backend))
+    proxy = lab.start_proxy(path)
+    variants = [
+        config(backend, ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}'),
+        config(backend, ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}', listener_port=4144),
+        config(backend, listener_port=4144),
+        config(backend),
+    ]
+    stop = threading.Event()
+    reloads: list[int] = []
+
+    def reload_loop() -> None:
+        while not stop.is_set() and len(reloads) < 40:
+            hup(proxy, path, variants[len(reloads) % len(variants)], expect="reloaded")
+            reloads.append(1)
+
+    thread = threading.Thread(target=reload_loop)
+    thread.start()
+    try:
+        jobs = [{"dst": L.NODE[f], "port": L.ECHO_PORT, "count": 600, "concurrency": 8, "sizes": [64]} for f in (4, 6)]
+        results = lab.connect(jobs)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert len(reloads) >= 4, f"only {len(reloads)} reloads during the batch"
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, bad[:5]
+    assert not wait_logged(proxy, [tuple(r["src"]) for r in results]), "connections that bypassed the proxy"
+    assert proxy.stop() == 0, proxy.log()

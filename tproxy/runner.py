@@ -186,6 +186,7 @@ class Reloader:
             log.event("reload_ignored", reason="stopping")
             return False
         old = self.config
+        t0 = trio.current_time()
         try:
             new = reload.load(old, self.overrides)
         except ConfigError as e:
@@ -249,6 +250,7 @@ class Reloader:
             restart_needed=len(plan.restart),
             rules="replaced" if plan.rules and self.owns_rules else "unchanged" if not plan.rules else "not ours",
             listeners=",".join(log.addr(a) for a in server.addresses),
+            duration_ms=round((trio.current_time() - t0) * 1000, 1),
         )
         return True
 
