@@ -81,6 +81,15 @@ def test_keys_that_need_a_restart_keep_their_running_value():
     assert "routing.mark 0x1 -> 0x2" in [c.line() for c in p.restart]
 
 
+def test_a_family_can_be_added_but_not_dropped():
+    added = reload.plan(cfg(), cfg(intercept__ipv6=True, listener__address="0.0.0.0"))
+    assert added.config.families == (4, 6) and added.listeners and added.rules and not added.restart
+    dropped = reload.plan(added.config, cfg())
+    assert {c.key for c in dropped.restart} == {"intercept.ipv6", "listener.address"}
+    assert dropped.config.families == (4, 6) and str(dropped.config.listener.address) == "0.0.0.0"
+    assert not dropped.listeners and not dropped.rules and dropped.empty
+
+
 def test_the_failure_line_names_file_and_key(tmp_path: Path):
     path = tmp_path / "t.toml"
     path.write_text('[intercept]\nports = ["9090-80"]\n')

@@ -8,7 +8,8 @@ listeners closed, then the settings for new connections.
 Why some keys need a restart: an open connection's upstream socket carries ``routing.mark`` and was bound by the rules
 of its ``mode`` / ``preserve_source`` / ``upstream``; replies to it are routed by the fwmark rule of the running mark
 and table. Changing any of them live would cut those connections, which a reload must never do. ``admin.address`` and
-``privileges`` belong to other parts of the process that are set up once.
+``privileges`` belong to other parts of the process that are set up once. For the same reason a reload may add an IP
+family but not drop one.
 """
 
 from __future__ import annotations
@@ -129,24 +130,48 @@ class Plan:
         return not self.applied
 
 
+def _restart_keys(old: Config, new: Config) -> set[str]:
+    """:data:`RESTART_KEYS`, and for this pair of configs: dropping an IP family (its open connections lose the
+    reply routing rules of their family), and then ``listener.address`` too (it may be what required the drop)."""
+    keys = set(RESTART_KEYS)
+    dropped = [f for f in old.families if f not in new.families]
+    if dropped:
+        keys |= {f"intercept.ipv{f}" for f in dropped} | {"listener.address"}
+    return keys
+
+
 def _keep_running(old: Config, new: Config) -> Config:
-    """``new`` with the running value of every key in :data:`RESTART_KEYS`."""
+    """``new`` with the running value of every key that needs a restart (:func:`_restart_keys`)."""
     proxy = attrs.evolve(
         new.proxy,
         preserve_source=old.preserve_source,  # the effective value: the running mode decides the default
         upstream=old.proxy.upstream,
         upstream_ports=old.proxy.upstream_ports,
     )
+    listener, intercept = new.listener, new.intercept
+    if any(f not in new.families for f in old.families):
+        listener = attrs.evolve(new.listener, address=old.listener.address)
+        intercept = attrs.evolve(
+            new.intercept, ipv4=old.intercept.ipv4 or new.intercept.ipv4, ipv6=old.intercept.ipv6 or new.intercept.ipv6
+        )
     return attrs.evolve(
-        new, mode=old.mode, routing=old.routing, proxy=proxy, admin=old.admin, privileges=old.privileges
+        new,
+        mode=old.mode,
+        routing=old.routing,
+        proxy=proxy,
+        admin=old.admin,
+        privileges=old.privileges,
+        listener=listener,
+        intercept=intercept,
     )
 
 
 def plan(old: Config, new: Config) -> Plan:
     """Compare the running config with a newly loaded one (pure)."""
     changes = diff(old, new)
-    restart = tuple(c for c in changes if c.key in RESTART_KEYS)
-    applied = tuple(c for c in changes if c.key not in RESTART_KEYS)
+    keys = _restart_keys(old, new)
+    restart = tuple(c for c in changes if c.key in keys)
+    applied = tuple(c for c in changes if c.key not in keys)
     config = _keep_running(old, new)
     from tproxy import rules
 
