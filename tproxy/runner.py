@@ -210,7 +210,7 @@ class Reloader:
                     family, address, port, transparent = key
                     fresh[key] = sockets.listener(family, address, port, transparent=transparent)
             await server.adopt_listeners(list(fresh.values()))
-        except (TproxyError, RuntimeError) as e:
+        except (TproxyError, OSError, RuntimeError) as e:
             for s in fresh.values():
                 if s not in server.listeners:
                     s.close()
