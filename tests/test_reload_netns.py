@@ -238,3 +238,27 @@ def test_no_connection_misses_the_proxy_while_reloads_come_one_after_another(lab
     assert not bad, bad[:5]
     assert not wait_logged(proxy, [tuple(r["src"]) for r in results]), "connections that bypassed the proxy"
     assert proxy.stop() == 0, proxy.log()
+
+
+def test_rules_that_fail_to_apply_leave_the_running_ones(lab):
+    """Routing fails after the new rule file went in (an intercepted interface that does not exist, with the loopback
+    upstream's route_localnet): the running rules are back, one line says why, the proxy serves on."""
+    text = L.proxy_config("tproxy", "nftables", upstream="loopback")
+    path = lab.write_config(text)
+    proxy = lab.start_proxy(path)
+    rules_before = lab.node.run(["nft", "list", "table", "inet", "tproxy_rules"]).stdout
+    held = Held(lab, 4, L.ECHO_PORT)
+    try:
+        bad = text.replace("[intercept]\n", '[intercept]\ninterfaces = ["nosuch0"]\n')
+        out = hup(proxy, path, bad, expect="reload failed")
+        failed = [ln for ln in out.splitlines() if "reload failed" in ln]
+        assert len(failed) == 1 and "nosuch0" in failed[0] and failed[0].endswith("keeping the running config"), out
+        assert lab.node.run(["nft", "list", "table", "inet", "tproxy_rules"]).stdout == rules_before
+        assert held.echo("after") == "after"
+        since = len(proxy.log())
+        results = lab.connect([{"dst": L.NODE[f], "port": L.ECHO_PORT, "sizes": [100]} for f in (4, 6)])
+        assert all(r["ok"] and r["peer"][0] == L.CLIENT[f] for r, f in zip(results, (4, 6), strict=True)), results
+        assert not wait_logged(proxy, [tuple(r["src"]) for r in results], since=since), proxy.log()[since:]
+    finally:
+        held.close()
+    assert proxy.stop() == 0, proxy.log()

@@ -196,10 +196,21 @@ def load(old: Config, overrides: dict[str, Any]) -> Config:
 
 
 def install(old: Config, plan: Plan) -> str:
-    """The new rules in, then (backend change) the old backend's rules out."""
+    """The new rules in, then (backend change) the old backend's rules out.
+
+    Error handling: when the new rules fail (the kernel rejects them, routing fails after they went in), the running
+    config's rules are installed again (idempotent), so the host is left serving as before; then the error is raised.
+    """
     from tproxy import rules
 
-    summary = rules.install(plan.config)
+    try:
+        summary = rules.install(plan.config)
+    except Exception:
+        try:
+            rules.install(old)
+        except Exception as e:  # noqa: BLE001 - the first error is the one to report
+            log.event("reload_restore_failed", logging.ERROR, error=str(e))
+        raise
     if plan.backend:
         from backends import get_backend
 
