@@ -52,20 +52,23 @@ def _guard() -> str:
     return f'iifname != "lo" meta nfproto ipv4 ip daddr 127.0.0.0/8 drop {_comment("loopback-guard")}'
 
 
-def _tproxy_to(config: Config, family: int) -> str:
+def _listener(config: Config, family: int) -> str:
+    """The listener as an nft ``to`` argument: ``:PORT`` for a wildcard, else ``ADDR:PORT`` / ``[ADDR]:PORT``."""
     port = config.listener.port
     if config.listener.is_wildcard:
-        return f"tproxy {IPKW[family]} to :{port}"
+        return f":{port}"
     addr = config.listener.address_for(family)
-    return f"tproxy {IPKW[family]} to {addr if family == 4 else f'[{addr}]'}:{port}"
+    return f"{addr if family == 4 else f'[{addr}]'}:{port}"
+
+
+def _tproxy_to(config: Config, family: int) -> str:
+    return f"tproxy {IPKW[family]} to {_listener(config, family)}"
 
 
 def _redirect_to(config: Config, family: int) -> str:
-    port = config.listener.port
     if config.listener.is_wildcard:
-        return f"redirect to :{port}"
-    addr = config.listener.address_for(family)
-    return f"dnat {IPKW[family]} to {addr if family == 4 else f'[{addr}]'}:{port}"
+        return f"redirect to {_listener(config, family)}"
+    return f"dnat {IPKW[family]} to {_listener(config, family)}"
 
 
 def _chain(name: str, hook: str, rules: list[str]) -> list[str]:

@@ -125,23 +125,24 @@ class _Netlink:
                 return
             self.ipr.rule("del", fwmark=mark, fwmask=mark, table=table, family=AF[family])
 
+    def _route(self, op: str, family: int, table: int) -> None:
+        """``local default dev lo table T``: IPv4 needs scope host (else EINVAL), IPv6 the family (DESIGN.md)."""
+        if family == 4:
+            self.ipr.route(op, dst="0.0.0.0/0", type="local", scope="host", table=table, oif=self.lo)
+        else:
+            self.ipr.route(op, dst="default", family=socket.AF_INET6, type="local", table=table, oif=self.lo)
+
     def add_route(self, family: int, table: int) -> bool:
         if self.route_present(family, table):
             return False
-        if family == 4:
-            self.ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", table=table, oif=self.lo)
-        else:
-            self.ipr.route("add", dst="default", family=socket.AF_INET6, type="local", table=table, oif=self.lo)
+        self._route("add", family, table)
         return True
 
     def del_route(self, family: int, table: int) -> None:
         for _ in range(16):
             if not self.route_present(family, table):
                 return
-            if family == 4:
-                self.ipr.route("del", dst="0.0.0.0/0", type="local", scope="host", table=table, oif=self.lo)
-            else:
-                self.ipr.route("del", dst="default", family=socket.AF_INET6, type="local", table=table, oif=self.lo)
+            self._route("del", family, table)
 
 
 def _netlink() -> _Netlink:
