@@ -8,6 +8,7 @@ one survives. Each test gets its own lab.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab_fixtures import BACKENDS, wait_logged
+from tests.lab_fixtures import BACKENDS, Cell, wait_logged
 from tests.test_privileges_netns import runtime  # noqa: F401 - the fixture
 from tests.test_privileges_netns import start as start_unprivileged
 from tproxy import lab as L
@@ -76,8 +77,15 @@ def lab():
         yield lab
 
 
-def config(backend: str, *, ports: str = f'"{L.INTERCEPT_PORTS}"', listener_port: int = L.LISTENER_PORT) -> str:
-    text = L.proxy_config("tproxy", backend)
+def config(
+    backend: str,
+    *,
+    ports: str = f'"{L.INTERCEPT_PORTS}"',
+    listener_port: int = L.LISTENER_PORT,
+    mode: str = "tproxy",
+    preserve: bool | None = None,
+) -> str:
+    text = L.proxy_config(mode, backend, preserve_source=preserve)
     text = text.replace(f'ports = ["{L.INTERCEPT_PORTS}"]', f"ports = [{ports}]")
     return text.replace(f"port = {L.LISTENER_PORT}", f"port = {listener_port}")
 
@@ -95,38 +103,44 @@ def hup(proxy: L.Proxy, path: Path, text: str, *, expect: str, timeout: float = 
     return proxy.log()[since:]
 
 
-def through_proxy(lab: L.Lab, proxy: L.Proxy, port: int) -> None:
+def through_proxy(lab: L.Lab, proxy: L.Proxy, port: int, cell: Cell | None = None) -> None:
     """A new connection per family to ``port`` works, the application sees the client, the proxy logs it."""
     since = len(proxy.log())
     results = lab.connect([{"dst": L.NODE[f], "port": port, "sizes": [100]} for f in (4, 6)])
     for r, fam in zip(results, (4, 6), strict=True):
-        assert r["ok"] and r["peer"][0] == L.CLIENT[fam], r
+        assert r["ok"] and r["peer"][0] == (cell.expected_ip(fam) if cell else L.CLIENT[fam]), r
     assert not wait_logged(proxy, [tuple(r["src"]) for r in results], since=since), proxy.log()[since:]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reload_adds_a_port_without_dropping_the_open_connection(lab, backend):
-    path = lab.write_config(config(backend))
+CELLS = [Cell("tproxy", None, b) for b in BACKENDS] + [Cell("nat", False, "nftables"), Cell("nat", True, "iptables")]
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=str)
+def test_reload_adds_a_port_without_dropping_the_open_connection(lab, cell):
+    backend = cell.backend
+
+    make = functools.partial(config, mode=cell.mode, preserve=cell.preserve)
+    path = lab.write_config(make(backend))
     proxy = lab.start_proxy(path)
     held = Held(lab, 4, L.ECHO_PORT)
     try:
-        assert held.peer == L.CLIENT[4]
+        assert held.peer == cell.expected_ip(4)
         assert held.echo("before") == "before"
-        out = hup(proxy, path, config(backend, ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}'), expect="reloaded")
+        out = hup(proxy, path, make(backend, ports=f'"{L.INTERCEPT_PORTS}", {L.DIRECT_PORT}'), expect="reloaded")
         assert 'key=intercept.ports old=[8080-8090] new="[8080-8090, 9090]"' in out, out
         assert held.echo("after") == "after"
-        through_proxy(lab, proxy, L.DIRECT_PORT)
+        through_proxy(lab, proxy, L.DIRECT_PORT, cell)
         lab.wait_ready(proxy, timeout=5)
 
         # an invalid file: one line, the running config (9090 intercepted) stays
-        out = hup(proxy, path, config(backend, ports='"9090-80"'), expect="reload failed")
+        out = hup(proxy, path, make(backend, ports='"9090-80"'), expect="reload failed")
         failed = [ln for ln in out.splitlines() if "reload failed" in ln]
         assert failed == [
             f"tproxy: reload failed: {path}: intercept.ports[0]: inverted range '9090-80' (low end above high end); "
             "keeping the running config"
         ], out
         assert held.echo("still") == "still"
-        through_proxy(lab, proxy, L.DIRECT_PORT)
+        through_proxy(lab, proxy, L.DIRECT_PORT, cell)
     finally:
         held.close()
     assert not wait_logged(proxy, [held.src]), proxy.log()
