@@ -289,3 +289,15 @@ def test_the_parent_forwards_at_once_when_no_rule_changes(tmp_path):
     on_hup = reload.ParentReload(running, lambda: forwarded.append(True))
     on_hup(1, None)
     assert forwarded == [True] and on_hup.config is running  # the proxy applies settings; the rules stay
+
+
+def test_command_line_overrides_are_kept_on_reload(tmp_path):
+    from tproxy import runner
+
+    path = tmp_path / "tproxy.toml"
+    write(path, 4143)
+    given = Config.from_toml(path, backend="iptables")
+    assert runner._overrides(given, None, None) == {"backend": "iptables"}  # told apart from the file
+    assert runner._overrides(given, "nat", "iptables") == {"mode": "nat", "backend": "iptables"}
+    assert runner._overrides(Config.from_toml(path), None, None) == {}
+    assert reload.load(given, {"backend": "iptables"}).backend == "iptables"
