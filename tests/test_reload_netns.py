@@ -98,6 +98,7 @@ def hup(proxy: L.Proxy, path: Path, text: str, *, expect: str, timeout: float = 
     deadline = time.monotonic() + timeout
     while expect not in proxy.log()[since:]:
         assert proxy.proc.poll() is None, proxy.log()
+        assert expect == "reload failed" or "reload failed" not in proxy.log()[since:], proxy.log()[since:]
         assert time.monotonic() < deadline, f"no {expect!r} after SIGHUP:\n{proxy.log()[since:]}"
         time.sleep(0.05)
     return proxy.log()[since:]
