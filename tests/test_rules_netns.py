@@ -171,13 +171,52 @@ def test_remove_leaves_other_rules_alone(ns, tmp_path, backend):
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)
 def test_failure_half_way_leaves_the_host_as_it_was(ns, tmp_path, backend):
-    """Rules and routes go in, then a sysctl for a missing interface fails: everything comes out again."""
+    """A sysctl for a missing interface: refused before anything goes in (one line, no traceback)."""
     conf = str(write_config(tmp_path, "tproxy-loopback-interfaces", backend, intercept={"interfaces": ["nosuch0"]}))
     before = snapshot(ns)
     r = cli(ns, "apply", "-c", conf)
     assert r.returncode == 1
     assert "interface 'nosuch0' does not exist" in r.stderr and "route_localnet" in r.stderr
     assert "Traceback" not in r.stderr
+    assert snapshot(ns) == before
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_reapply_with_a_missing_interface_keeps_the_running_rules(ns, tmp_path, backend):
+    """Installed, then applied again with an interface that does not exist (a typo before `systemctl reload`): the
+    installed rules stay exactly as they were, not replaced by rules of a config whose routing cannot go in."""
+    good = str(write_config(tmp_path, "tproxy-loopback-interfaces", backend))
+    assert cli(ns, "apply", "-c", good).returncode == 0
+    once = snapshot(ns)
+    bad = write_config(tmp_path, "tproxy-loopback-interfaces", backend, intercept={"interfaces": ["veth0", "nosuch0"]})
+    r = cli(ns, "apply", "-c", str(bad))
+    assert r.returncode == 1 and "interface 'nosuch0' does not exist" in r.stderr, r.stderr
+    assert snapshot(ns) == once
+    assert cli(ns, "remove", "-c", good).returncode == 0
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_routing_failure_after_the_rules_takes_them_out_again(ns, tmp_path, backend):
+    """Routing fails once the rules are in (netlink refusing, simulated by making routing.install raise): the rules
+    come out again and the namespace reads as before."""
+    conf = str(write_config(tmp_path, "tproxy-both", backend))
+    script = f"""
+import sys
+from tproxy import routing, rules
+from tproxy.config import Config
+from tproxy.errors import RulesError
+def refuse(config):
+    raise RulesError("adding the IPv4 fwmark rule/local route (table 100): refused by the test")
+routing.install = refuse
+try:
+    rules.install(Config.from_toml({conf!r}))
+except RulesError as e:
+    print(e)
+    sys.exit(3)
+"""
+    before = snapshot(ns)
+    r = ns.run([PYTHON, "-c", script], check=False, cwd=str(Path(__file__).parent.parent))
+    assert r.returncode == 3 and "refused by the test" in r.stdout, r.stdout + r.stderr
     assert snapshot(ns) == before
 
 

@@ -161,6 +161,14 @@ def installed(config: Config) -> bool:
         nl.close()
 
 
+def check(config: Config) -> None:
+    """Raise the RulesError :func:`install` would raise for a sysctl it cannot set (an interface that does not exist),
+    touching nothing: the rules facade calls it before the rules go in, so such a config changes nothing at all
+    (a rule set replaced and then left in place by a failed routing step would be half of the new config)."""
+    for s in sysctls(config):
+        _read_sysctl(s, config)
+
+
 def install(config: Config) -> list[str]:
     """Add rules, routes and sysctls for ``config``; idempotent. Returns what was newly done (for the summary).
 

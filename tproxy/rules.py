@@ -58,6 +58,7 @@ def install(config: Config) -> str:
 def _install(config: Config) -> str:
     backend = get_backend(config.backend)
     text = backend.render(config)
+    routing.check(config)
     was_installed = backend.installed()
     backend.apply(text)
     try:
