@@ -6,7 +6,8 @@ bound to the client's address) and ``SO_MARK``, and the kernel accepts both with
 - **privileged parent** (``[privileges] user`` set, started as root): the runner installs rules and routes and binds
   the listeners as root, then :func:`before_serve` forks. The child drops to that user keeping only the capabilities
   the config needs (:func:`required_capabilities`) and serves. The parent stays root and does nothing but forward
-  SIGTERM/SIGINT/SIGHUP to the child, wait for it, remove the rules and routes, and exit with the child's status.
+  SIGTERM/SIGINT/SIGHUP to the child (on SIGHUP it first moves the rules to the re-read config:
+  :class:`tproxy.reload.ParentReload`), wait for it, remove the rules and routes, and exit with the child's status.
 - **split deployment**: ``tproxy rules apply`` as root, then ``tproxy run --no-rules`` started by the operator with only
   CAP_NET_RAW (``setpriv``, systemd ``AmbientCapabilities=``), then ``tproxy rules remove``.
   :func:`check_capabilities` makes a missing capability one clear line at start, never an error per connection.
