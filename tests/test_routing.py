@@ -193,3 +193,17 @@ def test_nat_without_preserve_source_installs_no_routing(ns):
     before = state(ns)
     assert in_ns(ns, {"mode": "nat", "intercept": {"ports": [8080]}}, "install")["ok"] == []
     assert state(ns) == before
+
+
+@pytest.mark.root
+def test_uninstall_after_mark_and_table_were_edited_removes_the_old_ones_too(ns):
+    """Installed with one mark and table, then the config was edited (another mark and table) before the removal:
+    the old fwmark rules, routes and sysctl still come out, and the namespace reads as before."""
+    before = state(ns)
+    in_ns(ns, DOC, "install")
+    edited = {**DOC, "routing": {"mark": 0x20, "table": 4343}}
+    removed = in_ns(ns, edited, "uninstall")["ok"]
+    assert "rule ipv4 (mark 0x10, table 4242)" in removed and "route ipv6 (mark 0x10, table 4242)" in removed
+    assert "net.ipv4.conf.all.route_localnet (mark 0x10, table 4242)" in removed
+    assert state(ns) == before
+    assert in_ns(ns, DOC, "uninstall")["ok"] == []

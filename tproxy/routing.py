@@ -7,7 +7,8 @@ delivered locally, to the proxy. Needed in tproxy mode and in nat mode with ``pr
 Sysctls: only ``route_localnet=1`` for the IPv4 loopback upstream (see :func:`backends.base.loopback_guard`), on the
 intercepted interfaces, or on ``all`` when every interface is intercepted. ``rp_filter`` needs no change (see
 DESIGN.md, pitfalls). A value we change is remembered in ``/run/tproxy/routing-netns<inode>-mark<M>-table<T>.json``
-and restored on removal, from any process in the same network namespace.
+and restored on removal, from any process in the same network namespace. That file exists for every installed mark
+and table, so removal also finds what an earlier config with another ``routing.mark`` / ``routing.table`` installed.
 
 Error handling: every failure raises :class:`~tproxy.errors.RulesError`; :func:`install` first undoes what it did.
 Resource handling: ``IPRoute`` works in the calling process's network namespace. It runs an asyncio loop of its own:
@@ -17,6 +18,7 @@ call these functions from a thread (``trio.to_thread.run_sync``) or outside trio
 from __future__ import annotations
 
 import errno
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -73,8 +75,23 @@ def commands(config: Config) -> list[str]:
     return out
 
 
-def _state_path(config: Config) -> Path:
-    return state_path("routing", f"mark{config.routing.mark}", f"table{config.routing.table}")
+def _state_path(mark: int, table: int) -> Path:
+    """What one install (mark, table) did in this namespace: the sysctl values it changed. It exists while our rule
+    for that mark and table is installed, so removal finds it even after ``routing.mark`` or ``routing.table`` were
+    edited in the config."""
+    return state_path("routing", f"mark{mark}", f"table{table}")
+
+
+def _installed_elsewhere(config: Config) -> list[tuple[int, int, Path]]:
+    """(mark, table, state path) of the other installs this namespace's state files remember."""
+    own = _state_path(config.routing.mark, config.routing.table)
+    pattern = re.compile(r"-mark(\d+)-table(\d+)\.json$")
+    out = []
+    for path in sorted(own.parent.glob(own.name.split("-mark", 1)[0] + "-mark*-table*.json")):
+        m = pattern.search(path.name)
+        if m and path != own:
+            out.append((int(m.group(1)), int(m.group(2)), path))
+    return out
 
 
 def _netlink_error(e: Exception, what: str) -> RulesError:
@@ -180,7 +197,7 @@ def install(config: Config) -> list[str]:
     undo: list[Callable[[], None]] = []
     done: list[str] = []
     nl = _netlink()
-    path = _state_path(config)
+    path = _state_path(mark, table)
     prev_state = None
     try:
         state = load_state(path)
@@ -210,8 +227,7 @@ def install(config: Config) -> list[str]:
             _write_sysctl(s.path, s.value)
             undo.append(lambda s=s, old=old: _write_sysctl(s.path, old))
             done.append(s.key)
-        if not saved:
-            drop_state(path)
+        save_state(path, {"sysctls": saved})  # also when empty: it says this mark and table are installed
         return done
     except BaseException:
         for step in reversed(undo):
@@ -229,29 +245,43 @@ def install(config: Config) -> list[str]:
 
 
 def uninstall(config: Config) -> list[str]:
-    """Remove our rules and routes (both families) and restore the sysctls we changed. Safe to call twice."""
+    """Remove our rules and routes (both families) and restore the sysctls we changed. Safe to call twice.
+
+    Also what an install with another ``routing.mark`` / ``routing.table`` left in this namespace (the config was
+    edited since), as its state file remembers it.
+    """
     mark, table = config.routing.mark, config.routing.table
-    done: list[str] = []
     nl = _netlink()
     try:
-        for f in (4, 6):
-            try:
-                if nl.rule_present(f, mark, table):
-                    nl.del_rule(f, mark, table)
-                    done.append(f"rule ipv{f}")
-                if nl.route_present(f, table):
-                    nl.del_route(f, table)
-                    done.append(f"route ipv{f}")
-            except Exception as e:
-                raise _netlink_error(e, f"removing the IPv{f} fwmark rule/local route (table {table})") from None
+        done = _remove(nl, mark, table)
+        done += _restore_and_forget(_state_path(mark, table))
+        for other_mark, other_table, path in _installed_elsewhere(config):
+            if any(nl.rule_present(f, other_mark, other_table) for f in (4, 6)):
+                removed = _remove(nl, other_mark, other_table) + _restore_and_forget(path)
+                done += [f"{what} (mark {other_mark:#x}, table {other_table})" for what in removed]
+            else:
+                drop_state(path)  # left by a namespace that no longer exists (inodes are reused)
     finally:
         nl.close()
-    done += _restore_and_forget(config)
     return done
 
 
-def _restore_and_forget(config: Config) -> list[str]:
-    path = _state_path(config)
+def _remove(nl: _Netlink, mark: int, table: int) -> list[str]:
+    done = []
+    for f in (4, 6):
+        try:
+            if nl.rule_present(f, mark, table):
+                nl.del_rule(f, mark, table)
+                done.append(f"rule ipv{f}")
+            if nl.route_present(f, table):
+                nl.del_route(f, table)
+                done.append(f"route ipv{f}")
+        except Exception as e:
+            raise _netlink_error(e, f"removing the IPv{f} fwmark rule/local route (table {table})") from None
+    return done
+
+
+def _restore_and_forget(path: Path) -> list[str]:
     state = load_state(path) or {}
     restored = []
     for p, old in state.get("sysctls", {}).items():
