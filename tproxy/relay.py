@@ -10,7 +10,8 @@ What the caller can rely on (:func:`run_direction`, and :func:`relay` which runs
 
 - every byte arrives once and in order, whatever the chunking;
 - EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; the relay is
-  done when both directions have seen EOF (outcome ``"ok"``);
+  done when both directions have seen EOF (outcome ``"ok"``). A flow whose ``on_done`` closes both sockets at once
+  (``close_sends_fin``, the server's) skips the second shutdown: the close sends the same FIN;
 - a reset (or any other error) on either side ends both directions at once (outcome ``"reset"``): the caller closes
   both sockets with SO_LINGER 0 so the other peer sees a reset too;
 - :func:`abort` ends both directions at once (the idle check uses it: outcome ``"idle"``): a direction waiting on
@@ -138,6 +139,10 @@ class Flow:
         self.running = 0  # directions not yet ended
         self.on_done: Callable[[Flow], None] | None = None
 
+    # True when on_done closes both sockets at once: the last EOF is then passed on by close() (same FIN), not by a
+    # shutdown. A class attribute (no per-connection memory); the server's connections set it.
+    close_sends_fin = False
+
 
 def abort(flow: Flow, outcome: str, error: BaseException | None = None) -> None:
     """End both directions of ``flow`` now; the first outcome given sticks. Idempotent."""
@@ -199,7 +204,8 @@ async def _splice_direction(
             if n <= 0:
                 pipes.put(pipe)
                 if n == 0:
-                    _eof(dst)
+                    if flow.running > 1 or not flow.close_sends_fin:
+                        _eof(dst)
                     return
                 ready = False
                 continue
@@ -281,7 +287,8 @@ async def _pump_copy(
                 return
             if n <= 0:
                 if n == 0:
-                    _eof(dst)
+                    if flow.running > 1 or not flow.close_sends_fin:
+                        _eof(dst)
                     return
                 ready = False
                 continue

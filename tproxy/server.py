@@ -63,6 +63,7 @@ _current_time = trio.current_time
 _log_enabled = log.logger.isEnabledFor
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
+_AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
 _RESET_OUTCOMES = frozenset({"reset", "refused", "timeout"})
 
 
@@ -167,7 +168,7 @@ class Server:
     # -- accepting
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
-        accept = lsock.accept
+        accept = sockets.accepter(lsock)
         stats = self.stats
         start_soon = self._conns.start_soon
         handle = self._handle
@@ -194,7 +195,7 @@ class Server:
                 raise
             stats.accepted += 1
             stats.open += 1
-            start_soon(handle, csock, caddr)
+            start_soon(handle, csock, caddr, name="tproxy.connection")  # (a str name: nothing to compute per task)
             batch += 1
             if batch >= ACCEPT_BATCH:
                 batch = 0
@@ -227,11 +228,11 @@ class Server:
         stats = self.stats
         conn = Conn(csock, (caddr[0], caddr[1]), _current_time())
         client = conn.client_addr
+        family = _AF_INET6 if len(caddr) == 4 else _AF_INET  # (csock.family builds an enum member)
         relaying = False
         try:
             try:
-                csock.setblocking(False)
-                sockets.set_nodelay(csock)
+                csock.setblocking(False)  # TCP_NODELAY is inherited from the listener
                 dst = conn.dst = self.original_dst(csock)
             except OSError as e:
                 conn.outcome = "refused"
@@ -245,7 +246,7 @@ class Server:
             if self.chooser is not None:
                 self.chooser.add_intercepted(client, dst)
                 conn.registered = True
-            usock, conn.reserved, outcome, err = await self._connect(csock.family, client, dst)
+            usock, conn.reserved, outcome, err = await self._connect(family, client, dst)
             if usock is None:
                 conn.outcome = outcome
                 conn.note = err
@@ -259,7 +260,16 @@ class Server:
             self._flows.add(conn)
             relaying = True
             self._conns.start_soon(
-                run_direction, usock, csock, conn, False, stats, self.use_splice, self.pipes, BUFFERS
+                run_direction,
+                usock,
+                csock,
+                conn,
+                False,
+                stats,
+                self.use_splice,
+                self.pipes,
+                BUFFERS,
+                name="tproxy.relay",
             )
         except Exception as e:
             conn.outcome = "reset"
@@ -501,6 +511,7 @@ class Conn(Flow):
     """A connection: the relay's :class:`Flow` plus what the server needs to close and log it."""
 
     __slots__ = ("client_addr", "t0", "dst", "usrc", "reserved", "registered", "note")
+    close_sends_fin = True  # _finish closes both legs at once
 
     def __init__(self, csock: socket.socket, client_addr: tuple[str, int], t0: float) -> None:
         super().__init__()
