@@ -30,8 +30,16 @@ def median(values: list[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def paired_ratio(values: list, refs: list) -> float | None:
+    """Median over rounds of value / reference from the same round (the two ran back to back): robust to the slow
+    drifts of a shared machine, which move both. None when no round has both."""
+    ratios = [v / r for v, r in zip(values, refs, strict=False) if v is not None and r]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(runs: dict[str, dict[str, list]]) -> dict[str, dict[str, dict]]:
-    """``runs[subject][metric] = [per-round values]`` -> medians and ratios against direct and haproxy."""
+    """``runs[subject][metric] = [per-round values]`` (aligned by round) -> medians, and ratios against direct and
+    haproxy: ``x_REF`` is the median of the per-round ratios (paired), ``x_REF_of_medians`` the ratio of medians."""
     med = {s: {m: median(v) for m, v in ms.items()} for s, ms in runs.items()}
     out: dict[str, dict[str, dict]] = {}
     for s, ms in med.items():
@@ -40,7 +48,8 @@ def summarize(runs: dict[str, dict[str, list]]) -> dict[str, dict[str, dict]]:
             entry = {"median": v, "runs": runs[s][m]}
             for ref in ("direct", "haproxy"):
                 r = med.get(ref, {}).get(m)
-                entry[f"x_{ref}"] = (v / r) if (v is not None and r) else None
+                entry[f"x_{ref}_of_medians"] = (v / r) if (v is not None and r) else None
+                entry[f"x_{ref}"] = paired_ratio(runs[s][m], runs.get(ref, {}).get(m, []))
             entry["target"] = check_target(m, v, entry["x_haproxy"])
             out[s][m] = entry
     return out
@@ -74,7 +83,7 @@ def fmt(v: float | None, unit: str = "") -> str:
 def table(summary: dict[str, dict[str, dict]], subjects: list[str], invalid: dict[str, str]) -> str:
     """Markdown: one row per metric and subject, with the ratios and, for tproxy rows, the target."""
     lines = [
-        "| metric | subject | median | × direct | × HAProxy | target |",
+        "| metric | subject | median | × direct | × HAProxy | target |",  # ratios: medians of per-round ratios
         "|---|---|---:|---:|---:|---|",
     ]
     for m, (label, unit, _, spec) in METRICS.items():
@@ -88,7 +97,18 @@ def table(summary: dict[str, dict[str, dict]], subjects: list[str], invalid: dic
                 want = f"≤ {fmt(lim)} {unit}" if op == "abs<=" else f"{op} {lim}× HAProxy"
                 target = f"{e['target'] or '?'} ({want})"
             name = s + (" (INVALID)" if s in invalid else "")
-            xd = "—" if e["x_direct"] is None else f"{e['x_direct']:.2f}"
-            xh = "—" if e["x_haproxy"] is None else f"{e['x_haproxy']:.2f}"
+            counts = unit == "conns"  # a count of failures: ratios mean nothing
+            xd = "—" if e["x_direct"] is None or counts else f"{e['x_direct']:.2f}"
+            xh = "—" if e["x_haproxy"] is None or counts else f"{e['x_haproxy']:.2f}"
             lines.append(f"| {label} ({unit}) | {name} | {fmt(e['median'], unit)} | {xd} | {xh} | {target} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m tests.bench.report RESULTS.json: the table again, with this module's summarizer
+    import json
+    import sys
+
+    doc = json.load(open(sys.argv[1]))
+    runs = {s: {m: [r.get(m) for r in rounds] for m in METRICS} for s, rounds in doc["rounds"].items()}
+    print(table(summarize(runs), list(doc["rounds"]), doc.get("invalid", {})))

@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list]] = {s.name: {} for s in subjects}
     details: dict[str, list] = {s.name: [] for s in subjects}
     invalid: dict[str, str] = {}
+    failed: dict[str, list[str]] = {}  # rounds that raised: left out of the medians, reported
     workdir = Path(tempfile.mkdtemp(prefix="tpx-bench-"))
     t0 = time.monotonic()
     try:
@@ -311,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                     ts = time.monotonic()
                     try:
                         figs, bad = run_subject(topo, subj, args)
-                    except Exception as e:  # one subject failing must not lose the others' figures
+                    except Exception as e:  # one round failing must not lose the other rounds' or subjects' figures
                         traceback.print_exc()
-                        figs, bad = {"error": f"{type(e).__name__}: {e}"}, f"failed: {type(e).__name__}: {e}"
+                        figs, bad = {"error": f"{type(e).__name__}: {e}"}, None
+                        failed.setdefault(subj.name, []).append(f"round {rnd + 1}: {type(e).__name__}: {e}")
                     if bad:
                         invalid.setdefault(subj.name, bad)
                     details[subj.name].append(figs)
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tproxy code measured: {', '.join(versions)}" + ("  (CHANGED DURING THE RUN)" if len(versions) > 1 else ""))
     for s, why in invalid.items():
         print(f"INVALID {s}: {why}")
+    for s, why in failed.items():
+        print(f"FAILED ROUNDS {s} (left out of the medians): " + "; ".join(why))
     for s, rounds in details.items():
         gcs = [r["gc"] for r in rounds if r.get("gc")]
         if gcs:
@@ -394,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "code": sorted({r.get("code", "?") for rs in details.values() for r in rs}),
         "notes": notes,
         "invalid": invalid,
+        "failed_rounds": failed,
         "summary": summary,
         "rounds": details,
         "table": text,
@@ -406,4 +411,4 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(profile.summarize(f, top=12))
     print(f"\nbench: {time.monotonic() - t0:.0f} s; results written to {out}")
-    return 1 if invalid else 0
+    return 1 if invalid or failed else 0
