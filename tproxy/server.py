@@ -344,11 +344,14 @@ class Server:
             return None, None, "refused", name
         try:
             if err == errno.EINPROGRESS:
-                with trio.move_on_after(self.connect_timeout):
-                    await _wait_writable(sock)
-                    err = sockets.connect_error(sock)
-                if err == errno.EINPROGRESS:
-                    err = errno.ETIMEDOUT
+                if sockets.is_connected(sock):  # often, with a local application: no wait, no SO_ERROR
+                    err = 0
+                else:
+                    with trio.move_on_after(self.connect_timeout):
+                        await _wait_writable(sock)
+                        err = sockets.connect_error(sock)
+                    if err == errno.EINPROGRESS:
+                        err = errno.ETIMEDOUT
             if err:
                 name = errno.errorcode.get(err, str(err))
                 self.stats.connect_errors[name] += 1
