@@ -181,6 +181,7 @@ def test_admin_disabled(tmp_path):
             "intercept.interfaces[0]: lo can never be intercepted",
         ),
         ('[intercept]\nports = [1]\ninterfaces = ["a/b"]\n', "intercept.interfaces[0]: 'a/b' is not a valid"),
+        ('[intercept]\nports = [1]\ninterfaces = ["eth+"]\n', "intercept.interfaces[0]: 'eth+': wildcards are not"),
         (
             "[intercept]\nports = [1]\nipv4 = false\nipv6 = false\n",
             "intercept.ipv6: ipv4 and ipv6 are both false",

@@ -329,6 +329,9 @@ class _Loader:
             raise self.error(path, f"{value!r} is not a valid interface name (1-15 characters, no '/' or spaces)")
         if value == "lo":
             raise self.error(path, "lo can never be intercepted (the proxy's own upstream traffic arrives on it)")
+        if "+" in value or "*" in value:
+            # iptables reads "eth+" as a wildcard, nft as a literal name: the same config would mean two things
+            raise self.error(path, f"{value!r}: wildcards are not supported; list each interface by name")
         return value
 
     # -- sections
