@@ -7,9 +7,10 @@ listeners closed, then the settings for new connections.
 
 Why some keys need a restart: an open connection's upstream socket carries ``routing.mark`` and was bound by the rules
 of its ``mode`` / ``preserve_source`` / ``upstream``; replies to it are routed by the fwmark rule of the running mark
-and table. Changing any of them live would cut those connections, which a reload must never do. ``admin.address`` and
-``privileges`` belong to other parts of the process that are set up once. For the same reason a reload may add an IP
-family but not drop one.
+and table. Changing any of them live would cut those connections, which a reload must never do; so would dropping an
+IP family (its reply-routing rules go), so a reload may add a family but not drop one. ``admin.address`` and
+``privileges`` belong to parts of the process that are set up once. ``proxy.upstream_ports`` is the range the port
+chooser's reservations live in.
 """
 
 from __future__ import annotations
