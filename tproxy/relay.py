@@ -232,7 +232,9 @@ async def _splice_direction(
                 raise
             pipes.put(pipe)
             moved += n
-            ready = n == PIPE_SIZE
+            # a full pipe: more is waiting. An application's first answer is often its last (HTTP with Connection:
+            # close), its EOF right behind it: one more read catches it without a wait (one failed read otherwise).
+            ready = n == PIPE_SIZE or (moved == n and not inbound)
             if inbound:
                 flow.bytes_in += n
                 stats.bytes_in += n
