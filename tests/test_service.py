@@ -35,7 +35,7 @@ def test_runs_the_split_deployment():
     d = directives()
     assert d["Service.ExecStartPre"] == [f"+/usr/local/bin/tproxy rules apply {CONFIG}"]
     assert d["Service.ExecStart"] == [f"/usr/local/bin/tproxy run --no-rules {CONFIG}"]
-    assert d["Service.ExecReload"] == [f"+/usr/local/bin/tproxy rules apply {CONFIG}", "/bin/kill -HUP $MAINPID"]
+    assert d["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID", f"+/usr/local/bin/tproxy rules apply {CONFIG}"]
     assert d["Service.ExecStopPost"] == [f"+/usr/local/bin/tproxy rules remove {CONFIG}"]
     assert d["Service.Restart"] == ["on-failure"]
     assert d["Install.WantedBy"] == ["multi-user.target"]

@@ -82,7 +82,7 @@ def run(
     from tproxy.runner import run as run_proxy
 
     try:
-        code = run_proxy(cfg, manage_rules=not no_rules)
+        code = run_proxy(cfg, manage_rules=not no_rules, mode=mode, backend=backend)
     except TproxyError as e:
         _fail(e)
     raise typer.Exit(code)
