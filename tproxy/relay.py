@@ -219,6 +219,8 @@ async def _splice_direction(
                         continue
                     except BlockingIOError:
                         pass
+                    if flow.aborted:  # aborted after this task was woken: no one would wake this wait
+                        raise trio.ClosedResourceError
                     await _wait_writable(dst)
             except trio.ClosedResourceError:
                 pipes.discard(pipe)
@@ -305,6 +307,8 @@ async def _pump_copy(
                         continue
                     except BlockingIOError:
                         pass
+                    if flow.aborted:
+                        raise trio.ClosedResourceError
                     await _wait_writable(dst)
             except trio.ClosedResourceError:
                 return
