@@ -303,7 +303,8 @@ async def test_grace_expiry_cancels_open_connections(autojump_clock, log_lines):
             assert await s.receive_some(1) == b"x"
             t = trio.current_time()
             server.shutdown()
-            assert await s.receive_some(10) == b""
+            with pytest.raises(trio.BrokenResourceError):  # cut short: a reset, not a clean end of stream
+                await s.receive_some(10)
             assert trio.current_time() - t >= 5.0
         await stop(server, n)
     assert stats.closed == {"cancelled": 1}
@@ -323,7 +324,8 @@ async def test_skip_grace_cancels_at_once(autojump_clock):
             await trio.sleep(1)
             assert stats.open == 1
             server.skip_grace()
-            assert await s.receive_some(10) == b""
+            with pytest.raises(trio.BrokenResourceError):
+                await s.receive_some(10)
             assert trio.current_time() - t < 500
         await stop(server, n)
     assert stats.closed == {"cancelled": 1}

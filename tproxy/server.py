@@ -64,7 +64,8 @@ _log_enabled = log.logger.isEnabledFor
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
-_RESET_OUTCOMES = frozenset({"reset", "refused", "timeout"})
+# cut short (by an error, or by the end of the shutdown grace): the peers see a reset, never a clean end of stream
+_RESET_OUTCOMES = frozenset({"reset", "refused", "timeout", "cancelled"})
 
 
 class Server:
