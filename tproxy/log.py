@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -39,9 +40,12 @@ def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
     return record.getMessage(), fields
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\n\t]').search
+
+
 def _text_value(value: Any) -> str:
-    s = str(value)
-    if not s or any(c in s for c in ' "=\n\t'):
+    s = value if type(value) is str else str(value)
+    if not s or _NEEDS_QUOTES(s) is not None:
         return json.dumps(s)
     return s
 
@@ -112,6 +116,23 @@ def connection(
 ) -> None:
     """The line logged when a connection ends (``duration`` in seconds). Formats nothing when info is off."""
     if not logger.isEnabledFor(logging.INFO):
+        return
+    direct = _direct
+    handlers = logger.handlers
+    if direct is not None and not direct[2] and len(handlers) == 1 and handlers[0] is direct[0]:
+        # the text line of the common case, formatted at once: addresses, numbers and outcomes never need quotes
+        line = (
+            f"{_timestamp(time.time())} info connection client={addr(client)} original_dst={addr(original_dst)} "
+            f"upstream_src={addr(upstream_src)} bytes_in={bytes_in} bytes_out={bytes_out} "
+            f"duration_ms={round(duration * 1000, 1)} outcome={_text_value(outcome)}"
+        )
+        if extra:
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in extra.items())
+        try:
+            direct[1].write(line + "\n")
+            direct[1].flush()
+        except (OSError, ValueError):
+            pass  # like logging: a broken log stream never stops the proxy
         return
     fields = {
         "client": addr(client),
