@@ -33,7 +33,7 @@ import trio
 
 from tproxy import log, sockets
 from tproxy.config import Config
-from tproxy.relay import BUFFERS, PIPES, Flow, PipePool, reap_idle, run_direction
+from tproxy.relay import PIPES, EpollRelay, Flow, PipePool, reap_idle
 from tproxy.stats import State, Stats
 
 # Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
@@ -119,6 +119,7 @@ class Server:
         self._flows: set[Conn] = set()  # connections relaying: the idle check looks at them
         self._listening: dict[socket.socket, tuple[trio.CancelScope, trio.Event]] = {}  # reload: accept loops
         self._reaper: trio.CancelScope | None = None  # reload: the idle check, restarted when idle_timeout changes
+        self._relay: EpollRelay | None = None  # relays every connection once it is connected (one task)
 
     # -- lifecycle
 
@@ -127,6 +128,7 @@ class Server:
         try:
             async with trio.open_nursery() as conns:
                 self._conns = conns
+                self._relay = EpollRelay(self.stats, conns, use_splice=self.use_splice, pipes=self.pipes)
                 async with trio.open_nursery() as accepts:
                     self._accepts = accepts
                     for lsock in self.listeners:
@@ -138,6 +140,7 @@ class Server:
                         accepts.cancel_scope.cancel()
                 self._close_listeners()
                 self.state.draining = True
+                self._relay.close_when_empty()  # the relay task ends with the last connection
                 if self._skip_grace:
                     conns.cancel_scope.cancel()
                 else:
@@ -146,6 +149,8 @@ class Server:
                         log.event("draining", open=self.stats.open, grace_s=self.grace)
         finally:
             self._close_listeners()
+            if self._relay is not None:
+                self._relay.close()
             self.stopped.set()
 
     def shutdown(self) -> None:
@@ -255,23 +260,11 @@ class Server:
             if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
                 conn.usrc = (client[0], conn.reserved) if conn.reserved is not None else sockets.sockname(usock)
             conn.upstream = usock
-            conn.running = 2
             conn.last = _current_time()
             conn.on_done = self._finish
             self._flows.add(conn)
             relaying = True
-            self._conns.start_soon(
-                run_direction,
-                usock,
-                csock,
-                conn,
-                False,
-                stats,
-                self.use_splice,
-                self.pipes,
-                BUFFERS,
-                name="tproxy.relay",
-            )
+            self._relay.add(conn)  # from now on the relay task calls _finish; this task ends here
         except Exception as e:
             conn.outcome = "reset"
             log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
@@ -282,7 +275,6 @@ class Server:
         finally:
             if not relaying:
                 self._finish(conn)
-        await run_direction(csock, usock, conn, True, stats, self.use_splice, self.pipes, BUFFERS)
 
     def _finish(self, conn: Conn) -> None:
         """Close both legs (with a reset after a failure), release the ports, count, log. Called once per connection."""
