@@ -1,5 +1,9 @@
 """Moving bytes between the two legs of a connection: splice(2) through a pipe, recv_into/send as the fallback.
 
+Two forms with the same semantics (below): :class:`EpollRelay`, one trio task relaying any number of connections
+from an edge-triggered epoll fd of its own (the server's and :func:`relay`'s: no task per connection), and
+:func:`run_direction`, one task per direction (described next).
+
 Each direction is its own task, and there is nothing else per connection: no nursery, no cancel scope, no timer. A
 direction holds a pipe (or a copy buffer) only while it has bytes in flight: it takes one from a small process-wide
 pool when the source is readable, and gives it back once the pipe is empty again. An idle connection therefore costs

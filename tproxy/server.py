@@ -16,9 +16,12 @@ Error handling: a connection's error never reaches the server (it is counted and
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
 errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
 
-Resource handling: a connection is two tasks in the connection nursery (the handler, which then relays client ->
-upstream, and the other direction); whichever ends last closes both sockets, releases the ports and logs the line,
-however they end. One idle check covers every connection. The listening sockets are the caller's; the server closes
+Resource handling: a connection is a task in the connection nursery until it is connected upstream; then it is handed
+to the server's :class:`tproxy.relay.EpollRelay` (one task, in the connection nursery too, for every relaying
+connection) and its task ends. Whoever ends it (the handler before the hand-over, the relay after) closes both
+sockets, releases the ports and logs the line, however it ends. The drain ends the relay task with the last
+connection; the end of the grace cancels it, which ends every flow with outcome ``cancelled`` (reset). One idle check
+covers every connection. The listening sockets are the caller's; the server closes
 them when it stops accepting.
 """
 
@@ -228,9 +231,8 @@ class Server:
         return port in self._listen_wild_ports or dst in self._listen_exact
 
     async def _handle(self, csock: socket.socket, caddr: tuple) -> None:
-        """Find the original destination, connect upstream, then relay: this task runs the client -> upstream
-        direction, a second task in the connection nursery the other one. The last of them to end calls
-        :meth:`_finish`; until the relay starts, this task's ``finally`` does."""
+        """Find the original destination, connect upstream, then hand the connection to the relay task, which
+        calls :meth:`_finish` when it ends; until then this task's ``finally`` does."""
         stats = self.stats
         conn = Conn(csock, (caddr[0], caddr[1]), _current_time())
         client = conn.client_addr
