@@ -305,3 +305,94 @@ async def test_abort_wakes_waiting_directions_and_stops_unstarted_ones(legs):
         await relay_mod.run_direction(legs.b, legs.a, flow, False, stats)
     assert ended == [flow] and flow.outcome == "idle" and flow.running == 0
     assert flow.bytes_out == 0
+
+
+# -- the shared epoll relay (the server's form): many flows, one task
+
+
+def _shared_flows(n: int) -> tuple[list[Legs], list[Flow], list[Flow]]:
+    all_legs = [Legs() for _ in range(n)]
+    flows, ended = [], []
+    for lg in all_legs:
+        f = Flow()
+        f.client, f.upstream, f.on_done = lg.a, lg.b, ended.append
+        flows.append(f)
+    return all_legs, flows, ended
+
+
+@bounded
+async def test_epoll_relay_many_flows_exact_both_ways_one_task():
+    stats, pipes = Stats(), PipePool(keep=8)
+    all_legs, flows, ended = _shared_flows(8)
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        async with trio.open_nursery() as n:
+            ep = relay_mod.EpollRelay(stats, n, pipes=pipes)
+            for f in flows:
+                ep.add(f)
+            results: dict = {}
+
+            async def one(i: int, lg: Legs) -> None:
+                up = random.Random(i).randbytes(300_000 + i * 7919)
+                down = random.Random(-i).randbytes(200_000 + i * 104729)
+                async with trio.open_nursery() as m:
+                    m.start_soon(send_random, lg.client_s, up, i)
+                    m.start_soon(send_random, lg.app_s, down, -i)
+
+                    async def rx_app() -> None:
+                        results[i, "up"] = (await receive_digest(lg.app_s), (len(up), hashlib.sha256(up).digest()))
+
+                    async def rx_client() -> None:
+                        got = await receive_digest(lg.client_s)
+                        results[i, "down"] = (got, (len(down), hashlib.sha256(down).digest()))
+
+                    m.start_soon(rx_app)
+                    m.start_soon(rx_client)
+
+            async with trio.open_nursery() as m:
+                for i, lg in enumerate(all_legs):
+                    m.start_soon(one, i, lg)
+            assert ep.running  # the task stays for the next flow ...
+            ep.close_when_empty()
+        # ... and ends with the last one once asked to
+        assert not ep.running
+        ep.close()
+        assert len(results) == 16 and all(got == want for got, want in results.values())
+        assert sorted(map(id, ended)) == sorted(map(id, flows))  # on_done once per flow
+        assert all(f.outcome is None for f in flows)
+        assert stats.relay_path == {"splice": 16}
+        assert len(pipes.free) == pipes.created  # no pipe held once the flows ended
+        pipes.close()
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        for lg in all_legs:
+            lg.close()
+
+
+@bounded
+async def test_epoll_relay_cancelled_ends_every_flow_once_and_abort_ends_one():
+    stats = Stats()
+    all_legs, flows, ended = _shared_flows(3)
+    try:
+        async with trio.open_nursery() as n:
+            ep = relay_mod.EpollRelay(stats, n)
+            for f in flows:
+                ep.add(f)
+            await all_legs[0].client_s.send_all(b"ping")
+            assert await all_legs[0].app_s.receive_some(10) == b"ping"
+            relay_mod.abort(flows[1], "idle")
+            relay_mod.abort(flows[1], "reset")  # the first outcome sticks
+            while ended != [flows[1]]:
+                await trio.sleep(0.01)
+            # the aborted flow relays nothing more; the others go on
+            await all_legs[1].client_s.send_all(b"never relayed")
+            await all_legs[2].client_s.send_all(b"pong")
+            assert await all_legs[2].app_s.receive_some(10) == b"pong"
+            n.cancel_scope.cancel()
+        ep.close()
+        assert ended[0] is flows[1] and sorted(map(id, ended)) == sorted(map(id, flows))
+        assert [f.outcome for f in flows] == ["cancelled", "idle", "cancelled"]
+        assert flows[1].bytes_in == 0 and flows[0].bytes_in == 4 and flows[2].bytes_in == 4
+    finally:
+        for lg in all_legs:
+            lg.close()

@@ -16,9 +16,12 @@ Error handling: a connection's error never reaches the server (it is counted and
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
 errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
 
-Resource handling: a connection is two tasks in the connection nursery (the handler, which then relays client ->
-upstream, and the other direction); whichever ends last closes both sockets, releases the ports and logs the line,
-however they end. One idle check covers every connection. The listening sockets are the caller's; the server closes
+Resource handling: a connection is a task in the connection nursery until it is connected upstream; then it is handed
+to the server's :class:`tproxy.relay.EpollRelay` (one task, in the connection nursery too, for every relaying
+connection) and its task ends. Whoever ends it (the handler before the hand-over, the relay after) closes both
+sockets, releases the ports and logs the line, however it ends. The drain ends the relay task with the last
+connection; the end of the grace cancels it, which ends every flow with outcome ``cancelled`` (reset). One idle check
+covers every connection. The listening sockets are the caller's; the server closes
 them when it stops accepting.
 """
 
@@ -33,7 +36,7 @@ import trio
 
 from tproxy import log, sockets
 from tproxy.config import Config
-from tproxy.relay import BUFFERS, PIPES, Flow, PipePool, reap_idle, run_direction
+from tproxy.relay import PIPES, EpollRelay, Flow, PipePool, reap_idle
 from tproxy.stats import State, Stats
 
 # Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
@@ -119,6 +122,7 @@ class Server:
         self._flows: set[Conn] = set()  # connections relaying: the idle check looks at them
         self._listening: dict[socket.socket, tuple[trio.CancelScope, trio.Event]] = {}  # reload: accept loops
         self._reaper: trio.CancelScope | None = None  # reload: the idle check, restarted when idle_timeout changes
+        self._relay: EpollRelay | None = None  # relays every connection once it is connected (one task)
 
     # -- lifecycle
 
@@ -127,6 +131,7 @@ class Server:
         try:
             async with trio.open_nursery() as conns:
                 self._conns = conns
+                self._relay = EpollRelay(self.stats, conns, use_splice=self.use_splice, pipes=self.pipes)
                 async with trio.open_nursery() as accepts:
                     self._accepts = accepts
                     for lsock in self.listeners:
@@ -138,6 +143,7 @@ class Server:
                         accepts.cancel_scope.cancel()
                 self._close_listeners()
                 self.state.draining = True
+                self._relay.close_when_empty()  # the relay task ends with the last connection
                 if self._skip_grace:
                     conns.cancel_scope.cancel()
                 else:
@@ -146,6 +152,8 @@ class Server:
                         log.event("draining", open=self.stats.open, grace_s=self.grace)
         finally:
             self._close_listeners()
+            if self._relay is not None:
+                self._relay.close()
             self.stopped.set()
 
     def shutdown(self) -> None:
@@ -223,9 +231,8 @@ class Server:
         return port in self._listen_wild_ports or dst in self._listen_exact
 
     async def _handle(self, csock: socket.socket, caddr: tuple) -> None:
-        """Find the original destination, connect upstream, then relay: this task runs the client -> upstream
-        direction, a second task in the connection nursery the other one. The last of them to end calls
-        :meth:`_finish`; until the relay starts, this task's ``finally`` does."""
+        """Find the original destination, connect upstream, then hand the connection to the relay task, which
+        calls :meth:`_finish` when it ends; until then this task's ``finally`` does."""
         stats = self.stats
         conn = Conn(csock, (caddr[0], caddr[1]), _current_time())
         client = conn.client_addr
@@ -255,23 +262,11 @@ class Server:
             if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
                 conn.usrc = (client[0], conn.reserved) if conn.reserved is not None else sockets.sockname(usock)
             conn.upstream = usock
-            conn.running = 2
             conn.last = _current_time()
             conn.on_done = self._finish
             self._flows.add(conn)
             relaying = True
-            self._conns.start_soon(
-                run_direction,
-                usock,
-                csock,
-                conn,
-                False,
-                stats,
-                self.use_splice,
-                self.pipes,
-                BUFFERS,
-                name="tproxy.relay",
-            )
+            self._relay.add(conn)  # from now on the relay task calls _finish; this task ends here
         except Exception as e:
             conn.outcome = "reset"
             log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
@@ -282,7 +277,6 @@ class Server:
         finally:
             if not relaying:
                 self._finish(conn)
-        await run_direction(csock, usock, conn, True, stats, self.use_splice, self.pipes, BUFFERS)
 
     def _finish(self, conn: Conn) -> None:
         """Close both legs (with a reset after a failure), release the ports, count, log. Called once per connection."""

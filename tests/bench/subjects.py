@@ -202,7 +202,8 @@ class Tproxy(Subject):
         self.probe = None
         self.probe_out = topo.workdir / f"{self.name}-probe-{self.starts}.json"
         # The probe (tests/bench/probe/sitecustomize.py) records garbage-collector pauses in the proxy process.
-        env = {"PYTHONPATH": str(PROBE_DIR), "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
+        pypath = os.pathsep.join(p for p in (str(PROBE_DIR), os.environ.get("PYTHONPATH", "")) if p)  # (a worktree)
+        env = {"PYTHONPATH": pypath, "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
         env["TPX_BENCH_CENSUS"] = "1" if self.census else ""
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
