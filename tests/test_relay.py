@@ -290,23 +290,6 @@ def test_pipe_pool_reuses_and_bounds():
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-@bounded
-async def test_abort_wakes_waiting_directions_and_stops_unstarted_ones(legs):
-    flow, stats, ended = Flow(), Stats(), []
-    flow.client, flow.upstream, flow.running = legs.a, legs.b, 2
-    flow.on_done = ended.append
-    async with trio.open_nursery() as n:
-        n.start_soon(relay_mod.run_direction, legs.a, legs.b, flow, True, stats)
-        await trio.testing.wait_all_tasks_blocked(0.05)  # waiting for the client to send
-        relay_mod.abort(flow, "idle")
-        relay_mod.abort(flow, "reset")  # the first outcome sticks
-        # a direction that had not started yet does not start, and does not wait
-        await legs.app_s.send_all(b"never relayed")
-        await relay_mod.run_direction(legs.b, legs.a, flow, False, stats)
-    assert ended == [flow] and flow.outcome == "idle" and flow.running == 0
-    assert flow.bytes_out == 0
-
-
 # -- the shared epoll relay (the server's form): many flows, one task
 
 

@@ -1,16 +1,13 @@
 """Moving bytes between the two legs of a connection: splice(2) through a pipe, recv_into/send as the fallback.
 
-Two forms with the same semantics (below): :class:`EpollRelay`, one trio task relaying any number of connections
-from an edge-triggered epoll fd of its own (the server's and :func:`relay`'s: no task per connection), and
-:func:`run_direction`, one task per direction (described next).
+:class:`EpollRelay` is one trio task relaying any number of connections from an edge-triggered epoll fd of its own,
+each socket registered once: there is no task, nursery, cancel scope or timer per connection. A direction holds a
+pipe (or a copy buffer) only while it has bytes in flight: it takes one from a small process-wide pool when the
+source is readable, and gives it back once the pipe is empty again. An idle connection therefore costs its two
+sockets and a :class:`Flow`, and the number of pipes is bounded by the number of directions moving data at the same
+moment, not by the number of connections. :func:`relay` is the self-contained form for one connection.
 
-Each direction is its own task, and there is nothing else per connection: no nursery, no cancel scope, no timer. A
-direction holds a pipe (or a copy buffer) only while it has bytes in flight: it takes one from a small process-wide
-pool when the source is readable, and gives it back once the pipe is empty again. An idle connection therefore costs
-its two sockets, two suspended tasks and a :class:`Flow`, and the number of pipes is bounded by the number of
-directions moving data at the same moment, not by the number of connections.
-
-What the caller can rely on (:func:`run_direction`, and :func:`relay` which runs both directions and the idle check):
+What the caller can rely on (:class:`EpollRelay`, and :func:`relay`):
 
 - every byte arrives once and in order, whatever the chunking;
 - EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; the relay is
@@ -18,8 +15,8 @@ What the caller can rely on (:func:`run_direction`, and :func:`relay` which runs
   (``close_sends_fin``, the server's) skips the second shutdown: the close sends the same FIN;
 - a reset (or any other error) on either side ends both directions at once (outcome ``"reset"``): the caller closes
   both sockets with SO_LINGER 0 so the other peer sees a reset too;
-- :func:`abort` ends both directions at once (the idle check uses it: outcome ``"idle"``): a direction waiting on
-  either socket is woken (``trio.lowlevel.notify_closing``), one that has not started yet does not start;
+- :func:`abort` ends both directions at once (the idle check uses it: outcome ``"idle"``): the flow's relay is
+  woken to end it;
 - ``flow.on_done(flow)`` is called exactly once, by whichever direction ends last, however it ends (cancellation
   included: outcome ``"cancelled"``); that is where the caller closes the sockets.
 
@@ -34,7 +31,7 @@ import fcntl
 import os
 import select
 import socket
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection
 from typing import Any
 
 import trio
@@ -50,7 +47,6 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
 
 _wait_readable = trio.lowlevel.wait_readable
-_wait_writable = trio.lowlevel.wait_writable
 _current_time = trio.current_time
 _current_clock = trio.lowlevel.current_clock
 _splice = os.splice
@@ -183,225 +179,11 @@ def abort(flow: Flow, outcome: str, error: BaseException | None = None) -> None:
             _notify_closing(flow.upstream)
 
 
-def _fail(flow: Flow, err: BaseException) -> None:
-    abort(flow, "reset", err)
-
-
 def _eof(dst: socket.socket) -> None:
     try:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass  # the peer is gone already; its own direction reports that
-
-
-async def _splice_direction(
-    src: socket.socket,
-    dst: socket.socket,
-    flow: Flow,
-    inbound: bool,
-    stats: Stats,
-    pipes: PipePool,
-    buffers: BufferPool,
-) -> None:
-    # One frame per idle direction: the loop, the fallback and the end-of-direction bookkeeping live here together.
-    # Awaits are kept out of `except` blocks: an exception being handled would stay alive (with its traceback) for
-    # as long as the connection is idle.
-    try:
-        sfd = src.fileno()
-        dfd = dst.fileno()
-        now = _current_clock().current_time  # (trio.current_time() is two calls more per transfer)
-        moved = 0
-        ready = True  # try reading before waiting; after a short read, wait first (the socket is most likely drained)
-        stats.relay_path["splice"] += 1
-        while not flow.aborted:
-            if not ready:
-                try:
-                    await _wait_readable(src)
-                except trio.ClosedResourceError:
-                    return
-            pipe = pipes.get()
-            try:
-                n = _splice(sfd, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                n = -1
-            except OSError as e:
-                pipes.put(pipe)  # nothing entered it
-                if e.errno in _NO_SPLICE and moved == 0:
-                    break
-                _fail(flow, e)
-                return
-            if n <= 0:
-                pipes.put(pipe)
-                if n == 0:
-                    if flow.running > 1 or not flow.close_sends_fin:
-                        _eof(dst)
-                    return
-                ready = False
-                continue
-            left = n
-            try:
-                while left:
-                    try:
-                        left -= _splice(pipe[0], dfd, left, flags=_SPLICE_FLAGS)
-                        continue
-                    except BlockingIOError:
-                        pass
-                    if flow.aborted:  # aborted after this task was woken: no one would wake this wait
-                        raise trio.ClosedResourceError
-                    await _wait_writable(dst)
-            except trio.ClosedResourceError:
-                pipes.discard(pipe)
-                return
-            except OSError as e:
-                pipes.discard(pipe)
-                _fail(flow, e)
-                return
-            except BaseException:
-                pipes.discard(pipe)
-                raise
-            pipes.put(pipe)
-            moved += n
-            # a full pipe: more is waiting. An application's first answer is often its last (HTTP with Connection:
-            # close), its EOF right behind it: one more read catches it without a wait (one failed read otherwise).
-            ready = n == PIPE_SIZE or (moved == n and not inbound)
-            if inbound:
-                flow.bytes_in += n
-                stats.bytes_in += n
-            else:
-                flow.bytes_out += n
-                stats.bytes_out += n
-            flow.last = now()
-        else:
-            return
-        # the kernel refused to splice these files: copy instead
-        paths = stats.relay_path
-        paths["splice"] -= 1
-        if not paths["splice"]:
-            del paths["splice"]
-        await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
-    except Exception as e:
-        _fail(flow, e)
-    except BaseException:
-        if flow.outcome is None:
-            flow.outcome = "cancelled"
-        raise
-    finally:
-        _end(flow)
-
-
-async def _pump_copy(
-    src: socket.socket,
-    dst: socket.socket,
-    flow: Flow,
-    inbound: bool,
-    stats: Stats,
-    pipes: PipePool,
-    buffers: BufferPool,
-) -> None:
-    recv_into = src.recv_into
-    send = dst.send
-    size = buffers.size
-    now = _current_clock().current_time
-    ready = True
-    stats.relay_path["copy"] += 1
-    while not flow.aborted:
-        if not ready:
-            try:
-                await _wait_readable(src)
-            except trio.ClosedResourceError:
-                return
-        buf = buffers.get()
-        try:
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                n = -1
-            except OSError as e:
-                _fail(flow, e)
-                return
-            if n <= 0:
-                if n == 0:
-                    if flow.running > 1 or not flow.close_sends_fin:
-                        _eof(dst)
-                    return
-                ready = False
-                continue
-            sent = 0
-            try:
-                while sent < n:
-                    try:
-                        sent += send(buf[sent:n])
-                        continue
-                    except BlockingIOError:
-                        pass
-                    if flow.aborted:
-                        raise trio.ClosedResourceError
-                    await _wait_writable(dst)
-            except trio.ClosedResourceError:
-                return
-            except OSError as e:
-                _fail(flow, e)
-                return
-        finally:
-            buffers.put(buf)
-        ready = n == size
-        if inbound:
-            flow.bytes_in += n
-            stats.bytes_in += n
-        else:
-            flow.bytes_out += n
-            stats.bytes_out += n
-        flow.last = now()
-
-
-async def _copy_direction(
-    src: socket.socket,
-    dst: socket.socket,
-    flow: Flow,
-    inbound: bool,
-    stats: Stats,
-    pipes: PipePool,
-    buffers: BufferPool,
-) -> None:
-    try:
-        await _pump_copy(src, dst, flow, inbound, stats, pipes, buffers)
-    except Exception as e:
-        _fail(flow, e)
-    except BaseException:
-        if flow.outcome is None:
-            flow.outcome = "cancelled"
-        raise
-    finally:
-        _end(flow)
-
-
-def _end(flow: Flow) -> None:
-    flow.running -= 1
-    if flow.running == 0 and flow.on_done is not None:
-        flow.on_done(flow)
-
-
-def run_direction(
-    src: socket.socket,
-    dst: socket.socket,
-    flow: Flow,
-    inbound: bool,
-    stats: Stats,
-    use_splice: bool = True,
-    pipes: PipePool = PIPES,
-    buffers: BufferPool = BUFFERS,
-) -> Coroutine[Any, Any, None]:
-    """Relay ``src`` -> ``dst`` until EOF, a failure or :func:`abort`; the last direction to end calls ``on_done``.
-
-    Set ``flow.client``, ``flow.upstream``, ``flow.running = 2``, ``flow.last`` and ``flow.on_done`` first, then
-    run one direction per task (``inbound``: client -> upstream): ``await run_direction(...)`` or
-    ``nursery.start_soon(run_direction, ...)``.
-
-    Error handling: never raises but ``Cancelled`` (the outcome is then ``"cancelled"``); an unexpected exception
-    ends the relay as a reset, kept in ``flow.error``.
-    """
-    direction = _splice_direction if use_splice else _copy_direction
-    return direction(src, dst, flow, inbound, stats, pipes, buffers)
 
 
 async def relay(
@@ -475,7 +257,7 @@ class EpollRelay:
 
     Each socket is registered once (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET) when its flow is added; a wakeup drains
     ``epoll.poll(0)`` and moves each ready direction until EAGAIN (or :data:`BUDGET` transfers, after which the
-    flow waits for its next turn behind a checkpoint). The semantics are :func:`run_direction`'s: every byte once and
+    flow waits for its next turn behind a checkpoint). The semantics are the module's: every byte once and
     in order, EOF -> ``shutdown(SHUT_WR)`` on the other side, an error -> outcome ``"reset"`` for both directions,
     :func:`abort` ends the flow, the copy path when the kernel refuses to splice, ``on_done(flow)`` exactly once.
 
