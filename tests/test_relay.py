@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import hashlib
 import os
 import random
@@ -18,23 +17,13 @@ import pytest
 import trio
 import trio.testing
 
+from tests.trio_helpers import bounded
 from tproxy import relay as relay_mod
 from tproxy.relay import BufferPool, Flow, PipePool, relay
 from tproxy.sockets import set_reset_on_close
 from tproxy.stats import Stats
 
 PATHS = ["splice", "copy"]
-
-
-def bounded(fn):
-    """Fail, rather than hang, when a relay never ends (virtual seconds under autojump_clock)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        with trio.fail_after(60):
-            return await fn(*args, **kwargs)
-
-    return wrapper
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

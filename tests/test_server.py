@@ -16,22 +16,12 @@ import pytest
 import trio
 import trio.testing
 
+from tests.trio_helpers import bounded
 from tproxy import log, sockets
 from tproxy.config import Config
 from tproxy.relay import PipePool
 from tproxy.server import Server
 from tproxy.stats import State, Stats
-
-
-def bounded(fn):
-    """Fail, rather than hang (virtual seconds under autojump_clock)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        with trio.fail_after(60):
-            return await fn(*args, **kwargs)
-
-    return wrapper
 
 
 def make_config(**proxy) -> Config:
