@@ -1,11 +1,12 @@
-"""The proxy service: accept loops, one task per connection, upstream connect, relay, limits and graceful drain.
+"""The proxy service: accept loops, upstream connect, relay, limits and graceful drain.
 
-One trio nursery owns everything (hypercorn's two-nursery shape): the *connection* nursery holds a task per
-connection and, inside it, the *accept* nursery holds an accept loop per listening socket. :meth:`Server.shutdown`
-cancels the accept nursery (no new connection is accepted; the listeners are closed), then the connection nursery gets
-``shutdown_grace`` seconds before it is cancelled; :meth:`Server.skip_grace` cancels it at once. Closing the listeners
-at once means that, while the proxy drains, new connections are refused in nat mode and go straight to the application
-in tproxy mode (TPROXY finds no listener: fail-open, DESIGN.md), rather than waiting in a backlog nobody accepts from.
+One trio nursery owns everything (hypercorn's two-nursery shape): the *connection* nursery holds the relay task and
+the tasks of connections still waiting for their upstream, and inside it the *accept* nursery holds an accept loop
+per listening socket. :meth:`Server.shutdown` cancels the accept nursery (no new connection is accepted; the listeners
+are closed), then the connection nursery gets ``shutdown_grace`` seconds before it is cancelled;
+:meth:`Server.skip_grace` cancels it at once. Closing the listeners at once means that, while the proxy drains, new
+connections are refused in nat mode and go straight to the application in tproxy mode (TPROXY finds no listener:
+fail-open, DESIGN.md), rather than waiting in a backlog nobody accepts from.
 
 Upstream source (``preserve_source``): the client's IP, with a port chosen by :class:`tproxy.sockets.PortChooser` so the
 two legs never share a 5-tuple (``upstream = "original"``), or the client's own port (``"loopback"``). A port that
@@ -16,13 +17,14 @@ Error handling: a connection's error never reaches the server (it is counted and
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
 errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
 
-Resource handling: a connection is a task in the connection nursery until it is connected upstream; then it is handed
-to the server's :class:`tproxy.relay.EpollRelay` (one task, in the connection nursery too, for every relaying
-connection) and its task ends. Whoever ends it (the handler before the hand-over, the relay after) closes both
-sockets, releases the ports and logs the line, however it ends. The drain ends the relay task with the last
+Resource handling: the accept loop opens each connection itself, without a task per connection (:meth:`Server._open`):
+it finds the original destination and starts the upstream connect. A connect that completes inside ``connect()`` (the
+usual case with a local application) hands the connection to the server's :class:`tproxy.relay.EpollRelay` at once
+(one task, in the connection nursery, for every relaying connection); one still in progress gets a task in the
+connection nursery that waits for it. Whoever holds the connection last (the accept loop, that task, the relay) closes
+both sockets, releases the ports and logs the line, however it ends. The drain ends the relay task with the last
 connection; the end of the grace cancels it, which ends every flow with outcome ``cancelled`` (reset). One idle check
-covers every connection. The listening sockets are the caller's; the server closes
-them when it stops accepting.
+covers every connection. The listening sockets are the caller's; the server closes them when it stops accepting.
 """
 
 from __future__ import annotations
@@ -179,8 +181,7 @@ class Server:
     async def _accept_loop(self, lsock: socket.socket) -> None:
         accept = sockets.accepter(lsock)
         stats = self.stats
-        start_soon = self._conns.start_soon
-        handle = self._handle
+        handle = self._open
         batch = 0
         while True:
             if stats.open >= self.max_connections:
@@ -204,7 +205,7 @@ class Server:
                 raise
             stats.accepted += 1
             stats.open += 1
-            start_soon(handle, csock, caddr, name="tproxy.connection")  # (a str name: nothing to compute per task)
+            handle(csock, caddr)
             batch += 1
             if batch >= ACCEPT_BATCH:
                 batch = 0
@@ -230,14 +231,16 @@ class Server:
             return False
         return port in self._listen_wild_ports or dst in self._listen_exact
 
-    async def _handle(self, csock: socket.socket, caddr: tuple) -> None:
-        """Find the original destination, connect upstream, then hand the connection to the relay task, which
-        calls :meth:`_finish` when it ends; until then this task's ``finally`` does."""
+    def _open(self, csock: socket.socket, caddr: tuple) -> None:
+        """A connection just accepted: find its original destination and start the upstream connect, without a task
+        of its own. An upstream that answers at once (a local application: the handshake completes inside
+        ``connect()``) goes straight to the relay; one still connecting gets a task that waits for it
+        (:meth:`_await_connect`). Whoever holds the connection last (this method, that task, the relay) calls
+        :meth:`_finish`."""
         stats = self.stats
         conn = Conn(csock, (caddr[0], caddr[1]), _current_time())
         client = conn.client_addr
         family = _AF_INET6 if len(caddr) == 4 else _AF_INET  # (csock.family builds an enum member)
-        relaying = False
         try:
             try:
                 csock.setblocking(False)  # TCP_NODELAY is inherited from the listener
@@ -245,38 +248,80 @@ class Server:
             except OSError as e:
                 conn.outcome = "refused"
                 conn.note = "no original destination: " + (e.strerror or str(e))
+                self._finish(conn)
                 return
             if self._is_loop(dst):
                 stats.loops_refused += 1
                 conn.outcome = "refused"
                 conn.note = "loop: the original destination is the proxy itself"
+                self._finish(conn)
                 return
             if self.chooser is not None:
                 self.chooser.add_intercepted(client, dst)
                 conn.registered = True
-            usock, conn.reserved, outcome, err = await self._connect(family, client, dst)
-            if usock is None:
-                conn.outcome = outcome
-                conn.note = err
+            target = (sockets.LOOPBACK[family], dst[1]) if self.loopback else dst
+            try:
+                conn.upstream, err, conn.reserved = self._start_connect(family, client, dst, target)
+            except OSError as e:  # EMFILE and the like: this connection fails, the server goes on
+                self._connect_failed(conn, e.errno)
+                self._finish(conn)
                 return
-            if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
-                conn.usrc = (client[0], conn.reserved) if conn.reserved is not None else sockets.sockname(usock)
-            conn.upstream = usock
-            conn.last = _current_time()
-            conn.on_done = self._finish
-            self._flows.add(conn)
-            relaying = True
-            self._relay.add(conn)  # from now on the relay task calls _finish; this task ends here
+            if err == errno.EINPROGRESS:
+                if not sockets.is_connected(conn.upstream):  # often connected already: no wait, no SO_ERROR
+                    self._conns.start_soon(self._await_connect, conn, name="tproxy.connect")
+                    return
+            elif err:
+                self._connect_failed(conn, err)
+                self._finish(conn)
+                return
+            self._relay_conn(conn)
         except Exception as e:
             conn.outcome = "reset"
             log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
-            return
+            self._finish(conn)
+
+    async def _await_connect(self, conn: Conn) -> None:
+        """Wait up to ``connect_timeout`` for an upstream connect in progress, then relay (or fail) the connection."""
+        relaying = False
+        try:
+            err = errno.ETIMEDOUT
+            with trio.move_on_after(self.connect_timeout):
+                await _wait_writable(conn.upstream)
+                err = sockets.connect_error(conn.upstream)
+                if err == errno.EINPROGRESS:
+                    err = errno.ETIMEDOUT
+            if err:
+                self._connect_failed(conn, err)
+                return
+            relaying = True
+            self._relay_conn(conn)
+        except Exception as e:
+            conn.outcome = "reset"
+            log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(conn.client_addr))
         except BaseException:
             conn.outcome = "cancelled"
             raise
         finally:
             if not relaying:
                 self._finish(conn)
+
+    def _connect_failed(self, conn: Conn, err: int) -> None:
+        """A refused or unreachable upstream: outcome ``"refused"``; no answer within ``connect_timeout``:
+        ``"timeout"``. Counted in ``stats.connect_errors``; the caller finishes the connection."""
+        name = errno.errorcode.get(err, str(err))
+        self.stats.connect_errors[name] += 1
+        conn.outcome = "timeout" if err == errno.ETIMEDOUT else "refused"
+        conn.note = name
+
+    def _relay_conn(self, conn: Conn) -> None:
+        """Hand a connected connection to the relay task, which calls :meth:`_finish` when it ends."""
+        if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
+            reserved = conn.reserved
+            conn.usrc = (conn.client_addr[0], reserved) if reserved is not None else sockets.sockname(conn.upstream)
+        conn.last = _current_time()
+        conn.on_done = self._finish
+        self._flows.add(conn)
+        self._relay.add(conn)
 
     def _finish(self, conn: Conn) -> None:
         """Close both legs (with a reset after a failure), release the ports, count, log. Called once per connection."""
@@ -321,45 +366,6 @@ class Server:
             log.connection(*args, error=note)
         if outcome == "reset" and conn.error is not None and not isinstance(conn.error, OSError):
             log.event("connection_error", logging.ERROR, exc_info=conn.error, client=log.addr(conn.client_addr))
-
-    async def _connect(
-        self, family: int, client: tuple[str, int], dst: tuple[str, int]
-    ) -> tuple[socket.socket | None, int | None, str, str | None]:
-        """(socket, reserved port, outcome, error): a connected upstream socket, or None and why not.
-
-        Error handling: a refused or unreachable upstream gives outcome ``"refused"``, no answer within
-        ``connect_timeout`` gives ``"timeout"``; both are counted in ``stats.connect_errors``.
-        """
-        target = (sockets.LOOPBACK[family], dst[1]) if self.loopback else dst
-        try:
-            sock, err, reserved = self._start_connect(family, client, dst, target)
-        except OSError as e:  # EMFILE and the like: this connection fails, the server goes on
-            name = errno.errorcode.get(e.errno, str(e.errno))
-            self.stats.connect_errors[name] += 1
-            return None, None, "refused", name
-        try:
-            if err == errno.EINPROGRESS:
-                if sockets.is_connected(sock):  # often, with a local application: no wait, no SO_ERROR
-                    err = 0
-                else:
-                    with trio.move_on_after(self.connect_timeout):
-                        await _wait_writable(sock)
-                        err = sockets.connect_error(sock)
-                    if err == errno.EINPROGRESS:
-                        err = errno.ETIMEDOUT
-            if err:
-                name = errno.errorcode.get(err, str(err))
-                self.stats.connect_errors[name] += 1
-                sock.close()
-                if reserved is not None:
-                    self.chooser.release(client[0], reserved)
-                return None, None, ("timeout" if err == errno.ETIMEDOUT else "refused"), name
-        except BaseException:
-            sock.close()
-            if reserved is not None:
-                self.chooser.release(client[0], reserved)
-            raise
-        return sock, reserved, "ok", None
 
     def _start_connect(
         self, family: int, client: tuple[str, int], dst: tuple[str, int], target: tuple[str, int]
@@ -478,7 +484,7 @@ class Server:
                     break
                 self.stats.accepted += 1
                 self.stats.open += 1
-                self._conns.start_soon(self._handle, csock, caddr)
+                self._open(csock, caddr)
             if lsock in self.listeners:
                 self.listeners.remove(lsock)
             lsock.close()
