@@ -92,3 +92,58 @@ def test_direct_connection_line_is_what_the_formatter_writes(buf, fmt):
 
     assert strip_ts(direct) == strip_ts(via_logging)
     assert via_logging.count("\n") == 1
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes (one write(2) each on a real file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def test_held_connection_lines_are_written_together_and_in_order():
+    stream = CountingStream()
+    log.setup("info", "text", stream=stream)
+    try:
+        log.hold(True)
+        log.hold(True)  # a second server in the same process
+        for port in (1, 2, 3):
+            log.connection(("198.18.0.1", port), ("198.18.0.2", 80), None, 0, 0, 0, "ok")
+        assert stream.getvalue() == "" and stream.writes == 0  # held until the server's turn ends
+        log.event("reload", ok=True)  # another event: the held lines go first
+        lines = stream.getvalue().splitlines()
+        assert [ln.split()[2] for ln in lines] == ["connection"] * 3 + ["reload"]
+        assert [ln.split()[3] for ln in lines[:3]] == [f"client=198.18.0.1:{p}" for p in (1, 2, 3)]
+        assert stream.writes == 2  # the three held lines in one write, then the event
+        log.connection(("198.18.0.1", 4), ("198.18.0.2", 80), None, 0, 0, 0, "ok")
+        log.hold(False)
+        assert "198.18.0.1:4" not in stream.getvalue()  # the other server still holds
+        log.flush()
+        assert stream.getvalue().splitlines()[-1].split()[3] == "client=198.18.0.1:4"
+        log.connection(("198.18.0.1", 5), ("198.18.0.2", 80), None, 0, 0, 0, "ok")
+        log.hold(False)  # the last one: flushes, and lines are written at once again
+        assert stream.getvalue().splitlines()[-1].split()[3] == "client=198.18.0.1:5"
+        log.connection(("198.18.0.1", 6), ("198.18.0.2", 80), None, 0, 0, 0, "ok")
+        assert stream.getvalue().splitlines()[-1].split()[3] == "client=198.18.0.1:6"
+    finally:
+        while log._holding:
+            log.hold(False)
+        log.setup("info", "text")
+
+
+def test_many_held_lines_are_flushed_without_waiting_for_the_turn():
+    stream = CountingStream()
+    log.setup("info", "text", stream=stream)
+    try:
+        log.hold(True)
+        for port in range(log.HOLD_LINES):
+            log.connection(("198.18.0.1", port + 1), ("198.18.0.2", 80), None, 0, 0, 0, "ok")
+        assert len(stream.getvalue().splitlines()) == log.HOLD_LINES and stream.writes == 1
+    finally:
+        log.hold(False)
+        log.setup("info", "text")

@@ -264,7 +264,9 @@ class EpollRelay:
     Use: ``relay = EpollRelay(stats, nursery)``; set ``flow.client``, ``flow.upstream``, ``flow.last``,
     ``flow.on_done``, then :meth:`add`. The task runs in ``nursery`` while there are flows (it is started again by
     :meth:`add` when needed) and, after :meth:`close_when_empty`, ends with the last flow. When the task is
-    cancelled every flow ends with outcome ``"cancelled"``.
+    cancelled every flow ends with outcome ``"cancelled"``. ``after_turn()``, if given, is called after every turn
+    (the flows that ended in it have had their ``on_done``) and when the task is cancelled: the server writes its
+    log lines there, once per turn.
 
     Resource handling: the relay never closes the sockets (``on_done`` does); when ``close_sends_fin`` is false
     the sockets are unregistered from the epoll fd before ``on_done``. :meth:`close` closes the epoll fd.
@@ -278,9 +280,11 @@ class EpollRelay:
         use_splice: bool = True,
         pipes: PipePool = PIPES,
         buffers: BufferPool = BUFFERS,
+        after_turn: Callable[[], None] | None = None,
     ) -> None:
         self.stats = stats
         self.nursery = nursery
+        self.after_turn = after_turn
         self.use_splice = use_splice
         self.pipes = pipes
         self.buffers = buffers
@@ -351,9 +355,13 @@ class EpollRelay:
                 else:
                     await _wait_readable(self.epfd)
                 self._turn()
+                if self.after_turn is not None:
+                    self.after_turn()
         except BaseException:
             self.running = False
             self._cancel_all()
+            if self.after_turn is not None:
+                self.after_turn()
             raise
         self.running = False
 

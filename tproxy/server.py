@@ -130,10 +130,13 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and proxy until :meth:`shutdown`, drain, return. ``task_status.started(self)``."""
+        log.hold(True)  # connection lines are written once per turn (flushed before every wait), not one by one
         try:
             async with trio.open_nursery() as conns:
                 self._conns = conns
-                self._relay = EpollRelay(self.stats, conns, use_splice=self.use_splice, pipes=self.pipes)
+                self._relay = EpollRelay(
+                    self.stats, conns, use_splice=self.use_splice, pipes=self.pipes, after_turn=log.flush
+                )
                 async with trio.open_nursery() as accepts:
                     self._accepts = accepts
                     for lsock in self.listeners:
@@ -156,6 +159,7 @@ class Server:
             self._close_listeners()
             if self._relay is not None:
                 self._relay.close()
+            log.hold(False)
             self.stopped.set()
 
     def shutdown(self) -> None:
@@ -182,22 +186,26 @@ class Server:
         accept = sockets.accepter(lsock)
         stats = self.stats
         handle = self._open
+        flush = log.flush  # (before every wait: the lines of the connections this loop ended)
         batch = 0
         while True:
             if stats.open >= self.max_connections:
                 stats.max_connections_waits += 1
                 log.event("max_connections", logging.DEBUG, open=stats.open)
                 while stats.open >= self.max_connections:
+                    flush()
                     await self._lot.park()
             try:
                 csock, caddr = accept()
             except BlockingIOError:
                 batch = 0
+                flush()
                 await _wait_readable(lsock)
                 continue
             except OSError as e:
                 if e.errno in ACCEPT_CAPACITY_ERRNOS:
                     self._capacity_warning(e)
+                    flush()
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 if e.errno in ACCEPT_IGNORABLE_ERRNOS:
@@ -209,6 +217,7 @@ class Server:
             batch += 1
             if batch >= ACCEPT_BATCH:
                 batch = 0
+                flush()
                 await trio.lowlevel.checkpoint()
 
     def _capacity_warning(self, e: OSError) -> None:
@@ -304,6 +313,7 @@ class Server:
         finally:
             if not relaying:
                 self._finish(conn)
+                log.flush()
 
     def _connect_failed(self, conn: Conn, err: int) -> None:
         """A refused or unreachable upstream: outcome ``"refused"``; no answer within ``connect_timeout``:
@@ -488,6 +498,7 @@ class Server:
             if lsock in self.listeners:
                 self.listeners.remove(lsock)
             lsock.close()
+        log.flush()
         self._update_addresses()
 
     def _update_addresses(self) -> None:
