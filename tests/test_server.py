@@ -147,6 +147,24 @@ async def test_proxies_and_logs_one_line_per_connection(log_lines, use_splice):
 
 
 @bounded
+async def test_an_upstream_still_connecting_is_waited_for_then_relayed(monkeypatch, log_lines):
+    # A local application answers inside connect(); a remote one does not, and the connection then waits in a task
+    # of its own. Make every connect look unfinished to take that path here.
+    monkeypatch.setattr(sockets, "is_connected", lambda sock: False)
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(), app)
+        for i in range(3):
+            async with await connect(server) as s:
+                assert await exchange(s, b"slow upstream %d" % i) == b"slow upstream %d" % i
+        await stop(server, n)
+    assert stats.closed == {"ok": 3} and stats.connect_errors == {}
+    conns = [e for e in log_lines() if e["event"] == "connection"]
+    assert [e["outcome"] for e in conns] == ["ok"] * 3
+    assert all(e["upstream_src"].startswith("127.0.0.1:") for e in conns)
+
+
+@bounded
 async def test_ipv6_listener_and_upstream():
     async with trio.open_nursery() as n:
         app = await start_app(n, echo_app, host="::1")
