@@ -17,7 +17,17 @@ import time
 
 import pytest
 
-from tests.lab_fixtures import FAMILIES, MATRIX, Cell, explain, fresh_ports, lab_for_module, running, wait_logged
+from tests.lab_fixtures import (
+    FAMILIES,
+    MATRIX,
+    Cell,
+    explain,
+    fresh_ports,
+    lab_for_module,
+    running,
+    wait_logged,
+    wait_logged_results,
+)
 from tproxy import lab as L
 
 pytestmark = pytest.mark.root
@@ -60,7 +70,7 @@ def test_the_application_sees_the_expected_address(proxied, family):
         assert r["peer"][0] == cell.expected_ip(family), r
         if cell.keeps_client_ip:
             assert r["peer"][1] != r["src"][1], f"the application saw the client's own port: not proxied? {r}"
-    missing = wait_logged(proxy, [tuple(r["src"]) for r in results], since=since)
+    missing = wait_logged_results(proxy, cell, results, since=since)
     assert not missing, f"the proxy's log does not name {missing}:\n{proxy.log()}"
 
 
@@ -87,10 +97,38 @@ def test_what_is_not_intercepted_reaches_the_application_directly(proxied, famil
     # connections it handled since are logged; these never appear
     probe = lab.connect({"dst": L.NODE[family], "port": L.ECHO_PORT, "sizes": [1]})
     assert probe[0]["ok"], probe
-    missing = wait_logged(proxy, [tuple(probe[0]["src"])], since=since)
+    missing = wait_logged_results(proxy, cell, probe, since=since)
     log = proxy.log()[since:]
     assert not missing, (probe, log[-2000:])  # (what the proxy did log instead, if anything)
     assert not [ln for r in results for ln in L.proxy_log_names(log, *r["src"])], log
+
+
+@matrix([c for c in MATRIX if c.mode == "nat"])
+@family
+def test_nat_a_client_port_reused_towards_another_intercepted_port_is_still_proxied_and_logged(proxied, family):
+    """Every intercepted port is REDIRECTed to the one listener, so a client port used a moment ago towards another
+    intercepted port gives the same reply tuple: conntrack then rewrites the client's port (README, "The two
+    modes"). The connection must still go through the proxy, and its log line still be found: by the upstream
+    source the application saw, as the client port in it may be the rewritten one."""
+    lab, proxy, cell = proxied
+    (port,) = fresh_ports(1)
+    since = len(proxy.log())
+    first = lab.connect({"dst": L.NODE[family], "port": L.ECHO_PORT, "src_ports": [port], "sizes": [10]})
+    second = lab.connect({"dst": L.NODE[family], "port": L.EOF_PORT, "src_ports": [port], "sizes": [10]})
+    results = first + second
+    assert all(r["ok"] and r["src"][1] == port for r in results), results
+    assert all(r["peer"][0] == cell.expected_ip(family) and r["peer"][1] != port for r in results), results
+    # each connection has its own line, found by the upstream source the application saw (unique to it)
+    deadline = time.monotonic() + 15
+    while True:
+        log = proxy.log()[since:]
+        lines = [L.proxy_log_names_upstream(log, r["src"][0], r["peer"]) for r in results]
+        if all(lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(len(found) == 1 for found in lines), (results, log)
+    assert L.proxy_log_names(lines[0][0], L.CLIENT[family], port), lines[0]  # a fresh port: not rewritten
+    assert wait_logged_results(proxy, cell, results, since=since) == []
 
 
 @matrix()

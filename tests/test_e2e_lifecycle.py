@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from tests.lab_fixtures import BACKENDS, Cell, add_operator_rules, running, wait_logged
+from tests.lab_fixtures import BACKENDS, Cell, add_operator_rules, running, wait_logged_results
 from tproxy import lab as L
 
 pytestmark = pytest.mark.root
@@ -38,7 +38,7 @@ def proxied_ok(lab: L.Lab, proxy: L.Proxy, cell: Cell) -> None:
     results = lab.connect([{"dst": L.NODE[f], "port": L.ECHO_PORT, "sizes": [10]} for f in (4, 6)])
     for r, fam in zip(results, (4, 6), strict=True):
         assert r["ok"] and r["peer"][0] == cell.expected_ip(fam), r
-    assert not wait_logged(proxy, [tuple(r["src"]) for r in results], since=since), proxy.log()
+    assert not wait_logged_results(proxy, cell, results, since=since), proxy.log()
 
 
 @pytest.mark.parametrize("cell", SIGTERM_CELLS, ids=str)

@@ -61,6 +61,26 @@ def test_proxy_log_names_nothing_else(line):
     assert L.proxy_log_names(line, ip, 34567) == []
 
 
+V4, V6, NODE4 = "198.18.0.1", "fd00:18::1", "198.18.0.2"
+
+
+@pytest.mark.parametrize(
+    ("line", "client", "upstream", "named"),
+    [
+        (f"info connection client={V4}:26581 original_dst={NODE4}:8081 upstream_src={V4}:22320", V4, (V4, 22320), True),
+        (f'{{"event":"connection","client":"{V4}:26581","upstream_src":"{V4}:22320"}}', V4, (V4, 22320), True),
+        (f"info connection client=[{V6}]:26581 upstream_src=[{V6}]:22320", V6, (V6, 22320), True),
+        (f"info connection client={V4}:26581 upstream_src={NODE4}:40000", V4, (NODE4, 40000), True),  # plain nat
+        (f"info connection client={V4}:26581 upstream_src={V4}:223201", V4, (V4, 22320), False),  # another port
+        (f"info connection client=198.18.0.11:26581 upstream_src={V4}:22320", V4, (V4, 22320), False),  # another IP
+        (f"info connection client={V4}:22320 upstream_src={V4}:5000", V4, (V4, 22320), False),  # the client's port
+        (f"info connection client={V4}:26581 upstream_src=-", V4, (V4, 22320), False),
+    ],
+)
+def test_proxy_log_names_a_connection_by_the_upstream_source_the_application_saw(line, client, upstream, named):
+    assert L.proxy_log_names_upstream(line, client, upstream) == ([line] if named else [])
+
+
 @pytest.mark.root
 def test_the_lab_without_a_proxy_connects_directly():
     """Without a proxy the application sees the client's own address and port, in every kind of exchange."""

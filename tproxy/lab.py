@@ -401,6 +401,18 @@ def proxy_log_names(log: str, ip: str, port: int) -> list[str]:
     return [ln for ln in log.splitlines() if pair.search(ln)]
 
 
+def proxy_log_names_upstream(log: str, client_ip: str, upstream: tuple[str, int]) -> list[str]:
+    """The lines of a proxy's output for a connection from ``client_ip`` whose upstream leg left from ``upstream``
+    (``upstream_src``, the address the application saw): the same connection as far as the application can tell,
+    whatever client port the proxy saw (in nat mode conntrack may have rewritten it)."""
+    ip, port = upstream
+    where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    cip = f"[{client_ip}]" if ":" in client_ip else client_ip
+    up = re.compile(rf"(?:\bupstream_src=|\"upstream_src\":\s*\"){re.escape(where)}(?![0-9])")
+    client = re.compile(rf"(?:\bclient=|\"client\":\s*\"){re.escape(cip)}:[0-9]+")
+    return [ln for ln in log.splitlines() if up.search(ln) and client.search(ln)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The application (runs inside the node namespace)
 
