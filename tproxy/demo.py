@@ -21,7 +21,16 @@ import subprocess
 import sys
 
 from tproxy.errors import MissingBinaryError, PrivilegeError, TproxyError
-from tproxy.lab import CLIENT, ECHO_PORT, NODE, Lab, expected_peer_ip, proxy_config, proxy_log_names
+from tproxy.lab import (
+    CLIENT,
+    ECHO_PORT,
+    NODE,
+    Lab,
+    expected_peer_ip,
+    proxy_config,
+    proxy_log_names,
+    proxy_log_names_upstream,
+)
 
 RUNS = (("tproxy", None), ("nat", None), ("nat", True))
 CONNECTIONS_PER_FAMILY = 2
@@ -127,7 +136,10 @@ def _verdict(r: dict, mode: str, preserve: bool | None, log: str) -> str:
     want = expected_peer_ip(mode, preserve, fam)
     if r["peer"][0] != want:
         return f"WRONG: expected {want}"
-    if not proxy_log_names(log, r["src"][0], r["src"][1]):
+    named = proxy_log_names(log, r["src"][0], r["src"][1])
+    if not named and mode == "nat":  # conntrack may have rewritten a reused client port: find it by its upstream leg
+        named = proxy_log_names_upstream(log, r["src"][0], r["peer"])
+    if not named:
         return "WRONG: the proxy's log does not name this client (bypassed?)"
     if want == CLIENT[fam]:
         return "ok: the client's address"
