@@ -100,7 +100,7 @@ def event(name: str, level: int = logging.INFO, exc_info: Any = None, **fields: 
 
 
 # Connection lines written but not flushed yet (see hold()): one write(2) for all the connections that end in one
-# turn of the event loop, instead of one per connection (a measurable share of a short connection's CPU).
+# turn of the event loop, instead of one per connection (a syscall, and a wakeup of whoever reads the log, each).
 _held: list[str] = []
 _holding = 0  # how many hold(True) are in force (one per running server)
 HOLD_LINES = 256  # flushed at once when this many are held
