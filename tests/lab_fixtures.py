@@ -81,26 +81,12 @@ def wait_logged(
 
 
 def wait_logged_results(proxy: L.Proxy, cell: Cell, results: list[dict], *, since: int = 0, timeout: float = 15):
-    """:func:`wait_logged` for the lab client's results: the client results the proxy's log never named.
-
-    A connection whose application answered is named by a line with the upstream source the application saw (its
-    ``peer``, unique to it) and the client's address and port. In nat mode conntrack may give a client port another
-    one (the reply tuple of a REDIRECTed connection must be unique, and every intercepted port is redirected to the one
-    listener: a port the client used a moment ago towards another intercepted port clashes; README, "The two
-    modes"), so there the client's IP is enough. A connection without a ``peer`` is named by its client address."""
-
-    def named(log: str, r: dict) -> bool:
-        if not r.get("peer"):
-            return bool(L.proxy_log_names(log, *r["src"]))
-        lines = L.proxy_log_names_upstream(log, r["src"][0], r["peer"])
-        if cell.mode != "nat":
-            lines = [ln for ln in lines if L.proxy_log_names(ln, *r["src"])]
-        return bool(lines)
-
+    """:func:`wait_logged` for the lab client's results: those the proxy's log never named
+    (:func:`tproxy.lab.proxy_log_names_result`: in nat mode a rewritten client port is allowed)."""
     deadline = time.monotonic() + timeout
     while True:
         log = proxy.log()[since:]
-        missing = [r for r in results if not named(log, r)]
+        missing = [r for r in results if not L.proxy_log_names_result(log, cell.mode, r)]
         if not missing or time.monotonic() > deadline:
             return missing
         time.sleep(0.1)

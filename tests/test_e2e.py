@@ -118,17 +118,12 @@ def test_nat_a_client_port_reused_towards_another_intercepted_port_is_still_prox
     results = first + second
     assert all(r["ok"] and r["src"][1] == port for r in results), results
     assert all(r["peer"][0] == cell.expected_ip(family) and r["peer"][1] != port for r in results), results
+    assert wait_logged_results(proxy, cell, results, since=since) == []
     # each connection has its own line, found by the upstream source the application saw (unique to it)
-    deadline = time.monotonic() + 15
-    while True:
-        log = proxy.log()[since:]
-        lines = [L.proxy_log_names_upstream(log, r["src"][0], r["peer"]) for r in results]
-        if all(lines) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    log = proxy.log()[since:]
+    lines = [L.proxy_log_names_upstream(log, r["src"][0], r["peer"]) for r in results]
     assert all(len(found) == 1 for found in lines), (results, log)
     assert L.proxy_log_names(lines[0][0], L.CLIENT[family], port), lines[0]  # a fresh port: not rewritten
-    assert wait_logged_results(proxy, cell, results, since=since) == []
 
 
 @matrix()

@@ -81,6 +81,24 @@ def test_proxy_log_names_a_connection_by_the_upstream_source_the_application_saw
     assert L.proxy_log_names_upstream(line, client, upstream) == ([line] if named else [])
 
 
+REWRITTEN = f"info connection client={V4}:26581 original_dst={NODE4}:8081 upstream_src={V4}:22320 outcome=ok"
+
+
+@pytest.mark.parametrize(
+    ("mode", "result", "named"),
+    [
+        ("nat", {"src": [V4, 61234], "peer": [V4, 22320]}, True),  # conntrack rewrote 61234: the upstream leg tells
+        ("tproxy", {"src": [V4, 61234], "peer": [V4, 22320]}, False),  # no rewriting in tproxy mode: a wrong line
+        ("tproxy", {"src": [V4, 26581], "peer": [V4, 22320]}, True),
+        ("nat", {"src": [V4, 61234], "peer": [V4, 5000]}, False),  # another connection's line
+        ("nat", {"src": [V4, 26581], "peer": None}, True),  # no answer: the client's address and port
+        ("nat", {"src": [V4, 61234], "peer": None}, False),
+    ],
+)
+def test_proxy_log_names_a_client_result(mode, result, named):
+    assert L.proxy_log_names_result(REWRITTEN, mode, result) == ([REWRITTEN] if named else [])
+
+
 @pytest.mark.root
 def test_the_lab_without_a_proxy_connects_directly():
     """Without a proxy the application sees the client's own address and port, in every kind of exchange."""

@@ -28,8 +28,7 @@ from tproxy.lab import (
     Lab,
     expected_peer_ip,
     proxy_config,
-    proxy_log_names,
-    proxy_log_names_upstream,
+    proxy_log_names_result,
 )
 
 RUNS = (("tproxy", None), ("nat", None), ("nat", True))
@@ -136,10 +135,7 @@ def _verdict(r: dict, mode: str, preserve: bool | None, log: str) -> str:
     want = expected_peer_ip(mode, preserve, fam)
     if r["peer"][0] != want:
         return f"WRONG: expected {want}"
-    named = proxy_log_names(log, r["src"][0], r["src"][1])
-    if not named and mode == "nat":  # conntrack may have rewritten a reused client port: find it by its upstream leg
-        named = proxy_log_names_upstream(log, r["src"][0], r["peer"])
-    if not named:
+    if not proxy_log_names_result(log, mode, r):  # (in nat mode conntrack may have rewritten a reused client port)
         return "WRONG: the proxy's log does not name this client (bypassed?)"
     if want == CLIENT[fam]:
         return "ok: the client's address"

@@ -413,6 +413,24 @@ def proxy_log_names_upstream(log: str, client_ip: str, upstream: tuple[str, int]
     return [ln for ln in log.splitlines() if up.search(ln) and client.search(ln)]
 
 
+def proxy_log_names_result(log: str, mode: str, result: dict[str, Any]) -> list[str]:
+    """The lines of a proxy's output for one connection of the batch client (its ``src``, and the ``peer`` the
+    application saw, if it answered).
+
+    A connection the application answered is named by a line with that upstream source (unique to it) and the
+    client's address and port. In nat mode conntrack may give a client port another one (the reply tuple of a
+    REDIRECTed connection must be unique, and every intercepted port is redirected to the one listener: a port the
+    client used a moment ago towards another intercepted port clashes; README, "The two modes"), so there the
+    client's IP is enough. A connection without a ``peer`` is named by its client address and port."""
+    src, peer = result["src"], result.get("peer")
+    if not peer:
+        return proxy_log_names(log, *src)
+    lines = proxy_log_names_upstream(log, src[0], peer)
+    if mode != "nat":
+        lines = [ln for ln in lines if proxy_log_names(ln, *src)]
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The application (runs inside the node namespace)
 
