@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from backends.base import Backend
+from tproxy.backends.base import Backend
 
 
 def get_backend(name: str) -> Backend:
     """A fresh backend object for ``name``; raises ValueError for an unknown name (the config loader checks first)."""
     if name == "nftables":
-        from backends.nftables import NftablesBackend
+        from tproxy.backends.nftables import NftablesBackend
 
         return NftablesBackend()
     if name == "iptables":
-        from backends.iptables import IptablesBackend
+        from tproxy.backends.iptables import IptablesBackend
 
         return IptablesBackend()
     raise ValueError(f"unknown rule backend {name!r} (expected nftables or iptables)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from backends.base import (
+from tproxy.backends.base import (
     Backend,
     drop_state,
     load_state,

@@ -59,9 +59,10 @@ def runtime_argv(workdir: Path, *, force_copy: bool = False) -> tuple[list[str],
     dst = workdir / "runtime"
     skip = shutil.ignore_patterns("__pycache__", "*.pth", "__editable__*", "pip", "ruff", "_pytest", "pytest")
     shutil.copytree(site, dst / "site", ignore=skip)
-    for pkg in ("tproxy", "backends"):
-        if (src / pkg).is_dir():
-            shutil.copytree(src / pkg, dst / "src" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    pycache = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(src / "tproxy", dst / "src" / "tproxy", ignore=pycache)
+    if (src / "backends").is_dir():  # a checkout: backends/ installs as tproxy.backends
+        shutil.copytree(src / "backends", dst / "src" / "tproxy" / "backends", ignore=pycache, dirs_exist_ok=True)
     for d in (workdir, *(p for p in dst.rglob("*") if p.is_dir()), dst):
         d.chmod(0o755)
     for f in dst.rglob("*"):

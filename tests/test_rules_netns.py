@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.iptables import has_rules
+from tproxy.backends.iptables import has_rules
 from tests import golden_gen
 from tproxy.netns import Netns, netns
 
@@ -226,7 +226,7 @@ def test_rejected_rule_file_reports_the_tools_message_and_changes_nothing(ns, ba
     cfg_case = "tproxy-both"
     script = f"""
 import sys
-from backends import get_backend
+from tproxy.backends import get_backend
 from tests import golden_gen
 from tproxy.errors import RulesError
 b = get_backend({backend!r})

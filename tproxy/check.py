@@ -176,7 +176,7 @@ def check_programs(config: Config, config_path: object) -> Iterator[Result]:
 
 
 def _iptables_variant() -> Result:
-    from backends.iptables import IptablesBackend
+    from tproxy.backends.iptables import IptablesBackend
 
     backend = IptablesBackend()
     name = "iptables variant"
@@ -466,7 +466,7 @@ def leftover_routing(config: Config) -> list[str]:
 
 
 def _leftover_rules(config: Config) -> list[str]:
-    from backends import get_backend
+    from tproxy.backends import get_backend
 
     found = []
     for name in ("nftables", "iptables"):

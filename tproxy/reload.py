@@ -213,7 +213,7 @@ def install(old: Config, plan: Plan) -> str:
             log.event("reload_restore_failed", logging.ERROR, error=str(e))
         raise
     if plan.backend:
-        from backends import get_backend
+        from tproxy.backends import get_backend
 
         try:
             get_backend(old.backend).remove()

@@ -18,8 +18,8 @@ import fcntl
 import os
 from collections.abc import Iterator
 
-from backends import get_backend
-from backends.base import STATE_DIR, require_net_admin
+from tproxy.backends import get_backend
+from tproxy.backends.base import STATE_DIR, require_net_admin
 from tproxy import routing
 from tproxy.config import BACKENDS, Config
 from tproxy.errors import MissingBinaryError
