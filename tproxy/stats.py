@@ -23,9 +23,13 @@ class Stats:
     connect_errors: collections.Counter = attrs.Factory(collections.Counter)  # errno name -> count
     source_port_fallbacks: int = 0  # upstream port could not be chosen collision-free: fell back
     source_fallbacks: int = 0  # could not bind the client's address: used an ordinary source
-    relay_path: collections.Counter = attrs.Factory(collections.Counter)  # "splice" | "copy" -> directions
+    relay_path: collections.Counter = attrs.Factory(collections.Counter)  # "splice" | "copy" -> directions ended
+    splice_fallbacks: int = 0  # directions that began with splice and fell back to copying
     max_connections_waits: int = 0  # times accepting paused because max_connections was reached
     loops_refused: int = 0  # connections whose original destination was the proxy itself
+    log_dropped: int = 0  # log lines dropped because the log writer's queue was full (a slow reader)
+    proxy_protocol_errors: collections.Counter = attrs.Factory(collections.Counter)  # reason -> bad PROXY headers
+    rules_reinstalled: int = 0  # times the rule watcher put missing rules back
 
 
 @attrs.define
@@ -37,6 +41,8 @@ class State:
     draining: bool = False
     mode: str = ""
     backend: str = ""
+    rules_intact: bool | None = None  # None: not verified (--no-rules: the proxy cannot see the rules)
+    rules_note: str = ""  # why not intact, for /ready ("rules missing", "removed by the operator")
 
     @property
     def ready(self) -> bool:
