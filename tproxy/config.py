@@ -24,6 +24,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MODES = ("tproxy", "nat")
 BACKENDS = ("nftables", "iptables")
 UPSTREAMS = ("original", "loopback")
+RELAYS = ("shared", "tasks")  # relay engines (tproxy.relay): one epoll task for all connections, or two tasks each
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -100,6 +101,7 @@ class Proxy:
     shutdown_grace: float = 30.0
     # upstream = "original": source ports for the upstream leg, outside the clients' own ephemeral ranges
     upstream_ports: PortRange = PortRange(lo=1024, hi=32767)
+    relay: str = attrs.field(default="shared", validator=attrs.validators.in_(RELAYS))
 
 
 @attrs.frozen(kw_only=True)
@@ -213,6 +215,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "max_connections",
         "shutdown_grace",
         "upstream_ports",
+        "relay",
     ),
     "admin": ("address",),
     "log": ("level", "format"),
@@ -411,6 +414,7 @@ class _Loader:
             ),
             shutdown_grace=self.positive(t, "shutdown_grace", "proxy.shutdown_grace", 30.0),
             upstream_ports=self.upstream_ports(t),
+            relay=self.choice(t, "relay", "proxy.relay", RELAYS, "shared"),
         )
 
         t = self.table(top, "admin")
