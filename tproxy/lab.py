@@ -80,6 +80,7 @@ def proxy_config(
     log_level: str = "info",
     shutdown_grace: float = 2.0,
     connect_timeout: float = 30.0,
+    relay: str = "shared",
 ) -> str:
     """TOML text of a lab config: ports 8080-8090 intercepted (8090 excluded), the excluded client addresses."""
     lines = [
@@ -101,6 +102,7 @@ def proxy_config(
         f'upstream = "{upstream}"',
         f"connect_timeout = {connect_timeout}",
         f"shutdown_grace = {shutdown_grace}",
+        f'relay = "{relay}"',
     ]
     if preserve_source is not None:
         lines.append(f"preserve_source = {'true' if preserve_source else 'false'}")
