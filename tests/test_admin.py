@@ -409,6 +409,10 @@ def test_ready_and_exact_metrics_with_the_real_proxy():
         try:
             assert admin_get(lab, "/ready") == (200, "ready\n")
             assert admin_get(lab, "/live") == (200, "live\n")
+            status, body = admin_get(lab, "/config")  # the runner hands the admin endpoint the config in force
+            settings = json.loads(body)["settings"]
+            assert status == 200 and settings["mode"] == {"value": "tproxy", "source": "file"}
+            assert settings["proxy.idle_timeout"] == {"value": 3600.0, "source": "default"}
 
             sizes = [0, 1, 1000, 65536, 300001]
             jobs = [
