@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tproxy.backends.iptables import has_rules
 
 from tests import golden_gen
+from tproxy.backends.iptables import has_rules
 from tproxy.netns import Netns, netns
 
 pytestmark = pytest.mark.root

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import tomllib
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ UPSTREAMS = ("original", "loopback")
 RELAYS = ("shared", "tasks")  # relay engines (tproxy.relay): one epoll task for all connections, or two tasks each
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# Where a key's value came from, for /config; a key absent from Config.origins has its default.
+SOURCES = ("default", "file", "environment", "flag")
 
 
 @attrs.frozen(kw_only=True, order=True)
@@ -140,6 +143,11 @@ class Config:
     log: Log = Log()
     privileges: Privileges = Privileges()
     source: str = "<config>"  # the file it came from, for messages
+    # key path ("proxy.idle_timeout") -> "file" | "environment" | "flag" for every key not left at its default;
+    # not part of equality: two configs that run the same are the same, wherever their values came from
+    origins: Mapping[str, str] = attrs.field(
+        factory=dict, converter=lambda d: types.MappingProxyType(dict(d)), eq=False, repr=False
+    )
 
     @property
     def preserve_source(self) -> bool:
@@ -156,6 +164,42 @@ class Config:
     @property
     def families(self) -> tuple[int, ...]:
         return self.intercept.families
+
+    def source_of(self, key: str) -> str:
+        """Where the value of ``key`` (a path as the file spells it, e.g. ``"proxy.idle_timeout"``) came from: one
+        of :data:`SOURCES`."""
+        return self.origins.get(key, "default")
+
+    def settings(self) -> dict[str, Any]:
+        """Every key as the file spells it -> its effective value as JSON/TOML types (for ``/config``)."""
+        admin = f"[{self.admin.host}]" if self.admin.host and ":" in self.admin.host else self.admin.host
+        return {
+            "mode": self.mode,
+            "backend": self.backend,
+            "listener.address": str(self.listener.address),
+            "listener.port": self.listener.port,
+            "intercept.ports": [_port_doc(r) for r in self.intercept.ports],
+            "intercept.interfaces": list(self.intercept.interfaces),
+            "intercept.exclude_ports": [_port_doc(r) for r in self.intercept.exclude_ports],
+            "intercept.exclude_cidrs": [str(n) for n in self.intercept.exclude_cidrs],
+            "intercept.ipv4": self.intercept.ipv4,
+            "intercept.ipv6": self.intercept.ipv6,
+            "routing.mark": self.routing.mark,
+            "routing.table": self.routing.table,
+            "proxy.preserve_source": self.preserve_source,  # effective: the mode's default when not set
+            "proxy.upstream": self.proxy.upstream,
+            "proxy.connect_timeout": self.proxy.connect_timeout,
+            "proxy.idle_timeout": self.proxy.idle_timeout,
+            "proxy.max_connections": self.proxy.max_connections,
+            "proxy.shutdown_grace": self.proxy.shutdown_grace,
+            "proxy.upstream_ports": str(self.proxy.upstream_ports),
+            "proxy.relay": self.proxy.relay,
+            "admin.address": f"{admin}:{self.admin.port}" if self.admin.enabled else "",
+            "log.level": self.log.level,
+            "log.format": self.log.format,
+            "privileges.user": self.privileges.user or "",
+            "privileges.group": self.privileges.group or "",
+        }
 
     @classmethod
     def from_toml(cls, path: str | Path, *, mode: str | None = None, backend: str | None = None) -> Config:
@@ -196,7 +240,14 @@ class Config:
             raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if backend is not None and backend not in BACKENDS:
             raise ConfigError("--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})")
-        return attrs.evolve(self, mode=mode or self.mode, backend=backend or self.backend)
+        flags = {k: "flag" for k, v in (("mode", mode), ("backend", backend)) if v is not None}
+        return attrs.evolve(
+            self, mode=mode or self.mode, backend=backend or self.backend, origins={**self.origins, **flags}
+        )
+
+
+def _port_doc(r: PortRange) -> int | str:
+    return r.lo if r.lo == r.hi else str(r)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,6 +287,7 @@ def _type_name(value: Any) -> str:
 class _Loader:
     def __init__(self, source: str) -> None:
         self.source = source
+        self.origins: dict[str, str] = {}  # what Config.origins will hold
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.source, key, reason)
@@ -257,6 +309,9 @@ class _Loader:
                     hint_path = f"{name}.{hint[0]}" if name else hint[0]
                     reason += f" (did you mean {hint_path!r}?)"
                 raise self.error(path, reason)
+        for key, item in value.items():
+            if not isinstance(item, dict):
+                self.origins[f"{name}.{key}" if name else key] = "file"
         return value
 
     def typed(self, table: dict[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
@@ -347,12 +402,14 @@ class _Loader:
             if mode not in MODES:
                 raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
             mode_v = mode
+            self.origins["mode"] = "flag"
         if backend is not None:
             if backend not in BACKENDS:
                 raise ConfigError(
                     "--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})"
                 )
             backend_v = backend
+            self.origins["backend"] = "flag"
 
         t = self.table(top, "listener")
         address_s = self.typed(t, "address", "listener.address", str, "0.0.0.0")
@@ -445,6 +502,7 @@ class _Loader:
             log=log,
             privileges=privileges,
             source=self.source,
+            origins=self.origins,
         )
 
     def upstream_ports(self, table: dict[str, Any]) -> PortRange:

@@ -12,13 +12,14 @@ serving starts; one received while they come out is ignored).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import resource
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -271,7 +272,8 @@ async def _main(
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, server, early, reloader)
         if config.admin.enabled:
-            await _start_admin(nursery, config, stats, state)
+            current = (lambda: reloader.config) if reloader is not None else None  # /config follows reloads
+            await _start_admin(nursery, config, stats, state, current)
         await nursery.start(server.serve)
         if reloader is not None:
             reloader.serving.set()
@@ -279,14 +281,16 @@ async def _main(
         nursery.cancel_scope.cancel()  # the admin endpoint and the signal watcher
 
 
-async def _start_admin(nursery: trio.Nursery, config: Config, stats: Stats, state: State) -> None:
+async def _start_admin(
+    nursery: trio.Nursery, config: Config, stats: Stats, state: State, current: Callable[[], Config] | None = None
+) -> None:
     try:
         from tproxy.admin import serve_admin
     except ImportError:
         log.event("admin_unavailable", logging.WARNING, reason="tproxy.admin is not installed")
         return
     try:
-        await nursery.start(serve_admin, config, stats, state)
+        await nursery.start(functools.partial(serve_admin, current_config=current), config, stats, state)
     except OSError as e:
         where = f"{config.admin.host}:{config.admin.port}"
         raise TproxyError(f"cannot start the admin endpoint on {where}: {e.strerror or e}") from None
