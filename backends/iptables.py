@@ -16,22 +16,22 @@ table stays. Documented, not hidden.)
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from tproxy.backends.base import (
     Backend,
-    drop_state,
-    load_state,
     loopback_guard,
     mark_hex,
     port_ranges,
     require_net_admin,
     run,
-    save_state,
-    state_path,
+    tags,
 )
+
 from tproxy.config import Config
 from tproxy.errors import MissingBinaryError, RulesError
+from tproxy.state import drop_state, load_state, save_state, state_path
 
 PREROUTING = "TPROXY_PREROUTING"
 DIVERT = "TPROXY_DIVERT"
@@ -308,6 +308,25 @@ class IptablesBackend(Backend):
                 if any(_chain_name(d) in OUR_CHAINS.get(table, ()) for d in content["chains"]):
                     return True
         return False
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam, body in split(text).items():
+            table = ""
+            for line in body.splitlines():
+                if line.startswith("*"):
+                    table = line[1:].strip()
+                elif line.startswith(("-A ", "-I ")):
+                    out.update((f"{PREFIX[fam]} -t {table}", t) for t in tags(line))
+        return out
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam in (4, 6):
+            for table, content in parse_save(self._save(fam)).items():
+                for rule in content["rules"]:
+                    out.update((f"{PREFIX[fam]} -t {table}", t) for t in tags(rule))
+        return out
 
     # -- helpers
 

@@ -7,7 +7,10 @@ keyword, hence the table's name.) Removal deletes the table; nothing outside it 
 
 from __future__ import annotations
 
-from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+from collections import Counter
+
+from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run, tags
+
 from tproxy.config import Config
 
 TABLE = "tproxy_rules"
@@ -158,3 +161,11 @@ class NftablesBackend(Backend):
                 require_net_admin()
             return False
         return f"table {FAMILY} {TABLE}" in r.stdout.splitlines()
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        where = f"nft {FAMILY} {TABLE}"
+        return Counter((where, t) for line in text.splitlines() if not line.startswith("#") for t in tags(line))
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        r = run(["nft", "list", "table", FAMILY, TABLE], check=False)
+        return self.rule_tags(r.stdout) if r.returncode == 0 else Counter()

@@ -103,6 +103,14 @@ def cap_set(mask: int) -> frozenset[int]:
     return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)
 
 
+def has_net_admin() -> bool:
+    """Whether this process holds CAP_NET_ADMIN in its effective set (rules and routes need it)."""
+    try:
+        return CAP_NET_ADMIN in cap_set(ProcessCredentials.of().effective)
+    except (OSError, ValueError):
+        return os.geteuid() == 0
+
+
 def format_caps(caps: Iterable[int]) -> str:
     """``CAP_NET_ADMIN,CAP_NET_RAW``; ``none`` for the empty set."""
     names = [cap_name(c) for c in sorted(caps)]
