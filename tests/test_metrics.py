@@ -60,6 +60,12 @@ tproxy_max_connections_reached_total 8
 # HELP tproxy_loops_refused_total Connections refused because their original destination was the proxy itself.
 # TYPE tproxy_loops_refused_total counter
 tproxy_loops_refused_total 9
+# HELP tproxy_rules_intact 1 when the rule watcher last found every rule and route in place.
+# TYPE tproxy_rules_intact gauge
+tproxy_rules_intact 1
+# HELP tproxy_rules_reinstalled_total Times the rule watcher put missing rules back.
+# TYPE tproxy_rules_reinstalled_total counter
+tproxy_rules_reinstalled_total 3
 """
 
 
@@ -76,15 +82,24 @@ def known_stats() -> Stats:
         relay_path=collections.Counter({"copy": 2, "splice": 10}),
         max_connections_waits=8,
         loops_refused=9,
+        rules_reinstalled=3,
     )
 
 
 def ready_state() -> State:
-    return State(rules_installed=True, listening=True, mode="tproxy", backend="nftables")
+    return State(rules_installed=True, listening=True, mode="tproxy", backend="nftables", rules_intact=True)
 
 
 def test_exact_text():
     assert metrics.render(known_stats(), ready_state(), version="9.9.9") == EXPECTED
+
+
+def test_rules_intact_is_absent_when_this_process_cannot_see_the_rules():
+    text = metrics.render(Stats(), State(rules_installed=True, listening=True), version="0")
+    assert "tproxy_rules_intact" not in text and "tproxy_rules_reinstalled_total 0\n" in text
+    assert "tproxy_ready 1\n" in text
+    text = metrics.render(Stats(), State(rules_installed=True, listening=True, rules_intact=True), version="0")
+    assert "tproxy_rules_intact 1\n" in text and "tproxy_ready 1\n" in text
 
 
 def test_fresh_stats_list_every_known_label_with_zero():
@@ -163,7 +178,7 @@ def check_grammar(text: str) -> dict[str, str]:
 def test_output_follows_the_grammar():
     stats = known_stats()
     stats.connect_errors['E"ODD\\'] = 1
-    assert len(check_grammar(metrics.render(stats, ready_state()))) == 13
+    assert len(check_grammar(metrics.render(stats, ready_state()))) == 15
 
 
 def test_process_metrics():

@@ -138,6 +138,19 @@ def render(stats: Stats, state: State, *, version: str = __version__) -> str:
         "Connections refused because their original destination was the proxy itself.",
         stats.loops_refused,
     )
+    if state.rules_intact is not None:  # absent with --no-rules: this process cannot see the rules
+        w.single(
+            "tproxy_rules_intact",
+            "gauge",
+            "1 when the rule watcher last found every rule and route in place.",
+            state.rules_intact,
+        )
+    w.single(
+        "tproxy_rules_reinstalled_total",
+        "counter",
+        "Times the rule watcher put missing rules back.",
+        stats.rules_reinstalled,
+    )
     return w.text()
 
 

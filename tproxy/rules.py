@@ -43,7 +43,7 @@ def show(config: Config) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
+def exclusive() -> Iterator[None]:
     """One install/uninstall at a time (say a restarting proxy and `tproxy rules remove`); short, so host-wide."""
     fd = os.open(
         state.ensure_dir(), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -55,11 +55,12 @@ def _exclusive() -> Iterator[None]:
         os.close(fd)
 
 
-def install(config: Config) -> str:
+def install(config: Config, *, lock: bool = True) -> str:
     """Install rules (the loopback guard among them), then routes, then sysctls for ``config``; returns a one-line
-    summary. Clears an operator's earlier ``tproxy rules remove`` (:func:`removed_by_operator`)."""
+    summary. Clears an operator's earlier ``tproxy rules remove`` (:func:`removed_by_operator`). ``lock=False``: the
+    caller already holds :func:`exclusive`."""
     require_net_admin()
-    with _exclusive():
+    with exclusive() if lock else contextlib.nullcontext():
         summary = _install(config)
         state.drop_state(_removed_path())
         return summary
@@ -91,7 +92,7 @@ def uninstall(config: Config, *, by_operator: bool = False) -> str:
     guard never goes while ``route_localnet`` is still 1) and the state kept, so a later removal can finish.
     """
     require_net_admin()
-    with _exclusive():
+    with exclusive():
         if by_operator:
             state.save_state(_removed_path(), {"removed_by": "tproxy rules remove", "at": time.time()})
         return _uninstall(config)

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from tproxy import log, reload, sockets
+from tproxy import log, reload, sockets, watch
 from tproxy.config import Config
 from tproxy.errors import ConfigError, TproxyError
 from tproxy.stats import State, Stats
@@ -100,8 +100,15 @@ async def _watch_signals(
     server,
     early: _Signals,
     reloader: Reloader | None = None,
+    watcher: watch.Watcher | None = None,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    async def reload_then_check() -> None:
+        if reloader is not None:
+            await reloader.reload()
+        if watcher is not None:
+            watcher.kick()  # SIGHUP also checks the rules, once the reload is done
+
     with trio.open_signal_receiver(*SIGNALS, *RELOAD_SIGNALS) as received:
         async with trio.open_nursery() as reloads:
             task_status.started()
@@ -109,15 +116,13 @@ async def _watch_signals(
             pending, early.pending = early.pending, []
             for signum in pending:
                 if signum in RELOAD_SIGNALS:
-                    if reloader is not None:
-                        reloads.start_soon(reloader.reload)
+                    reloads.start_soon(reload_then_check)
                     continue
                 count += 1
                 _on_signal(server, signum, count)
             async for signum in received:
                 if signum in RELOAD_SIGNALS:
-                    if reloader is not None:
-                        reloads.start_soon(reloader.reload)
+                    reloads.start_soon(reload_then_check)
                     continue
                 count += 1
                 _on_signal(server, signum, count)
@@ -263,20 +268,28 @@ async def _main(
     early: _Signals,
     reloader: Reloader | None = None,
 ) -> None:
+    from tproxy import privileges
     from tproxy.server import Server
 
     server = Server(config, listeners, stats, state)
     if reloader is not None:
         reloader.server = server
+    watcher = None
+    if reloader is not None and reloader.owns_rules:
+        watcher = watch.Watcher(lambda: reloader.config, stats, state, reloader._lock)
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, server, early, reloader)
+        await nursery.start(_watch_signals, server, early, reloader, watcher)
+        if watcher is not None:
+            await nursery.start(watcher.run)
+        elif privileges.parent_status_fd is not None:
+            await nursery.start(watch.follow_parent, privileges.parent_status_fd, stats, state)
         if config.admin.enabled:
             await _start_admin(nursery, config, stats, state)
         await nursery.start(server.serve)
         if reloader is not None:
             reloader.serving.set()
         await server.stopped.wait()
-        nursery.cancel_scope.cancel()  # the admin endpoint and the signal watcher
+        nursery.cancel_scope.cancel()  # the admin endpoint, the signal watcher and the rule watcher
 
 
 async def _start_admin(nursery: trio.Nursery, config: Config, stats: Stats, state: State) -> None:
@@ -342,6 +355,8 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             summary = installed if installed is not None else "nothing (--no-rules)"
             if not before_serve(config, listeners, manage_rules=installed is not None):
                 installed = None  # a privileged parent process removes them (or they were never ours)
+            # watched by this process or by the privileged parent; with --no-rules nobody here can see them
+            state.rules_intact = True if installed is not None or privileges.parent_status_fd is not None else None
             log.event(
                 "start",
                 mode=config.mode,
