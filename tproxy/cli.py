@@ -125,7 +125,12 @@ REMOVED_BY_OPERATOR = 3
 
 
 @rules_app.command("check")
-def rules_check(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
+def rules_check(
+    config: ConfigOpt,
+    mode: ModeOpt = None,
+    backend: BackendOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only what is missing.")] = False,
+) -> None:
     """Exit 0 when every rule, route and sysctl is in place; 1 with a line per missing piece; 3 when `tproxy rules
     remove` took them out (then `rules apply` alone puts them back). Changes nothing."""
     cfg = _load(config, mode, backend)
@@ -142,7 +147,8 @@ def rules_check(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = N
         print(f"tproxy rules: missing: {line}")
     if missing:
         raise typer.Exit(1)
-    print(f"tproxy rules: in place ({cfg.mode} mode, {cfg.backend})")
+    if not quiet:
+        print(f"tproxy rules: in place ({cfg.mode} mode, {cfg.backend})")
 
 
 @app.command()
