@@ -40,9 +40,11 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def config(lab: Lab, backend: str, *, reinstall: bool = True, user: str | None = None) -> Path:
+def config(
+    lab: Lab, backend: str, *, reinstall: bool = True, user: str | None = None, interval: float = INTERVAL
+) -> Path:
     text = proxy_config("tproxy", backend, upstream="loopback")  # route_localnet=1 on all, and its guard
-    text += f"\n[routing]\ncheck_interval = {INTERVAL}\nreinstall = {'true' if reinstall else 'false'}\n"
+    text += f"\n[routing]\ncheck_interval = {interval}\nreinstall = {'true' if reinstall else 'false'}\n"
     if user:
         text += f'\n[privileges]\nuser = "{user}"\n'
     path = lab.write_config(text, f"watch-{backend}-{reinstall}-{user}.toml")
@@ -166,3 +168,18 @@ def test_the_serving_child_dies_with_a_killed_parent(lab, runtime):
     r = lab.node.run(["ss", "-Htln", "sport", "= :4191"])
     assert r.stdout.strip() == ""  # nothing serves the admin endpoint (nor the proxy) any more
     lab.tproxy("rules", "remove", "-c", str(conf))
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_sighup_checks_at_once(lab, runtime, user):
+    """With an hour between checks, a SIGHUP (to the single process, or to the privileged parent) checks now."""
+    argv, env = runtime
+    conf = config(lab, "nftables", user=user, interval=3600)
+    proxy = start(lab, [*argv, "run", "-c", str(conf)], env, conf)
+    lab.node.run(FLUSH["nftables"])
+    time.sleep(1)
+    assert rules_check(lab, conf) == 1
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_for("the rules reinstalled", lambda: scrape(lab)["tproxy_rules_reinstalled_total"] == 1, timeout=10)
+    assert rules_check(lab, conf) == 0 and admin_get(lab, "/ready") == (200, "ready\n")
+    assert proxy.stop() == 0, proxy.log()
