@@ -498,7 +498,8 @@ def _strip_save(text: str) -> str:
 
 def _remove_with_read_only_proc_sys(ns: Netns, conf: Path) -> subprocess.CompletedProcess:
     """`tproxy rules remove` in a private mount namespace where /proc/sys is read-only (as in a container)."""
-    script = f"mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec {TPROXY} rules remove -c {conf}"
+    script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+    script += f"exec {TPROXY} rules remove -c {conf}"
     return ns.run(["unshare", "-m", "sh", "-c", script], check=False)
 
 

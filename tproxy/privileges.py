@@ -405,9 +405,10 @@ def before_serve(config: Config, sockets: Iterable[object], *, manage_rules: boo
 
     - No ``privileges.user``, or not root (already unprivileged, e.g. a split deployment): nothing to do.
     - ``manage_rules`` false (rules belong to a separate step): drop in place, no fork.
-    - Otherwise fork. The child drops privileges and returns False: serving is all it does. The parent never
-      returns: it closes its copies of ``sockets`` (a listener nobody accepts on would swallow connections), forwards
-      SIGTERM/SIGINT/SIGHUP to the child, waits for it, removes the rules and routes and exits with its status.
+    - Otherwise fork. The child drops privileges, sets PR_SET_PDEATHSIG and returns False: serving is all it does
+      (the parent's rule reports arrive on :data:`parent_status_fd`). The parent never returns: it closes its copies
+      of ``sockets`` (a listener nobody accepts on would swallow connections), forwards SIGTERM/SIGINT/SIGHUP to the
+      child, watches the rules until the child exits, removes the rules and routes and exits with its status.
 
     Error handling: an unknown user or group is a :class:`ConfigError` raised before anything forks; a failed drop is a
     :class:`PrivilegeError` in the child (its exit status 1 then becomes the parent's, after the rules are removed).
