@@ -1,7 +1,7 @@
 """State files root acts on (tproxy/state.py): every refusal, the atomic write, and (root) `rules remove` refusing a
 state directory the proxy's user could write.
 
-Ownership tests chown to another uid, so they need root (marked ``root``); the rest run anywhere as root too."""
+Tests that create state files need root (marked ``root``): the trusted owner is uid 0."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tproxy.errors import StateError
 from tproxy.netns import netns
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.root  # the trusted owner is root: these tests create root-owned files and chown them
+root = pytest.mark.root  # the trusted owner is root: these tests create root-owned files (and chown them)
 NOBODY = 65534
 
 
@@ -29,6 +29,7 @@ def sdir(tmp_path, monkeypatch):
     return d
 
 
+@root
 def test_the_directory_is_created_0700_root_and_files_0600(sdir):
     path = state.state_path("routing", "mark1")
     state.save_state(path, {"sysctls": {}})
@@ -39,12 +40,14 @@ def test_the_directory_is_created_0700_root_and_files_0600(sdir):
     assert [p.name for p in sdir.iterdir()] == [path.name]  # no temporary file left
 
 
+@root
 def test_a_missing_file_or_directory_is_no_state(sdir):
     assert state.load_state(sdir / "x.json") is None
     sdir.mkdir(mode=0o700)
     assert state.load_state(sdir / "x.json") is None
 
 
+@root
 def test_a_directory_owned_by_another_user_is_refused(sdir):
     sdir.mkdir(mode=0o700)
     (sdir / "x.json").write_text("{}")
@@ -57,6 +60,7 @@ def test_a_directory_owned_by_another_user_is_refused(sdir):
         state.ensure_dir()
 
 
+@root
 def test_a_directory_writable_by_others_is_refused(sdir):
     sdir.mkdir()
     os.chmod(sdir, 0o1777)
@@ -64,6 +68,7 @@ def test_a_directory_writable_by_others_is_refused(sdir):
         state.load_state(sdir / "x.json")
 
 
+@root
 def test_a_directory_that_is_a_symlink_is_refused(sdir, tmp_path):
     (tmp_path / "elsewhere").mkdir(mode=0o700)
     sdir.symlink_to(tmp_path / "elsewhere")
@@ -71,6 +76,7 @@ def test_a_directory_that_is_a_symlink_is_refused(sdir, tmp_path):
         state.save_state(sdir / "x.json", {})
 
 
+@root
 def test_a_file_owned_by_another_user_is_refused(sdir):
     path = sdir / "x.json"
     state.save_state(path, {"sysctls": {}})
@@ -79,6 +85,7 @@ def test_a_file_owned_by_another_user_is_refused(sdir):
         state.load_state(path)
 
 
+@root
 def test_a_file_writable_by_group_is_refused(sdir):
     path = sdir / "x.json"
     state.save_state(path, {})
@@ -87,6 +94,7 @@ def test_a_file_writable_by_group_is_refused(sdir):
         state.load_state(path)
 
 
+@root
 def test_a_file_that_is_a_symlink_is_refused_and_never_followed(sdir, tmp_path):
     state.ensure_dir()
     target = tmp_path / "target"
@@ -96,6 +104,7 @@ def test_a_file_that_is_a_symlink_is_refused_and_never_followed(sdir, tmp_path):
         state.load_state(sdir / "x.json")
 
 
+@root
 def test_the_write_never_follows_a_planted_link(sdir, tmp_path):
     """A temporary name planted as a link (by whoever could write there once) is replaced, its target untouched."""
     state.ensure_dir()
@@ -108,6 +117,7 @@ def test_the_write_never_follows_a_planted_link(sdir, tmp_path):
     assert state.load_state(path) == {"a": 1} and not path.is_symlink()
 
 
+@root
 def test_malformed_json_names_the_file(sdir):
     state.ensure_dir()
     path = sdir / "x.json"
@@ -152,6 +162,7 @@ def _remove(ns, conf: Path) -> subprocess.CompletedProcess:
     return ns.run([sys.executable, "-m", "tproxy", "rules", "remove", "-c", str(conf)], check=False, cwd=str(REPO))
 
 
+@root
 def test_rules_remove_refuses_a_state_file_naming_another_path(tmp_path):
     conf = tmp_path / "t.toml"
     conf.write_text('[intercept]\nports = [8080]\n[proxy]\nupstream = "loopback"\n')

@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.test_admin import admin_get, scrape
 from tests.test_privileges_netns import assert_client_address_seen_through_proxy, runtime_argv, serving_child, start
+from tproxy import watch
 from tproxy.lab import Lab, Proxy, proxy_config
+from tproxy.stats import State, Stats
 
-pytestmark = pytest.mark.root
+root = pytest.mark.root  # the lab: namespaces, real rules, a real proxy
 
 INTERVAL = 0.5
 FLUSH = {"nftables": ["nft", "flush", "ruleset"], "iptables": ["iptables", "-t", "mangle", "-F"]}
@@ -68,6 +71,7 @@ def rules_check(lab: Lab, conf: Path) -> int:
     return lab.tproxy("rules", "check", "-c", str(conf), check=False).returncode
 
 
+@root
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_a_flush_is_healed_in_the_safe_order_and_counted(lab, backend):
     conf = config(lab, backend)
@@ -90,6 +94,7 @@ def test_a_flush_is_healed_in_the_safe_order_and_counted(lab, backend):
     assert route_localnet(lab) == "0"
 
 
+@root
 def test_without_reinstall_the_exposure_is_closed_and_ready_says_so(lab):
     conf = config(lab, "nftables", reinstall=False)
     proxy = lab.start_proxy(conf)
@@ -106,6 +111,7 @@ def test_without_reinstall_the_exposure_is_closed_and_ready_says_so(lab):
     assert proxy.stop() == 0, proxy.log()
 
 
+@root
 @pytest.mark.parametrize("backend", ["nftables", "iptables"])
 def test_rules_removed_by_the_operator_stay_removed(lab, backend):
     conf = config(lab, backend)
@@ -125,6 +131,7 @@ def test_rules_removed_by_the_operator_stay_removed(lab, backend):
     assert proxy.stop() == 0, proxy.log()
 
 
+@root
 def test_no_rules_cannot_verify(lab):
     conf = config(lab, "nftables")
     lab.tproxy("rules", "apply", "-c", str(conf))
@@ -135,6 +142,7 @@ def test_no_rules_cannot_verify(lab):
     lab.tproxy("rules", "remove", "-c", str(conf))
 
 
+@root
 def test_the_privileged_parent_heals_and_tells_the_child(lab, runtime):
     argv, env = runtime
     conf = config(lab, "nftables", user="nobody")
@@ -156,6 +164,7 @@ def test_the_privileged_parent_heals_and_tells_the_child(lab, runtime):
     assert not Path(f"/proc/{child}").exists()
 
 
+@root
 def test_the_serving_child_dies_with_a_killed_parent(lab, runtime):
     """PR_SET_PDEATHSIG, set after the drop: SIGKILL the privileged parent and the child stops (its grace is 2 s)."""
     argv, env = runtime
@@ -170,6 +179,7 @@ def test_the_serving_child_dies_with_a_killed_parent(lab, runtime):
     lab.tproxy("rules", "remove", "-c", str(conf))
 
 
+@root
 @pytest.mark.parametrize("user", [None, "nobody"])
 def test_sighup_checks_at_once(lab, runtime, user):
     """With an hour between checks, a SIGHUP (to the single process, or to the privileged parent) checks now."""
@@ -183,3 +193,41 @@ def test_sighup_checks_at_once(lab, runtime, user):
     wait_for("the rules reinstalled", lambda: scrape(lab)["tproxy_rules_reinstalled_total"] == 1, timeout=10)
     assert rules_check(lab, conf) == 0 and admin_get(lab, "/ready") == (200, "ready\n")
     assert proxy.stop() == 0, proxy.log()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipe between the privileged parent and the serving child (no root needed)
+
+
+async def test_the_child_applies_what_the_parent_reports():
+    r, w = os.pipe()
+    reporter = watch.PipeReporter(w)
+    stats, state = Stats(), State(rules_intact=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.follow_parent, r, stats, state)
+        reporter.send(watch.Report(False, watch.NOTE_MISSING, ("nft inet tproxy_rules: rule tproxy/x missing",)))
+        await wait_until(lambda: state.rules_intact is False)
+        assert state.rules_note == "rules missing" and stats.rules_reinstalled == 0
+        reporter.send(watch.Report(True, "", (), reinstalled=True))
+        await wait_until(lambda: state.rules_intact is True)
+        assert state.rules_note == "" and stats.rules_reinstalled == 1
+        reporter.send(watch.Report(False, watch.NOTE_REMOVED))
+        await wait_until(lambda: state.rules_note == watch.NOTE_REMOVED)
+        os.close(w)  # the parent is gone: the child's reader ends, the proxy is not stopped by it
+    assert stats.rules_reinstalled == 1 and state.rules_intact is False
+
+
+async def test_a_child_that_does_not_read_never_blocks_the_parent():
+    r, w = os.pipe()
+    reporter = watch.PipeReporter(w)
+    for i in range(20000):  # far more than a pipe holds
+        reporter.send(watch.Report(i % 2 == 0, "" if i % 2 == 0 else watch.NOTE_MISSING, reinstalled=i % 2 == 0))
+    os.close(r)
+    reporter.send(watch.Report(True, reinstalled=True))  # EPIPE: ignored
+    os.close(w)
+
+
+async def wait_until(pred: Callable[[], bool]) -> None:
+    with trio.fail_after(5):
+        while not pred():
+            await trio.sleep(0.01)

@@ -509,8 +509,8 @@ def _supervise(config: Config, child: int, sockets: Iterable[object], status_w: 
         if due:
             try:
                 reporter.send(watch.check(on_hup.config, reporter.send))
-            except TproxyError as e:
-                log.event("rules_check_failed", logging.ERROR, error=str(e))
+            except Exception as e:  # noqa: BLE001 - the parent must go on supervising; say why, try again
+                log.event("rules_check_failed", logging.ERROR, error=str(e) if isinstance(e, TproxyError) else repr(e))
             next_check = time.monotonic() + on_hup.config.routing.check_interval
 
     _, status = os.waitpid(child, 0)

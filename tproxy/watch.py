@@ -122,8 +122,8 @@ class Watcher:
 
         try:
             report = await trio.to_thread.run_sync(check, self.current(), heard)
-        except TproxyError as e:
-            log.event("rules_check_failed", logging.ERROR, error=str(e))
+        except Exception as e:  # noqa: BLE001 - a failed check must never stop the proxy; say why, try again
+            log.event("rules_check_failed", logging.ERROR, error=str(e) if isinstance(e, TproxyError) else repr(e))
             return
         apply(report, self.stats, self.state)
 
