@@ -95,6 +95,18 @@ def test_a_flush_is_healed_in_the_safe_order_and_counted(lab, backend):
 
 
 @root
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_nat_mode_rules_are_healed_too(lab, backend):
+    text = proxy_config("nat", backend) + f"\n[routing]\ncheck_interval = {INTERVAL}\n"
+    conf = lab.write_config(text, f"watch-nat-{backend}.toml")
+    proxy = lab.start_proxy(conf)
+    lab.node.run(["nft", "flush", "ruleset"] if backend == "nftables" else ["iptables", "-t", "nat", "-F"])
+    wait_for("the rules reinstalled", lambda: scrape(lab)["tproxy_rules_reinstalled_total"] == 1)
+    assert rules_check(lab, conf) == 0 and admin_get(lab, "/ready") == (200, "ready\n")
+    assert proxy.stop() == 0, proxy.log()
+
+
+@root
 def test_without_reinstall_the_exposure_is_closed_and_ready_says_so(lab):
     conf = config(lab, "nftables", reinstall=False)
     proxy = lab.start_proxy(conf)
