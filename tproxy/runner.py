@@ -2,11 +2,12 @@
 
 Order: logging; RLIMIT_NOFILE raised to the hard limit; rules and routes installed (unless ``--no-rules``); the
 listening sockets bound; :func:`before_serve` (the one place where privileges are dropped); then the trio run, with
-the proxy, the admin endpoint and the signal watcher in one nursery. SIGTERM/SIGINT stop accepting and drain for up
-to ``proxy.shutdown_grace`` seconds; a second signal cancels what is left. SIGHUP reloads the config file
-(:class:`Reloader`, tproxy/reload.py). Whatever happens after the rules went in, they are removed before the process
-exits, and signals arriving meanwhile cannot interrupt that (a SIGHUP received while the rules go in is applied once
-serving starts; one received while they come out is ignored).
+the proxy, the admin endpoint, the signal watcher and the rule watcher (tproxy/watch.py: when this process owns the
+rules; behind a privileged parent, the parent's reports instead) in one nursery. SIGTERM/SIGINT stop accepting and
+drain for up to ``proxy.shutdown_grace`` seconds; a second signal cancels what is left. SIGHUP reloads the config
+file (:class:`Reloader`, tproxy/reload.py), then checks the rules. Whatever happens after the rules went in, they
+are removed before the process exits, and signals arriving meanwhile cannot interrupt that (a SIGHUP received while
+the rules go in is applied once serving starts; one received while they come out is ignored).
 """
 
 from __future__ import annotations
