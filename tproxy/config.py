@@ -92,6 +92,8 @@ class Intercept:
 class Routing:
     mark: int = 1
     table: int = 100
+    check_interval: float = 5.0  # seconds between the rule watcher's checks (and on SIGHUP)
+    reinstall: bool = True  # the watcher puts missing rules back (never after `tproxy rules remove`)
 
 
 @attrs.frozen(kw_only=True)
@@ -186,6 +188,8 @@ class Config:
             "intercept.ipv6": self.intercept.ipv6,
             "routing.mark": self.routing.mark,
             "routing.table": self.routing.table,
+            "routing.check_interval": self.routing.check_interval,
+            "routing.reinstall": self.routing.reinstall,
             "proxy.preserve_source": self.preserve_source,  # effective: the mode's default when not set
             "proxy.upstream": self.proxy.upstream,
             "proxy.connect_timeout": self.proxy.connect_timeout,
@@ -257,7 +261,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
     "listener": ("address", "port"),
     "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
-    "routing": ("mark", "table"),
+    "routing": ("mark", "table", "check_interval", "reinstall"),
     "proxy": (
         "preserve_source",
         "upstream",
@@ -456,6 +460,10 @@ class _Loader:
         routing = Routing(
             mark=self.ranged_int(t, "mark", "routing.mark", 1, 2**32 - 1, 1, "a valid fwmark"),
             table=self.ranged_int(t, "table", "routing.table", 1, 2**31 - 1, 100, "a routing table id"),
+            check_interval=self.positive(
+                t, "check_interval", "routing.check_interval", attrs.fields(Routing).check_interval.default
+            ),
+            reinstall=self.typed(t, "reinstall", "routing.reinstall", bool, attrs.fields(Routing).reinstall.default),
         )
         if routing.table in (253, 254, 255):
             raise self.error("routing.table", f"{routing.table} is a kernel table (default/main/local); pick another")
