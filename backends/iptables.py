@@ -61,7 +61,10 @@ def _port_groups(ranges) -> list[str]:
 
 
 def _iifs(config: Config) -> list[str]:
-    return [f"-i {i}" for i in config.intercept.interfaces] or ["! -i lo"]
+    """One match per interface whose packets may be intercepted, each for packets addressed to this host only (on a
+    host that forwards, traffic passing through to another machine's port is not ours)."""
+    local = "-m addrtype --dst-type LOCAL"
+    return [f"-i {i} {local}" for i in config.intercept.interfaces] or [f"! -i lo {local}"]
 
 
 def _exclusions(config: Config, family: int, chain: str) -> list[str]:

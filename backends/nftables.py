@@ -25,10 +25,12 @@ def _set(items: list[str]) -> str:
 
 
 def _iif(config: Config) -> str:
+    """The interfaces whose packets may be intercepted, and only those addressed to this host: on a host that
+    forwards (Docker and CNI bridges, routers) traffic passing through to another machine's port is not ours."""
     ifaces = config.intercept.interfaces
     if not ifaces:
-        return 'iifname != "lo"'
-    return "iifname " + _set([f'"{i}"' for i in ifaces])
+        return 'iifname != "lo" fib daddr type local'
+    return "iifname " + _set([f'"{i}"' for i in ifaces]) + " fib daddr type local"
 
 
 def _exclusions(config: Config, family: int) -> list[str]:

@@ -88,6 +88,8 @@ def test_interception_never_matches_lo_or_the_listener(case):
         else:
             assert "! -i lo" in line or 'iifname != "lo"' in line
         assert str(cfg.listener.port) not in re.findall(r"dports? (?:\{ )?([\d,: -]+)", line)[0]
+        # only packets addressed to this host: never traffic the host forwards to another machine
+        assert "fib daddr type local" in line or "-m addrtype --dst-type LOCAL" in line, line
     # the listener port is explicitly returned before any interception, in every family
     for fam in cfg.families:
         idx_return = next(i for i, ln in enumerate(lines) if '"tproxy/listener-port"' in ln and _fam(ln, fam, backend))
