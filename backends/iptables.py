@@ -89,7 +89,8 @@ def render_family(config: Config, family: int) -> str:
 
     pre: list[str] = []
     if family == 4 and loopback_guard(config):
-        pre.append(f"-A {PREROUTING} -d 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP")
+        # to or from 127.0.0.0/8 on anything but lo (route_localnet=1 lifts the kernel's own check; CVE-2020-8558)
+        pre += [f"-A {PREROUTING} {d} 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP" for d in ("-d", "-s")]
     if config.mode == "tproxy":
         pre.append(f"-A {PREROUTING} -p tcp ! --syn -m socket --transparent {_c('divert')} -j {DIVERT}")
         pre += _exclusions(config, family, PREROUTING)

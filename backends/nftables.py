@@ -50,8 +50,14 @@ def _ports(config: Config) -> str:
     return _set(port_ranges(config.intercept.ports, "-"))
 
 
-def _guard() -> str:
-    return f'iifname != "lo" meta nfproto ipv4 ip daddr 127.0.0.0/8 drop {_comment("loopback-guard")}'
+def _guard() -> list[str]:
+    """Drop 127.0.0.0/8 as destination *or* source on every interface but ``lo`` (CVE-2020-8558: with
+    ``route_localnet=1`` the kernel itself no longer does). IPv6 needs none: the kernel drops ``::1`` arriving on any
+    other interface whatever the settings."""
+    return [
+        f'iifname != "lo" meta nfproto ipv4 ip {d} 127.0.0.0/8 drop {_comment("loopback-guard")}'
+        for d in ("daddr", "saddr")
+    ]
 
 
 def _listener(config: Config, family: int) -> str:
@@ -87,7 +93,7 @@ class NftablesBackend(Backend):
 
         prerouting: list[str] = []
         if loopback_guard(config):
-            prerouting.append(_guard())
+            prerouting += _guard()
         if config.mode == "tproxy":
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"

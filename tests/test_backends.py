@@ -130,6 +130,17 @@ def test_loopback_guard_only_with_the_ipv4_loopback_upstream(backend):
 
     assert guarded("tproxy-loopback") and guarded("nat_preserve-loopback")
     assert not guarded("tproxy-both") and not guarded("nat-loopback")  # nat without preserve_source: no spoofing
+    # 127.0.0.0/8 as destination and as source, never on lo, always before anything else in prerouting
+    lines = _rule_lines(get_backend(backend).render(golden_gen.config("tproxy-loopback", backend)), backend)
+    guards = [ln for ln in lines if '"tproxy/loopback-guard"' in ln]
+    if backend == "iptables":
+        assert [g.split()[2:5] for g in guards] == [["-d", "127.0.0.0/8", "!"], ["-s", "127.0.0.0/8", "!"]], guards
+        assert all("! -i lo" in g and g.endswith("-j DROP") for g in guards)
+        assert lines.index(guards[0]) == 2  # right after the two jumps
+    else:
+        assert ["ip daddr 127.0.0.0/8" in g for g in guards] == [True, False] and "ip saddr 127.0.0.0/8" in guards[1]
+        assert all(g.startswith('iifname != "lo"') and " drop " in g for g in guards)
+        assert lines[:2] == guards
 
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)

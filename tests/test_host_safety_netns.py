@@ -109,3 +109,96 @@ def test_traffic_passing_through_is_not_intercepted(lab, cell: Cell, family):
             time.sleep(0.1)
         else:
             raise AssertionError(f"the proxy did not log {own}:\n{proxy.log()[-2000:]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The route_localnet guard, with packets
+
+
+_CRAFT = r"""
+import socket, struct, sys
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack(f"!{len(b)//2}H", b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+dev, dst_mac, src, dst, dport, count = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), *sys.argv[3:5], int(sys.argv[5]), int(sys.argv[6])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+src_mac = s.getsockname()[4]
+for i in range(count):
+    tcp = struct.pack("!HHIIBBHHH", 40000 + i, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i, 0, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    s.send(dst_mac + src_mac + b"\x08\x00" + ip + tcp)
+"""
+
+_PROBE = """
+table inet probe {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        iifname "veth0" ip daddr 127.0.0.0/8 counter comment "to-loopback"
+        iifname "veth0" ip saddr 127.0.0.0/8 counter comment "from-loopback"
+    }
+}
+"""
+
+
+def _arrived(lab: L.Lab, which: str) -> int:
+    """SYNs from the wire that reached the node's input hook (past every prerouting rule), by the probe's counter."""
+    listing = lab.node.run(["nft", "list", "table", "inet", "probe"]).stdout
+    m = re.search(rf'counter packets (\d+) bytes \d+ comment "{which}"', listing)
+    assert m, listing
+    return int(m.group(1))
+
+
+def _send(lab: L.Lab, src: str, dst: str, dport: int, count: int = 3) -> None:
+    mac = lab.node.run(["cat", "/sys/class/net/veth0/address"]).stdout.strip()
+    lab.client.run([sys.executable, "-c", _CRAFT, "veth0", mac, src, dst, str(dport), str(count)])
+
+
+def _delete_guard(lab: L.Lab, backend: str) -> None:
+    """Take out our guard rules only (as an outside flush of them would), leaving route_localnet as tproxy set it."""
+    if backend == "nftables":
+        listing = lab.node.run(["nft", "-a", "list", "chain", "inet", "tproxy_rules", "prerouting"]).stdout
+        handles = re.findall(r'"tproxy/loopback-guard" # handle (\d+)', listing)
+        assert len(handles) == 2, listing
+        for h in handles:
+            lab.node.run(["nft", "delete", "rule", "inet", "tproxy_rules", "prerouting", "handle", h])
+    else:
+        rules = [
+            ln for ln in lab.node.run(["iptables-save", "-t", "mangle"]).stdout.splitlines() if "loopback-guard" in ln
+        ]
+        assert len(rules) == 2, rules
+        for rule in rules:
+            lab.node.sh(f"iptables -t mangle {rule.replace('-A ', '-D ', 1)}")
+
+
+@pytest.fixture
+def guard_lab():
+    with L.Lab.up() as lab:
+        lab.node.run(["nft", "-f", "-"], input=_PROBE)
+        yield lab
+
+
+@pytest.mark.parametrize("backend", ("nftables", "iptables"))
+def test_loopback_guard_drops_packets_to_or_from_127_on_the_wire(guard_lab, backend):
+    """Section 2 of issue 13: with ``upstream = "loopback"`` tproxy sets ``route_localnet=1``, which lifts the kernel's
+    own martian check; a neighbour's SYN *to* the node's 127.0.0.1 services (the admin endpoint) or *from* a 127/8
+    source must still never get past prerouting. Shown to matter: with the guard rules taken out (the sysctl as
+    tproxy left it) the same packets do reach the node's input.
+
+    A 127/8 *source* is also refused by the kernel's own source check unless ``accept_local=1`` (some hosts set it,
+    e.g. for routing between local addresses); it is set here so that the guard is the only thing in the way."""
+    lab = guard_lab
+    lab.node.run(["sysctl", "-qw", "net.ipv4.conf.all.accept_local=1", "net.ipv4.conf.veth0.accept_local=1"])
+    with running(lab, Cell("tproxy", None, backend, upstream="loopback")):
+        assert lab.node.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "1"
+        _send(lab, L.CLIENT[4], "127.0.0.1", L.ADMIN[1])
+        _send(lab, "127.0.0.1", L.NODE[4], L.DIRECT_PORT)
+        assert (_arrived(lab, "to-loopback"), _arrived(lab, "from-loopback")) == (0, 0)
+        _delete_guard(lab, backend)
+        _send(lab, L.CLIENT[4], "127.0.0.1", L.ADMIN[1])
+        _send(lab, "127.0.0.1", L.NODE[4], L.DIRECT_PORT)
+        assert (_arrived(lab, "to-loopback"), _arrived(lab, "from-loopback")) == (3, 3)
