@@ -41,6 +41,13 @@ OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,)}
 PREFIX = {4: "iptables", 6: "ip6tables"}
 HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
 MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
+# Wait (bounded) for the xtables lock that Docker, kube-proxy or firewalld may hold, instead of failing at once.
+LOCK_WAIT_SECONDS = 10
+
+
+def restore_argv(family: int, *args: str) -> list[str]:
+    """``iptables-restore -w 10 ARGS`` (``ip6tables-restore`` for 6): every restore we run waits for the lock."""
+    return [f"{PREFIX[family]}-restore", "-w", str(LOCK_WAIT_SECONDS), *args]
 
 
 def _c(what: str) -> str:
@@ -263,7 +270,7 @@ class IptablesBackend(Backend):
 
     def check(self, text: str) -> None:
         for fam, body in split(text).items():
-            run([f"{PREFIX[fam]}-restore", "--test", "--noflush"], input=body)
+            run(restore_argv(fam, "--test", "--noflush"), input=body)
 
     def apply(self, text: str) -> None:
         """Install both families' files; if the second is rejected, the first comes out again.
@@ -283,7 +290,7 @@ class IptablesBackend(Backend):
                 before_objs = self._nft_objects(fam)
                 before = self._save(fam)
                 try:
-                    run([f"{PREFIX[fam]}-restore", "--noflush"], input=self._without_existing_jumps(body, before))
+                    run(restore_argv(fam, "--noflush"), input=self._without_existing_jumps(body, before))
                 finally:
                     new = sorted(self._nft_objects(fam) - before_objs)
                     mine = created.setdefault(str(fam), [])
@@ -345,7 +352,7 @@ class IptablesBackend(Backend):
             body += [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
             lines += [f"*{table}", *body, "COMMIT"]
         if lines:
-            run([f"{PREFIX[family]}-restore", "--noflush"], input="\n".join(lines) + "\n")
+            run(restore_argv(family, "--noflush"), input="\n".join(lines) + "\n")
 
     def _nft_objects(self, family: int) -> set[tuple[str, str]]:
         """The iptables-nft built-in tables ``(table, "")`` and chains ``(table, chain)`` present in nftables.

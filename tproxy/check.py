@@ -283,11 +283,11 @@ def _load(ns, feature: Feature) -> str | None:
     if feature.tool == "nft":
         argv = ["nft", "-f", "-"]
     else:
-        argv = [f"{feature.tool}-restore", "--noflush"]
+        argv = [f"{feature.tool}-restore", "-w", "10", "--noflush"]  # the xtables lock is shared by all namespaces
     r = ns.run(argv, input=feature.text, check=False, timeout=TIMEOUT)
     if r.returncode != 0:
         return _first_line(r.stderr or r.stdout) or f"exit status {r.returncode}"
-    cleanup = ["nft", "flush", "ruleset"] if feature.tool == "nft" else [f"{feature.tool}-restore"]
+    cleanup = ["nft", "flush", "ruleset"] if feature.tool == "nft" else [f"{feature.tool}-restore", "-w", "10"]
     ns.run(cleanup, input="" if feature.tool != "nft" else None, check=False, timeout=TIMEOUT)
     return None
 
