@@ -89,7 +89,7 @@ def _jump(builtin: str, chain: str) -> str:
 
 def render_family(config: Config, family: int) -> str:
     """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6)."""
-    mark = mark_hex(config.routing.mark)
+    mark, mask = mark_hex(config.routing.mark), mark_hex(config.routing.mask)
     mangle_chains: list[str] = []
     mangle_rules: list[str] = []
     jumps: list[str] = []
@@ -106,7 +106,7 @@ def render_family(config: Config, family: int) -> str:
             for group in _port_groups(config.intercept.ports):
                 pre.append(
                     f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
-                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mark}"
+                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
                 )
     if pre:
         mangle_chains.append(PREROUTING)
@@ -115,17 +115,17 @@ def render_family(config: Config, family: int) -> str:
     if config.mode == "tproxy":
         mangle_chains.append(DIVERT)
         mangle_rules += [
-            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mark}",
+            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mask}",
             f"-A {DIVERT} {_c('divert')} -j ACCEPT",
         ]
     if config.needs_routing:
         mangle_chains.append(OUTPUT)
         jumps.append(_jump("OUTPUT", OUTPUT))
         mangle_rules += [
-            f"-A {OUTPUT} -m connmark --mark {mark}/{mark} {_c('restore-mark')} "
-            f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}",
-            f"-A {OUTPUT} -m mark --mark {mark}/{mark} {_c('save-mark')} "
-            f"-j CONNMARK --save-mark --nfmask {mark} --ctmask {mark}",
+            f"-A {OUTPUT} -m connmark --mark {mark}/{mask} {_c('restore-mark')} "
+            f"-j CONNMARK --restore-mark --nfmask {mask} --ctmask {mask}",
+            f"-A {OUTPUT} -m mark --mark {mark}/{mask} {_c('save-mark')} "
+            f"-j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}",
         ]
 
     lines = [HEADER[family]]

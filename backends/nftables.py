@@ -7,7 +7,7 @@ keyword, hence the table's name.) Removal deletes the table; nothing outside it 
 
 from __future__ import annotations
 
-from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+from tproxy.backends.base import Backend, keep_mask, loopback_guard, mark_hex, port_ranges, require_net_admin, run
 from tproxy.config import Config
 
 TABLE = "tproxy_rules"
@@ -87,8 +87,8 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def render(self, config: Config) -> str:
-        mark = mark_hex(config.routing.mark)
-        setmark = f"meta mark set meta mark | {mark}"
+        mark, mask, keep = mark_hex(config.routing.mark), mark_hex(config.routing.mask), keep_mask(config)
+        setmark = f"meta mark set meta mark & {keep} | {mark}"
         chains: list[list[str]] = []
 
         prerouting: list[str] = []
@@ -116,9 +116,9 @@ class NftablesBackend(Backend):
             output = []
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
-                output.append(f"{fam} ct mark & {mark} == {mark} {setmark} {_comment('restore-mark')}")
+                output.append(f"{fam} ct mark & {mask} == {mark} {setmark} {_comment('restore-mark')}")
                 output.append(
-                    f"{fam} meta mark & {mark} == {mark} ct mark set ct mark | {mark} {_comment('save-mark')}"
+                    f"{fam} meta mark & {mask} == {mark} ct mark set ct mark & {keep} | {mark} {_comment('save-mark')}"
                 )
             chains.append(_chain("output", "type route hook output priority mangle; policy accept;", output))
 
@@ -134,7 +134,8 @@ class NftablesBackend(Backend):
 
         families = ",".join(f"ipv{f}" for f in config.families)
         lines = [
-            f"# tproxy: mode={config.mode} families={families} mark={mark} (nft -f FILE replaces the table atomically)",
+            f"# tproxy: mode={config.mode} families={families} mark={mark}/{mask} "
+            "(nft -f FILE replaces the table atomically)",
             f"table {FAMILY} {TABLE} {{",
             "}",
             f"delete table {FAMILY} {TABLE}",

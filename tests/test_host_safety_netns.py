@@ -121,7 +121,8 @@ def csum(b):
     if len(b) % 2: b += b"\0"
     s = sum(struct.unpack(f"!{len(b)//2}H", b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
     return ~s & 0xffff
-dev, dst_mac, src, dst, dport, count = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), *sys.argv[3:5], int(sys.argv[5]), int(sys.argv[6])
+dev, mac, src, dst, dport, count = sys.argv[1:]
+dst_mac, dport, count = bytes.fromhex(mac.replace(":", "")), int(dport), int(count)
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((dev, 0))
 src_mac = s.getsockname()[4]
@@ -129,7 +130,8 @@ for i in range(count):
     tcp = struct.pack("!HHIIBBHHH", 40000 + i, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i, 0, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    addrs = socket.inet_aton(src) + socket.inet_aton(dst)
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp), i, 0, 64, 6, 0) + addrs
     ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
     s.send(dst_mac + src_mac + b"\x08\x00" + ip + tcp)
 """

@@ -115,7 +115,7 @@ def test_apply_apply_remove_is_byte_for_byte(ns, tmp_path, case, backend):
         assert '"tproxy/intercept"' in once["iptables"] and '"tproxy/intercept"' in once["ip6tables"]
         assert "iptables (nf_tables variant)" in r.stdout
     if cfg.needs_routing:
-        assert "fwmark 0x1/0x1 lookup 100" in once["rule4"] and "fwmark 0x1/0x1 lookup 100" in once["rule6"]
+        assert "fwmark 0x1000/0x3000 lookup 100" in once["rule4"] and "fwmark 0x1000/0x3000 lookup 100" in once["rule6"]
         assert "local default dev lo table 100" in once["route4"]
         assert "local default dev lo table 100" in once["route6"]
     else:
@@ -249,7 +249,7 @@ except RulesError as e:
     if backend == "nftables":
         assert "nft -f - failed" in r.stdout and "too" in r.stdout
     else:
-        assert "ip6tables-restore --noflush failed" in r.stdout or "ip6tables-restore --test" in r.stdout
+        assert "ip6tables-restore -w 10 --noflush failed" in r.stdout or "ip6tables-restore -w 10 --test" in r.stdout
     assert snapshot(ns) == before
 
 
