@@ -87,13 +87,29 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def render(self, config: Config) -> str:
+        """The table for ``config``; reply routing as in README, "What the rules do" (DESIGN.md, "Reply routing,
+        revised"): the upstream sockets' own mark is saved into the connection mark (output), and only packets in
+        the reply direction of such a connection get the routed reply mark (output and prerouting); in tproxy mode
+        the intercepted client leg is kept out of conntrack (raw prerouting), so no NAT of the host applies to it."""
         mark, mask, keep = mark_hex(config.routing.mark), mark_hex(config.routing.mask), keep_mask(config)
+        upstream = mark_hex(config.routing.upstream_mark)
         setmark = f"meta mark set meta mark & {keep} | {mark}"
+        reply = f"ct direction reply ct mark & {mask} == {upstream} {setmark} {_comment('reply-mark')}"
         chains: list[list[str]] = []
+
+        if config.mode == "tproxy":
+            raw: list[str] = []
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                raw += _exclusions(config, f)
+                raw.append(f"{fam} {_iif(config)} tcp dport {_ports(config)} notrack {_comment('notrack')}")
+            chains.append(_chain("raw_prerouting", "type filter hook prerouting priority raw; policy accept;", raw))
 
         prerouting: list[str] = []
         if loopback_guard(config):
             prerouting += _guard()
+        if config.needs_routing:
+            prerouting += [f"meta nfproto {NFPROTO[f]} {reply}" for f in config.families]
         if config.mode == "tproxy":
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
@@ -116,10 +132,11 @@ class NftablesBackend(Backend):
             output = []
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
-                output.append(f"{fam} ct mark & {mask} == {mark} {setmark} {_comment('restore-mark')}")
                 output.append(
-                    f"{fam} meta mark & {mask} == {mark} ct mark set ct mark & {keep} | {mark} {_comment('save-mark')}"
+                    f"{fam} meta mark & {mask} == {upstream} ct mark set ct mark & {keep} | {upstream} "
+                    f"{_comment('upstream-mark')}"
                 )
+                output.append(f"{fam} {reply}")
             chains.append(_chain("output", "type route hook output priority mangle; policy accept;", output))
 
         if config.mode == "nat":
@@ -130,11 +147,13 @@ class NftablesBackend(Backend):
                 nat.append(
                     f"{fam} {_iif(config)} tcp dport {_ports(config)} {_redirect_to(config, f)} {_comment('intercept')}"
                 )
-            chains.append(_chain("nat_prerouting", "type nat hook prerouting priority dstnat; policy accept;", nat))
+            # before the host's own DNAT (a published port's): the proxy's upstream connection meets that one
+            hook = "type nat hook prerouting priority dstnat - 10; policy accept;"
+            chains.append(_chain("nat_prerouting", hook, nat))
 
         families = ",".join(f"ipv{f}" for f in config.families)
         lines = [
-            f"# tproxy: mode={config.mode} families={families} mark={mark}/{mask} "
+            f"# tproxy: mode={config.mode} families={families} mark={mark} upstream_mark={upstream} mask={mask} "
             "(nft -f FILE replaces the table atomically)",
             f"table {FAMILY} {TABLE} {{",
             "}",
