@@ -1,8 +1,9 @@
 """iptables: ``iptables-restore --noflush`` / ``ip6tables-restore --noflush`` files with chains of our own.
 
 Our chains (``TPROXY_RAW`` in raw, ``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle,
-``TPROXY_NAT`` in nat) are jumped to from the built-in chains exactly once: declaring a chain in a ``--noflush`` file flushes it, and :meth:`apply` leaves
-out the jump lines that are already in place, so re-applying replaces our rules without a second jump.
+``TPROXY_NAT`` in nat) are jumped to from the built-in chains exactly once: declaring a chain in a ``--noflush``
+file flushes it, and :meth:`apply` leaves out the jump lines that are already in place, so re-applying replaces our
+rules without a second jump.
 
 Variant: the host's ``iptables`` is either the nf_tables or the legacy variant (``iptables --version``); we use the
 same one and refuse to run when the *other* variant holds rules, since mixing the two breaks both.
