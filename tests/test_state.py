@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tproxy import state
+from tproxy.config import Config
 from tproxy.errors import StateError
 from tproxy.netns import netns
 
@@ -170,7 +171,8 @@ def test_rules_remove_refuses_a_state_file_naming_another_path(tmp_path):
     victim.write_text("precious\n")
     with netns("stat") as ns:
         inode = ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
-        path = state.STATE_DIR / f"routing-netns{inode}-mark1-table100.json"
+        routing = Config.from_toml(conf).routing
+        path = state.STATE_DIR / f"routing-netns{inode}-mark{routing.mark}-table{routing.table}.json"
         state.ensure_dir()
         path.write_text(json.dumps({"sysctls": {str(victim): "0"}}))
         try:

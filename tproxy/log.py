@@ -305,7 +305,7 @@ class _QueueWriter:
         if self.json:
             doc = {"ts": ts, "level": "warning", "event": "log_lines_dropped", "count": count}
             return json.dumps(doc, separators=(",", ":")) + "\n"
-        return f"{ts} warning log_lines_dropped count={count} reason=\"log output too slow\"\n"
+        return f'{ts} warning log_lines_dropped count={count} reason="log output too slow"\n'
 
     def _run(self) -> None:
         texts = self.texts
