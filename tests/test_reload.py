@@ -65,6 +65,24 @@ def test_settings_change_neither_rules_nor_listeners():
     assert p.config.proxy.idle_timeout == 60 and p.config.proxy.max_connections == 5
 
 
+def test_proxy_protocol_keys_apply_to_new_connections():
+    new = cfg(
+        listener__proxy_protocol="v2",
+        listener__proxy_protocol_from=["198.18.1.0/24"],
+        listener__proxy_protocol_timeout=1,
+        proxy__send_proxy_protocol="v1",
+    )
+    p = reload.plan(cfg(), new)
+    assert [c.line() for c in p.applied] == [
+        "listener.proxy_protocol off -> v2",
+        "listener.proxy_protocol_from [] -> [198.18.1.0/24]",
+        "listener.proxy_protocol_timeout 3 -> 1",
+        "proxy.send_proxy_protocol off -> v1",
+    ]
+    assert p.settings and not p.restart and not p.rules and not p.listeners
+    assert p.config.listener.trusts("198.18.1.1") and p.config.proxy.send_proxy_protocol == "v1"
+
+
 def test_a_backend_change_is_applied():
     p = reload.plan(cfg(), cfg(backend="iptables"))
     assert p.backend and p.rules and p.config.backend == "iptables"
