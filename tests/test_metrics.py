@@ -60,6 +60,11 @@ tproxy_max_connections_reached_total 8
 # HELP tproxy_loops_refused_total Connections refused because their original destination was the proxy itself.
 # TYPE tproxy_loops_refused_total counter
 tproxy_loops_refused_total 9
+# HELP tproxy_proxy_protocol_errors_total Connections reset for a missing, malformed or late PROXY protocol \
+header, by reason.
+# TYPE tproxy_proxy_protocol_errors_total counter
+tproxy_proxy_protocol_errors_total{reason="bad_signature"} 2
+tproxy_proxy_protocol_errors_total{reason="timeout"} 1
 """
 
 
@@ -76,6 +81,7 @@ def known_stats() -> Stats:
         relay_path=collections.Counter({"copy": 2, "splice": 10}),
         max_connections_waits=8,
         loops_refused=9,
+        proxy_protocol_errors=collections.Counter({"timeout": 1, "bad_signature": 2}),
     )
 
 
@@ -96,6 +102,8 @@ def test_fresh_stats_list_every_known_label_with_zero():
     assert "tproxy_ready 0\n" in text
     assert "tproxy_upstream_connect_errors_total{" not in text  # no errno seen yet: no sample, family still declared
     assert "# TYPE tproxy_upstream_connect_errors_total counter\n" in text
+    assert "tproxy_proxy_protocol_errors_total{" not in text
+    assert "# TYPE tproxy_proxy_protocol_errors_total counter\n" in text
 
 
 def test_unknown_outcome_follows_known_ones_sorted():
@@ -163,7 +171,7 @@ def check_grammar(text: str) -> dict[str, str]:
 def test_output_follows_the_grammar():
     stats = known_stats()
     stats.connect_errors['E"ODD\\'] = 1
-    assert len(check_grammar(metrics.render(stats, ready_state()))) == 13
+    assert len(check_grammar(metrics.render(stats, ready_state()))) == 14
 
 
 def test_process_metrics():

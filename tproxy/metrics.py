@@ -138,6 +138,12 @@ def render(stats: Stats, state: State, *, version: str = __version__) -> str:
         "Connections refused because their original destination was the proxy itself.",
         stats.loops_refused,
     )
+    w.family(
+        "tproxy_proxy_protocol_errors_total",
+        "counter",
+        "Connections reset for a missing, malformed or late PROXY protocol header, by reason.",
+        _by_label("reason", stats.proxy_protocol_errors),
+    )
     return w.text()
 
 
