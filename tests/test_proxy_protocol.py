@@ -156,6 +156,27 @@ def test_v2_tlvs_are_walked_and_crc32c_verified():
     assert reason(base[:14] + struct.pack("!H", 12 + 2) + base[16:] + b"\x01\x00") == "truncated_tlv"
 
 
+# Captured from HAProxy 2.6 (Debian 12), `server ... send-proxy-v2 proxy-v2-options crc32c,unique-id`, then "hello"
+HAPROXY_V4 = "0d0a0d0a000d0a515549540a211100167f0000017f0000018de6426803000407a15faf05000068656c6c6f"
+HAPROXY_V6 = (
+    "0d0a0d0a000d0a515549540a2121002e00000000000000000000000000000001000000000000000000000000000000019c3e4268"
+    "0300044c1b7ce505000068656c6c6f"
+)
+
+
+def test_haproxys_own_headers_with_crc32c():
+    data = bytes.fromhex(HAPROXY_V4)
+    assert parse(data, allow="v2") == Header(
+        version=2, command="PROXY", source=("127.0.0.1", 36326), destination=("127.0.0.1", 17000), length=38
+    )
+    assert data[38:] == b"hello"
+    h = parse(bytes.fromhex(HAPROXY_V6), allow="any")
+    assert h.source == ("::1", 39998) and h.destination == ("::1", 17000) and h.length == 62
+    bad = bytearray(data)
+    bad[23] ^= 1  # the last byte of the destination address
+    assert reason(bytes(bad)) == "bad_crc"
+
+
 def test_crc32c_reference_values():
     assert crc32c(b"123456789") == 0xE3069283  # the check value of CRC-32C
     assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720, B.4
