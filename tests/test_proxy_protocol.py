@@ -235,6 +235,15 @@ def test_build():
             bad()
 
 
+def test_same_family_maps_the_ipv4_side_into_ipv6():
+    v4, v6 = ("198.18.0.1", 1), ("fd00::2", 2)
+    assert pp.same_family(v4, ("198.18.0.2", 2)) == (v4, ("198.18.0.2", 2))
+    assert pp.same_family(v4, v6) == (("::ffff:198.18.0.1", 1), v6)
+    assert pp.same_family(v6, v4) == (v6, ("::ffff:198.18.0.1", 1))
+    h = parse(build("v2", *pp.same_family(v4, v6)), allow="v2")
+    assert h.source == ("::ffff:c612:1", 1)  # (Python's canonical text of ::ffff:198.18.0.1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fuzzing
 

@@ -19,7 +19,7 @@ import trio
 
 from tproxy.errors import ProxyProtocolError
 
-__all__ = ["Header", "ProxyProtocolError", "REASONS", "build", "crc32c", "parse", "read_header"]
+__all__ = ["Header", "ProxyProtocolError", "REASONS", "build", "crc32c", "parse", "read_header", "same_family"]
 
 ALLOW = ("v1", "v2", "any")
 MAX_HEADER = 4096  # the cap on a v2 header (signature included), as nginx's; a v1 line is at most V1_MAX
@@ -313,6 +313,18 @@ def build(version: str, source: tuple[str, int], destination: tuple[str, int]) -
         family = 0x11 if src.version == 4 else 0x21
         return V2_SIGNATURE + bytes((0x20 | _V2_PROXY, family)) + len(block).to_bytes(2, "big") + block
     raise ValueError(f"version must be 'v1' or 'v2', not {version!r}")
+
+
+def same_family(source: tuple[str, int], destination: tuple[str, int]) -> tuple[tuple[str, int], tuple[str, int]]:
+    """``source`` and ``destination`` in one family, for a header: unchanged when they share one, else the IPv4 one
+    as its IPv4-mapped IPv6 address (``::ffff:198.18.0.1``), so that a client learnt from an IPv4 header still
+    reaches an application over IPv6, and the reverse."""
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version == dst.version:
+        return source, destination
+    if src.version == 4:
+        return (f"::ffff:{src}", source[1]), destination
+    return source, (f"::ffff:{dst}", destination[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
