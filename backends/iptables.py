@@ -30,6 +30,7 @@ from tproxy.backends.base import (
     save_state,
     state_path,
 )
+
 from tproxy.config import Config
 from tproxy.errors import MissingBinaryError, RulesError
 

@@ -8,6 +8,7 @@ keyword, hence the table's name.) Removal deletes the table; nothing outside it 
 from __future__ import annotations
 
 from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+
 from tproxy.config import Config
 
 TABLE = "tproxy_rules"

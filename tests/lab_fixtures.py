@@ -27,13 +27,16 @@ class Cell:
     preserve: bool | None
     backend: str
     upstream: str = "original"
+    relay: str = "shared"
 
     @property
     def keeps_client_ip(self) -> bool:
         return self.preserve if self.preserve is not None else self.mode == "tproxy"
 
     def config(self, **kw) -> str:
-        return L.proxy_config(self.mode, self.backend, preserve_source=self.preserve, upstream=self.upstream, **kw)
+        return L.proxy_config(
+            self.mode, self.backend, preserve_source=self.preserve, upstream=self.upstream, relay=self.relay, **kw
+        )
 
     def expected_ip(self, family: int) -> str:
         return L.expected_peer_ip(self.mode, self.preserve, family, upstream=self.upstream)
@@ -41,10 +44,14 @@ class Cell:
     def __str__(self) -> str:
         mode = f"{self.mode}+preserve" if self.preserve else self.mode
         up = "" if self.upstream == "original" else f"-{self.upstream}"
-        return f"{mode}-{self.backend}{up}"
+        relay = "" if self.relay == "shared" else f"-{self.relay}"
+        return f"{mode}-{self.backend}{up}{relay}"
 
 
 MATRIX = [Cell(m, p, b) for m, p in MODES for b in BACKENDS]
+# The reference relay engine ("tasks") on two cells (the engine does not depend on mode or backend): the integrity
+# tests (exact bytes, half-close, resets, port reuse) run on it as on the default engine.
+TASKS_CELLS = [Cell("tproxy", None, "nftables", relay="tasks"), Cell("nat", True, "iptables", relay="tasks")]
 
 
 def lab_for_module() -> Iterator[L.Lab]:

@@ -7,10 +7,10 @@ import re
 import subprocess
 
 import pytest
-
 from tproxy.backends import get_backend
 from tproxy.backends.base import run
 from tproxy.backends.iptables import IptablesBackend, has_rules, parse_save, render_family, split
+
 from tests import golden_gen
 from tproxy import rules
 from tproxy.errors import MissingBinaryError, RulesError

@@ -204,7 +204,7 @@ def test_all_pass_in_a_fresh_namespace(cfg_file, mode, backend):
         r = run_check(ns, path, "--mode", mode, "--backend", backend)
         assert failures(r.stdout) == [] and r.returncode == 0, r.stdout
         out = r.stdout
-        assert f"(mode {mode}, backend {backend}, IPv4+IPv6)" in out
+        assert f"(mode {mode}, backend {backend}, IPv4+IPv6, relay shared)" in out
         assert "PASS rules install and remove: in a throwaway namespace: " in out
         assert "PASS listener 0.0.0.0:4143 free\nPASS listener [::]:4143 free\nPASS admin 127.0.0.1:4191 free\n" in out
         assert "PASS no leftover tproxy rules or routes\n" in out

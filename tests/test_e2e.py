@@ -20,6 +20,7 @@ import pytest
 from tests.lab_fixtures import (
     FAMILIES,
     MATRIX,
+    TASKS_CELLS,
     Cell,
     explain,
     fresh_ports,
@@ -58,7 +59,7 @@ def summary(results):
     return collections.Counter((r["ok"], r["error"]) for r in results).most_common(5)
 
 
-@matrix()
+@matrix(MATRIX + TASKS_CELLS)
 @family
 def test_the_application_sees_the_expected_address(proxied, family):
     lab, proxy, cell = proxied
@@ -126,7 +127,7 @@ def test_nat_a_client_port_reused_towards_another_intercepted_port_is_still_prox
     assert L.proxy_log_names(lines[0][0], L.CLIENT[family], port), lines[0]  # a fresh port: not rewritten
 
 
-@matrix()
+@matrix(MATRIX + TASKS_CELLS)
 @family
 def test_200_concurrent_connections_echo_their_payloads(proxied, family):
     """200 at once, each a different random payload of up to 1 MiB, each echo checked by SHA-256."""
@@ -148,7 +149,7 @@ def test_200_concurrent_connections_echo_their_payloads(proxied, family):
     assert all(r["peer"][0] == cell.expected_ip(family) for r in results)
 
 
-@matrix()
+@matrix(MATRIX + TASKS_CELLS)
 @family
 def test_half_close_the_answer_comes_after_the_clients_eof(proxied, family):
     """The client sends, shuts down writing, and still receives the whole answer, which starts only after its EOF."""
@@ -161,7 +162,7 @@ def test_half_close_the_answer_comes_after_the_clients_eof(proxied, family):
     assert all(r["peer"][0] == cell.expected_ip(family) for r in results)
 
 
-@matrix()
+@matrix(MATRIX + TASKS_CELLS)
 @family
 def test_port_reuse_after_the_application_closes_first(proxied, family):
     """The application closes first, so the proxy holds a TIME_WAIT (transparent in tproxy mode); the client
@@ -202,7 +203,7 @@ def test_port_reuse_after_the_application_closes_first(proxied, family):
         assert logged == 300, f"the proxy logged {logged} of the client's 300 connections"
 
 
-@matrix()
+@matrix(MATRIX + TASKS_CELLS)
 @family
 def test_upstream_refuses_client_gets_a_reset_and_the_proxy_keeps_serving(proxied, family):
     """Nothing listens on the application port: each client gets a reset (long before the 30 s connect timeout)."""

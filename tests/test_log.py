@@ -6,10 +6,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
+import threading
+import time
 
 import pytest
+import trio
 
 from tproxy import log
+from tproxy.stats import Stats
 
 
 @pytest.fixture
@@ -146,4 +152,79 @@ def test_many_held_lines_are_flushed_without_waiting_for_the_turn():
         assert len(stream.getvalue().splitlines()) == log.HOLD_LINES and stream.writes == 1
     finally:
         log.hold(False)
+        log.setup("info", "text")
+
+
+# -- the log writer thread (log.threaded): a reader that does not read never stalls the proxy
+
+
+def _unread_pipe():
+    r, w = os.pipe()  # blocking, like stderr; nobody reads it until the test does
+    return r, os.fdopen(w, "w", buffering=1)
+
+
+def test_writes_never_block_on_a_stuck_reader_and_drops_are_counted_in_order():
+    r, stream = _unread_pipe()
+    stats = Stats()
+    log.setup("info", "text", stream=stream)
+    done = threading.Event()
+
+    def burst():
+        for i in range(50_000):
+            log.event("line", i=i)
+        done.set()
+
+    try:
+        with log.threaded(stats, max_lines=100):
+            t = threading.Thread(target=burst, daemon=True)
+            t.start()
+            assert done.wait(20), "logging blocked on a full pipe"
+            assert stats.log_dropped > 0
+            log.event("end_marker")  # queued once there is room again, after the drop report
+            data = b""
+            os.set_blocking(r, False)
+            deadline = time.monotonic() + 20
+            while b"end_marker" not in data and time.monotonic() < deadline:
+                try:
+                    data += os.read(r, 1 << 20)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    if b"end_marker" not in data and stats.log_dropped and not log._writer.pending:
+                        log.event("end_marker")
+    finally:
+        log.setup("info", "text")
+        os.close(r)
+        stream.close()
+    numbers = [int(x) for x in re.findall(rb" i=(\d+)", data)]
+    assert numbers == sorted(numbers)  # what was written is in order
+    assert b"log_lines_dropped count=" in data  # and the gap is said where it happened
+
+
+def test_lines_written_before_the_writer_stops_are_all_written():
+    buf = io.StringIO()
+    log.setup("info", "json", stream=buf)
+    try:
+        with log.threaded(Stats()) as writer:
+            assert writer is not None
+            for i in range(1000):
+                log.event("line", i=i)
+        lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+        assert [d["i"] for d in lines] == list(range(1000))
+        log.event("after", n=1)  # direct again
+        assert json.loads(buf.getvalue().splitlines()[-1])["event"] == "after"
+    finally:
+        log.setup("info", "text")
+
+
+async def test_connection_lines_are_flushed_before_the_loop_waits():
+    buf = io.StringIO()
+    log.setup("info", "text", stream=buf)
+    try:
+        instrument = log.hold_until_idle()
+        log.connection(("198.18.0.1", 1), ("198.18.0.2", 2), None, 1, 2, 0.1, "ok")
+        assert buf.getvalue() == ""  # held within this turn
+        await trio.sleep(0.01)  # the loop waits: flushed first
+        assert "outcome=ok" in buf.getvalue()
+        log.release(instrument)
+    finally:
         log.setup("info", "text")

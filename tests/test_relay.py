@@ -24,6 +24,13 @@ from tproxy.sockets import set_reset_on_close
 from tproxy.stats import Stats
 
 PATHS = ["splice", "copy"]
+ENGINES = ["shared", "tasks"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    """Every relay test runs against both engines (the tasks engine is the reference)."""
+    return request.param
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -87,6 +94,8 @@ async def receive_all(stream: trio.SocketStream) -> bytes:
 
 
 def run_relay(nursery: trio.Nursery, legs: Legs, flow: Flow, stats: Stats, done: list, **kw) -> None:
+    """Relay ``legs`` in ``nursery``; the outcome is appended to ``done``. ``kw`` goes to :func:`relay`."""
+
     async def go() -> None:
         done.append(await relay(legs.a, legs.b, flow, stats, **kw))
 
@@ -95,7 +104,7 @@ def run_relay(nursery: trio.Nursery, legs: Legs, flow: Flow, stats: Stats, done:
 
 @pytest.mark.parametrize("path", PATHS)
 @bounded
-async def test_64mib_each_way_at_once(legs, path):
+async def test_64mib_each_way_at_once(legs, path, engine):
     size = 64 << 20
     up, down = os.urandom(size), os.urandom(size)
     flow, stats, done = Flow(), Stats(), []
@@ -105,7 +114,7 @@ async def test_64mib_each_way_at_once(legs, path):
         results[name] = await receive_digest(stream)
 
     async with trio.open_nursery() as n:
-        run_relay(n, legs, flow, stats, done, idle_timeout=60, use_splice=path == "splice")
+        run_relay(n, legs, flow, stats, done, idle_timeout=60, engine=engine, use_splice=path == "splice")
         n.start_soon(send_random, legs.client_s, up, 1)
         n.start_soon(send_random, legs.app_s, down, 2)
         n.start_soon(recv, "app", legs.app_s)
@@ -120,10 +129,10 @@ async def test_64mib_each_way_at_once(legs, path):
 
 @pytest.mark.parametrize("path", PATHS)
 @bounded
-async def test_half_close_app_answers_after_client_eof(legs, path):
+async def test_half_close_app_answers_after_client_eof(legs, path, engine):
     flow, stats, done = Flow(), Stats(), []
     async with trio.open_nursery() as n:
-        run_relay(n, legs, flow, stats, done, idle_timeout=60, use_splice=path == "splice")
+        run_relay(n, legs, flow, stats, done, idle_timeout=60, engine=engine, use_splice=path == "splice")
         await legs.client_s.send_all(b"question")
         await legs.client_s.send_eof()
         assert await receive_all(legs.app_s) == b"question"  # the app saw EOF: the write side was shut down
@@ -135,10 +144,10 @@ async def test_half_close_app_answers_after_client_eof(legs, path):
 
 @pytest.mark.parametrize("path", PATHS)
 @bounded
-async def test_half_close_client_keeps_sending_after_app_eof(legs, path):
+async def test_half_close_client_keeps_sending_after_app_eof(legs, path, engine):
     flow, stats, done = Flow(), Stats(), []
     async with trio.open_nursery() as n:
-        run_relay(n, legs, flow, stats, done, idle_timeout=60, use_splice=path == "splice")
+        run_relay(n, legs, flow, stats, done, idle_timeout=60, engine=engine, use_splice=path == "splice")
         await legs.app_s.send_all(b"banner")
         await legs.app_s.send_eof()
         assert await receive_all(legs.client_s) == b"banner"
@@ -151,11 +160,11 @@ async def test_half_close_client_keeps_sending_after_app_eof(legs, path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("who", ["client", "app"])
 @bounded
-async def test_reset_is_propagated_as_reset(legs, path, who):
+async def test_reset_is_propagated_as_reset(legs, path, who, engine):
     flow, stats, done = Flow(), Stats(), []
     resetter, other = (legs.client_s, legs.app_s) if who == "client" else (legs.app_s, legs.client_s)
     async with trio.open_nursery() as n:
-        run_relay(n, legs, flow, stats, done, idle_timeout=60, use_splice=path == "splice")
+        run_relay(n, legs, flow, stats, done, idle_timeout=60, engine=engine, use_splice=path == "splice")
         await resetter.send_all(b"x")
         assert await other.receive_some(10) == b"x"
         set_reset_on_close(resetter.socket)
@@ -173,12 +182,12 @@ async def test_reset_is_propagated_as_reset(legs, path, who):
 
 
 @bounded
-async def test_idle_timeout_closes_both_and_activity_postpones_it(legs, autojump_clock):
+async def test_idle_timeout_closes_both_and_activity_postpones_it(legs, autojump_clock, engine):
     flow, stats, done = Flow(), Stats(), []
     ended = trio.Event()
 
     async def go():
-        done.append(await relay(legs.a, legs.b, flow, stats, idle_timeout=10))
+        done.append(await relay(legs.a, legs.b, flow, stats, idle_timeout=10, engine=engine))
         done.append(trio.current_time())
         ended.set()
 
@@ -197,13 +206,13 @@ async def test_idle_timeout_closes_both_and_activity_postpones_it(legs, autojump
 
 
 @bounded
-async def test_cancellation_mid_transfer_closes_in_flight_pipes(legs):
+async def test_cancellation_mid_transfer_closes_in_flight_pipes(legs, engine):
     pipes = PipePool(keep=4)
     before = len(os.listdir("/proc/self/fd"))
     flow, stats = Flow(), Stats()
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as n:
-            n.start_soon(lambda: relay(legs.a, legs.b, flow, stats, idle_timeout=60, pipes=pipes))
+            n.start_soon(lambda: relay(legs.a, legs.b, flow, stats, idle_timeout=60, engine=engine, pipes=pipes))
             # fill the path towards the app, which never reads: the relay ends up holding a full pipe
             data = b"z" * (8 << 20)
             n.start_soon(legs.client_s.send_all, data)
@@ -219,14 +228,16 @@ async def test_cancellation_mid_transfer_closes_in_flight_pipes(legs):
 
 
 @bounded
-async def test_pipes_are_pooled_not_held_by_idle_connections():
+async def test_pipes_are_pooled_not_held_by_idle_connections(engine):
     pipes = PipePool(keep=8)
     stats = Stats()
     all_legs = [Legs() for _ in range(20)]
     try:
         async with trio.open_nursery() as n:
             for lg in all_legs:
-                n.start_soon(lambda lg=lg: relay(lg.a, lg.b, Flow(), stats, idle_timeout=60, pipes=pipes))
+                n.start_soon(
+                    lambda lg=lg: relay(lg.a, lg.b, Flow(), stats, idle_timeout=60, engine=engine, pipes=pipes)
+                )
             for lg in all_legs:  # one exchange each, one after the other
                 await lg.client_s.send_all(b"hello")
                 assert await lg.app_s.receive_some(10) == b"hello"
@@ -242,7 +253,7 @@ async def test_pipes_are_pooled_not_held_by_idle_connections():
 
 
 @bounded
-async def test_splice_refused_falls_back_to_copy(legs):
+async def test_splice_refused_falls_back_to_copy(legs, engine):
     class BrokenPipes(PipePool):
         def get(self):  # a "pipe" whose write end is a read end: splice() answers EBADF
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -251,7 +262,9 @@ async def test_splice_refused_falls_back_to_copy(legs):
 
     flow, stats, done = Flow(), Stats(), []
     async with trio.open_nursery() as n:
-        run_relay(n, legs, flow, stats, done, idle_timeout=60, pipes=BrokenPipes(keep=0), buffers=BufferPool())
+        run_relay(
+            n, legs, flow, stats, done, idle_timeout=60, engine=engine, pipes=BrokenPipes(keep=0), buffers=BufferPool()
+        )
         await legs.client_s.send_all(b"up")
         await legs.client_s.send_eof()
         assert await receive_all(legs.app_s) == b"up"
@@ -260,6 +273,7 @@ async def test_splice_refused_falls_back_to_copy(legs):
         assert await receive_all(legs.client_s) == b"down"
     assert done == ["ok"]
     assert stats.relay_path == {"copy": 2}
+    assert stats.splice_fallbacks == 2
 
 
 def test_pipe_pool_reuses_and_bounds():
@@ -279,29 +293,32 @@ def test_pipe_pool_reuses_and_bounds():
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-# -- the shared epoll relay (the server's form): many flows, one task
+# -- the shared epoll relay (the server's default): many flows, one task
 
 
-def _shared_flows(n: int) -> tuple[list[Legs], list[Flow], list[Flow]]:
+def _shared_flows(n: int) -> tuple[list[Legs], list[Flow]]:
     all_legs = [Legs() for _ in range(n)]
-    flows, ended = [], []
+    flows = []
     for lg in all_legs:
-        f = Flow()
-        f.client, f.upstream, f.on_done = lg.a, lg.b, ended.append
-        flows.append(f)
-    return all_legs, flows, ended
+        flows.append(Flow(client=lg.a, upstream=lg.b))
+    return all_legs, flows
 
 
 @bounded
-async def test_epoll_relay_many_flows_exact_both_ways_one_task():
+async def test_shared_relay_many_flows_exact_both_ways_one_task():
     stats, pipes = Stats(), PipePool(keep=8)
-    all_legs, flows, ended = _shared_flows(8)
+    all_legs, flows = _shared_flows(8)
     before = len(os.listdir("/proc/self/fd"))
+    outcomes: list = []
     try:
         async with trio.open_nursery() as n:
-            ep = relay_mod.EpollRelay(stats, n, pipes=pipes)
+            ep = relay_mod.SharedRelay(stats, n, pipes=pipes)
+
+            async def conn_task(f: Flow) -> None:
+                outcomes.append((f, await ep.splice(f)))
+
             for f in flows:
-                ep.add(f)
+                n.start_soon(conn_task, f)
             results: dict = {}
 
             async def one(i: int, lg: Legs) -> None:
@@ -324,14 +341,16 @@ async def test_epoll_relay_many_flows_exact_both_ways_one_task():
             async with trio.open_nursery() as m:
                 for i, lg in enumerate(all_legs):
                     m.start_soon(one, i, lg)
-            assert ep.running  # the task stays for the next flow ...
+            while len(outcomes) < len(flows):
+                await trio.sleep(0.01)
+            assert ep.running  # the relay task stays for the next flow ...
             ep.close_when_empty()
         # ... and ends with the last one once asked to
         assert not ep.running
         ep.close()
         assert len(results) == 16 and all(got == want for got, want in results.values())
-        assert sorted(map(id, ended)) == sorted(map(id, flows))  # on_done once per flow
-        assert all(f.outcome is None for f in flows)
+        assert sorted(id(f) for f, _ in outcomes) == sorted(map(id, flows))  # every connection task woken once
+        assert {o for _, o in outcomes} == {"ok"}
         assert stats.relay_path == {"splice": 16}
         assert len(pipes.free) == pipes.created  # no pipe held once the flows ended
         pipes.close()
@@ -342,14 +361,22 @@ async def test_epoll_relay_many_flows_exact_both_ways_one_task():
 
 
 @bounded
-async def test_epoll_relay_cancelled_ends_every_flow_once_and_abort_ends_one():
+async def test_shared_relay_cancelled_ends_every_flow_once_and_abort_ends_one():
     stats = Stats()
-    all_legs, flows, ended = _shared_flows(3)
+    all_legs, flows = _shared_flows(3)
+    ended: list = []
     try:
         async with trio.open_nursery() as n:
-            ep = relay_mod.EpollRelay(stats, n)
+            ep = relay_mod.SharedRelay(stats, n)
+
+            async def conn_task(f: Flow) -> None:
+                try:
+                    await ep.splice(f)
+                finally:
+                    ended.append(f)
+
             for f in flows:
-                ep.add(f)
+                n.start_soon(conn_task, f)
             await all_legs[0].client_s.send_all(b"ping")
             assert await all_legs[0].app_s.receive_some(10) == b"ping"
             relay_mod.abort(flows[1], "idle")
@@ -365,6 +392,97 @@ async def test_epoll_relay_cancelled_ends_every_flow_once_and_abort_ends_one():
         assert ended[0] is flows[1] and sorted(map(id, ended)) == sorted(map(id, flows))
         assert [f.outcome for f in flows] == ["cancelled", "idle", "cancelled"]
         assert flows[1].bytes_in == 0 and flows[0].bytes_in == 4 and flows[2].bytes_in == 4
+        assert all(f.owner is None and f.task is None for f in flows)
     finally:
         for lg in all_legs:
             lg.close()
+
+
+@bounded
+async def test_a_cancelled_connection_task_ends_only_its_own_flow():
+    """Cancelling the task that awaits splice() (the grace deadline, a connection's own scope) ends that flow, and
+    the relay goes on for the others."""
+    stats = Stats()
+    all_legs, flows = _shared_flows(2)
+    try:
+        async with trio.open_nursery() as n:
+            ep = relay_mod.SharedRelay(stats, n)
+            scope = trio.CancelScope()
+
+            async def cancelled_one() -> None:
+                with scope:
+                    await ep.splice(flows[0])
+
+            n.start_soon(cancelled_one)
+            n.start_soon(ep.splice, flows[1])
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert flows[0].outcome == "cancelled" and flows[0].owner is None
+            await all_legs[1].client_s.send_all(b"still here")
+            assert await all_legs[1].app_s.receive_some(20) == b"still here"
+            assert ep.count == 1
+            n.cancel_scope.cancel()
+        ep.close()
+    finally:
+        for lg in all_legs:
+            lg.close()
+
+
+# -- edge cases, both engines
+
+
+@bounded
+async def test_bytes_in_flight_at_idle_timeout_are_reported_lost(legs, engine, autojump_clock):
+    """The application stops reading; the relay holds bytes it cannot deliver when the idle timeout ends the flow.
+    The flow must say so (the server then closes with a reset, never a FIN after a stream with bytes missing)."""
+    flow, stats = Flow(), Stats()
+    legs.b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    async with trio.open_nursery() as n:
+        n.start_soon(legs.client_s.send_all, b"q" * (4 << 20))
+        outcome = await relay(legs.a, legs.b, flow, stats, idle_timeout=10, engine=engine)
+        n.cancel_scope.cancel()
+    assert outcome == "idle"
+    assert flow.lost
+
+
+@bounded
+async def test_a_finished_flow_has_lost_nothing(legs, engine):
+    flow, stats, done = Flow(), Stats(), []
+    async with trio.open_nursery() as n:
+        run_relay(n, legs, flow, stats, done, idle_timeout=60, engine=engine)
+        await legs.client_s.send_all(b"x" * 100_000)
+        await legs.client_s.send_eof()
+        assert len(await receive_all(legs.app_s)) == 100_000
+        await legs.app_s.send_eof()
+        assert await receive_all(legs.client_s) == b""
+    assert done == ["ok"] and not flow.lost
+
+
+@bounded
+async def test_relay_path_counter_never_decreases_on_fallback(legs, engine):
+    """Each direction is counted once, when it ends, by the path it ended on; a fallback is counted apart."""
+
+    class BrokenPipes(PipePool):
+        def get(self):
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            os.close(w)
+            return r, os.dup(r)
+
+    flow, stats, done = Flow(), Stats(), []
+    seen: list[dict] = []
+    async with trio.open_nursery() as n:
+        run_relay(n, legs, flow, stats, done, idle_timeout=60, engine=engine, pipes=BrokenPipes(keep=0))
+        for msg in (b"a", b"b"):
+            seen.append(dict(stats.relay_path))
+            await legs.client_s.send_all(msg)
+            assert await legs.app_s.receive_some(10) == msg
+        seen.append(dict(stats.relay_path))
+        await legs.client_s.send_eof()
+        await legs.app_s.send_eof()
+        await receive_all(legs.client_s)
+    seen.append(dict(stats.relay_path))
+    for earlier, later in zip(seen, seen[1:], strict=False):
+        assert all(later.get(k, 0) >= v for k, v in earlier.items()), seen
+    assert stats.relay_path == {"copy": 2}
+    assert stats.splice_fallbacks == 2

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from tproxy.backends.iptables import has_rules
+
 from tests import golden_gen
 from tproxy.netns import Netns, netns
 

@@ -4,7 +4,9 @@ application), everything else is the real thing: listeners, accept loops, upstre
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -23,9 +25,18 @@ from tproxy.relay import PipePool
 from tproxy.server import Server
 from tproxy.stats import State, Stats
 
+ENGINE = "shared"  # set per test by the engine fixture: every server test runs on both relay engines
+
+
+@pytest.fixture(autouse=True, params=["shared", "tasks"])
+def engine(request, monkeypatch) -> str:
+    monkeypatch.setattr(f"{__name__}.ENGINE", request.param)
+    return request.param
+
 
 def make_config(**proxy) -> Config:
-    doc = {"mode": "nat", "intercept": {"ports": [3000], "ipv6": False}, "proxy": {"preserve_source": False, **proxy}}
+    proxy = {"preserve_source": False, "relay": ENGINE, **proxy}
+    doc = {"mode": "nat", "intercept": {"ports": [3000], "ipv6": False}, "proxy": proxy}
     return Config.from_dict(doc)
 
 
@@ -537,3 +548,130 @@ async def test_only_the_idle_connection_is_closed(autojump_clock):
         await quiet.aclose()
         await stop(server, n)
     assert stats.closed == {"idle": 1, "ok": 1}
+
+
+@bounded
+async def test_every_connection_is_one_task_in_the_connection_nursery():
+    """The shape: a connection's whole life is one task; cancelling the nursery is cancelling the connections."""
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(), app)
+        streams = [await connect(server) for _ in range(5)]
+        for st in streams:
+            await st.send_all(b"hi")
+            assert await st.receive_some(10) == b"hi"
+        tasks = [t for t in server._conns.child_tasks if t.name == "tproxy.connection"]
+        assert len(tasks) == stats.open == 5
+        for st in streams:
+            await st.aclose()
+        while stats.open:
+            await trio.sleep(0.01)
+        assert not [t for t in server._conns.child_tasks if t.name == "tproxy.connection"]
+        await stop(server, n)
+
+
+@bounded
+async def test_bytes_lost_at_idle_timeout_end_with_a_reset_not_a_fin(autojump_clock, log_lines):
+    """The application stops reading; when the idle timeout ends the connection the proxy still holds bytes it
+    could not deliver: both peers must see a reset (a FIN would make a stream with bytes missing look whole)."""
+    accepted: list[trio.SocketStream] = []
+
+    async def never_reads(stream):
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        app = await start_app(n, never_reads)
+        server, stats, _ = await start_proxy(n, make_config(idle_timeout=10), app)
+        st = await connect(server)
+        st.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        client_saw: list = []
+
+        async def upload():
+            try:
+                await st.send_all(b"L" * (16 << 20))
+            except trio.BrokenResourceError as e:
+                client_saw.append(e.__cause__)
+
+        n.start_soon(upload)
+        while stats.closed.total() == 0:
+            await trio.sleep(1)
+        assert stats.closed == {"idle": 1}
+        while not client_saw:
+            await trio.sleep(1)
+        assert isinstance(client_saw[0], ConnectionResetError)  # the client's upload is cut by a reset
+        with pytest.raises(trio.BrokenResourceError) as info:  # the application, reading at last
+            while await accepted[0].receive_some(1 << 20):
+                pass
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+        line = [e for e in log_lines() if e["event"] == "connection"][0]
+        assert line["outcome"] == "idle" and "discarded" in line["error"]
+        await stop(server, n)
+
+
+@bounded
+async def test_an_error_in_one_connections_teardown_ends_neither_others_nor_the_server(monkeypatch, log_lines):
+    async with trio.open_nursery() as n:
+        app = await start_app(n, echo_app)
+        server, stats, _ = await start_proxy(n, make_config(), app)
+        keep = await connect(server)
+        await keep.send_all(b"1")
+        assert await keep.receive_some(10) == b"1"
+        real = sockets.set_reset_on_close
+
+        def broken(sock):
+            raise RuntimeError("teardown bug")
+
+        monkeypatch.setattr(sockets, "set_reset_on_close", broken)
+        victim = await connect(server)
+        await victim.send_all(b"x")
+        assert await victim.receive_some(10) == b"x"
+        victim.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        await victim.aclose()  # a reset: the proxy's teardown takes the broken path
+        while stats.closed.total() < 1:
+            await trio.sleep(0.01)
+        monkeypatch.setattr(sockets, "set_reset_on_close", real)
+        await keep.send_all(b"2")  # the other connection is untouched
+        assert await keep.receive_some(10) == b"2"
+        late = await connect(server)  # and the server still accepts
+        await late.send_all(b"3")
+        assert await late.receive_some(10) == b"3"
+        assert any(e.get("phase") == "teardown" for e in log_lines())
+        assert stats.open == 2
+        await keep.aclose()
+        await late.aclose()
+        await stop(server, n)
+
+
+@bounded
+async def test_a_log_reader_that_never_reads_stalls_no_connection():
+    """stderr is a pipe nobody reads (journald stuck, a full pipe): connections go on, dropped lines are counted."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)  # a page: full after ~25 lines
+    stream = os.fdopen(w, "w", buffering=1)
+    stats_box: list[Stats] = []
+    try:
+        log.setup("info", "text", stream=stream)
+        async with trio.open_nursery() as n:
+            app = await start_app(n, echo_app)
+            server, stats, _ = await start_proxy(n, make_config(), app)
+            stats_box.append(stats)
+            with log.threaded(stats, max_lines=50):
+                for i in range(300):  # each connection logs a line; the pipe is full after a few
+                    st = await connect(server)
+                    await st.send_all(b"%d" % i)
+                    assert await st.receive_some(10) == b"%d" % i
+                    await st.aclose()
+                while stats.open:
+                    await trio.sleep(0.01)
+                assert stats.log_dropped > 0
+                await stop(server, n)
+                os.close(r)  # lets the writer thread finish (EPIPE) so the block can end at once
+                r = -1
+    finally:
+        log.setup("info", "text")
+        if r >= 0:
+            os.close(r)
+        with contextlib.suppress(OSError):  # (what the stuck writer still held: the pipe is gone)
+            stream.close()
+    assert stats_box[0].closed == {"ok": 300}

@@ -87,7 +87,12 @@ def run_checks(
         emit(failed("config valid", str(e), fix + "; the other checks need a valid config"))
         return 2
     families = "+".join(_FAMILY_NAME[f] for f in config.families)
-    emit(passed("config valid", f"{config_path} (mode {config.mode}, backend {config.backend}, {families})"))
+    emit(
+        passed(
+            "config valid",
+            f"{config_path} (mode {config.mode}, backend {config.backend}, {families}, relay {config.proxy.relay})",
+        )
+    )
 
     for check in CHECKS:
         try:
@@ -417,7 +422,7 @@ def check_ports(config: Config, config_path: object) -> Iterator[Result]:
     for fam in config.families:
         host = config.listener.address_for(fam)
         name = f"listener {_hostport(host, port)} free"
-        reason = port_free(fam, host, port, transparent=config.mode == "tproxy" or config.preserve_source)
+        reason = port_free(fam, host, port, transparent=config.needs_routing)
         if reason is None:
             yield passed(name)
         else:

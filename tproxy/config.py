@@ -24,6 +24,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MODES = ("tproxy", "nat")
 BACKENDS = ("nftables", "iptables")
 UPSTREAMS = ("original", "loopback")
+RELAYS = ("shared", "tasks")  # relay engines (tproxy.relay): one epoll task for all connections, or two tasks each
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
@@ -118,6 +119,7 @@ class Proxy:
     upstream_ports: PortRange = PortRange(lo=1024, hi=32767)
     # PROXY protocol out: a header with the client's address and the original destination, before any client byte
     send_proxy_protocol: str = attrs.field(default="off", validator=attrs.validators.in_(PROXY_PROTOCOL_OUT))
+    relay: str = attrs.field(default="shared", validator=attrs.validators.in_(RELAYS))
 
 
 @attrs.frozen(kw_only=True)
@@ -232,6 +234,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "shutdown_grace",
         "upstream_ports",
         "send_proxy_protocol",
+        "relay",
     ),
     "admin": ("address",),
     "log": ("level", "format"),
@@ -443,6 +446,7 @@ class _Loader:
                 PROXY_PROTOCOL_OUT,
                 _default(Proxy, "send_proxy_protocol"),
             ),
+            relay=self.choice(t, "relay", "proxy.relay", RELAYS, "shared"),
         )
 
         t = self.table(top, "admin")

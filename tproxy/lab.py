@@ -84,6 +84,7 @@ def proxy_config(
     proxy_protocol_from: Sequence[str] = (),
     proxy_protocol_timeout: float | None = None,
     send_proxy_protocol: str = "off",
+    relay: str = "shared",
 ) -> str:
     """TOML text of a lab config: ports 8080-8090 intercepted (8090 excluded), the excluded client addresses."""
     lines = [
@@ -114,6 +115,7 @@ def proxy_config(
         f'upstream = "{upstream}"',
         f"connect_timeout = {connect_timeout}",
         f"shutdown_grace = {shutdown_grace}",
+        f'relay = "{relay}"',
     ]
     if send_proxy_protocol != "off":
         lines.append(f'send_proxy_protocol = "{send_proxy_protocol}"')

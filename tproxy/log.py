@@ -8,12 +8,18 @@ Every line is an *event* with fields. The stable keys of the per-connection line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import trio
 
 LOGGER_NAME = "tproxy"
 logger = logging.getLogger(LOGGER_NAME)
@@ -77,10 +83,15 @@ _direct: tuple[logging.Handler, Any, bool] | None = None
 
 
 def setup(level: str = "info", fmt: str = "text", stream: Any = None) -> logging.Logger:
-    """Configure the ``tproxy`` logger (idempotent: replaces its handler). Returns it."""
+    """Configure the ``tproxy`` logger (idempotent: replaces its handler). Returns it. Inside :func:`threaded`,
+    stderr stays behind the log writer thread."""
     global _direct
     flush()  # (lines held back go to the handler they were written for)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    if stream is None:
+        stream = _writer if _writer is not None else sys.stderr
+    if isinstance(stream, _QueueWriter):
+        stream.json = fmt == "json"
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -104,6 +115,30 @@ def event(name: str, level: int = logging.INFO, exc_info: Any = None, **fields: 
 _held: list[str] = []
 _holding = 0  # how many hold(True) are in force (one per running server)
 HOLD_LINES = 256  # flushed at once when this many are held
+
+
+class _FlushBeforeWait(trio.abc.Instrument):
+    """Flushes the held lines each time the trio run loop is about to wait for I/O: once per turn of the loop."""
+
+    def before_io_wait(self, timeout: float) -> None:
+        if _held:
+            flush()
+
+
+def hold_until_idle() -> trio.abc.Instrument:
+    """Inside a trio run: hold connection lines back (:func:`hold`) and flush them once per turn of the event loop,
+    just before it waits (a trio instrument). Undo with :func:`release`."""
+    hold(True)
+    instrument = _FlushBeforeWait()
+    trio.lowlevel.add_instrument(instrument)
+    return instrument
+
+
+def release(instrument: trio.abc.Instrument) -> None:
+    """Undo :func:`hold_until_idle` (the last release flushes)."""
+    with contextlib.suppress(KeyError, RuntimeError):
+        trio.lowlevel.remove_instrument(instrument)
+    hold(False)
 
 
 def hold(on: bool) -> None:
@@ -205,3 +240,106 @@ def _write(line: str) -> None:
         direct[1].flush()
     except (OSError, ValueError):
         pass  # like logging: a broken log stream never stops the proxy
+
+
+# -- the log writer thread: a slow reader of stderr (journald back-pressure, a full pipe) never stalls the proxy
+
+MAX_QUEUED_LINES = 10_000  # lines waiting for the writer thread; more are dropped (and counted)
+WRITER_STOP_WAIT = 2.0  # seconds :func:`threaded` waits for the writer to finish the queue at the end
+
+_writer: _QueueWriter | None = None
+
+
+class _QueueWriter:
+    """A file-like stream whose writes go to a bounded queue that one thread drains into the real stream, in order.
+
+    ``write`` never blocks: beyond ``max_lines`` waiting, the text is dropped and counted (``dropped``, and
+    ``stats.log_dropped`` when given); once there is room again a line says how many were dropped.
+    """
+
+    def __init__(self, stream: Any, max_lines: int, stats: Any, json_format: bool) -> None:
+        self.stream = stream
+        self.max_lines = max_lines
+        self.stats = stats
+        self.json = json_format
+        self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.pending = 0  # lines queued and not yet written
+        self.dropped = 0
+        self.unreported = 0  # dropped since the last "log_lines_dropped" line
+        self.thread = threading.Thread(target=self._run, name="tproxy-log-writer", daemon=True)
+        self.thread.start()
+
+    def write(self, text: str) -> int:
+        n = text.count("\n") or 1
+        with self.lock:
+            if self.pending + n > self.max_lines:
+                self.dropped += n
+                self.unreported += n
+                if self.stats is not None:
+                    self.stats.log_dropped += n
+                return len(text)
+            if self.unreported:
+                text = self._dropped_line(self.unreported) + text
+                self.unreported = 0
+                n += 1
+            self.pending += n
+        self.queue.put(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # the thread flushes after every write
+
+    def _dropped_line(self, count: int) -> str:
+        ts = _timestamp(time.time())
+        if self.json:
+            doc = {"ts": ts, "level": "warning", "event": "log_lines_dropped", "count": count}
+            return json.dumps(doc, separators=(",", ":")) + "\n"
+        return f'{ts} warning log_lines_dropped count={count} reason="log output too slow"\n'
+
+    def _run(self) -> None:
+        while (text := self.queue.get()) is not None:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # like logging: a broken log stream never stops the proxy
+            with self.lock:
+                self.pending -= text.count("\n") or 1
+
+    def close(self, wait: float) -> bool:
+        """Stop after the lines queued so far; True when they were all written within ``wait`` seconds."""
+        self.queue.put(None)
+        self.thread.join(wait)
+        return not self.thread.is_alive()
+
+
+@contextlib.contextmanager
+def threaded(stats: Any = None, *, max_lines: int = MAX_QUEUED_LINES) -> Iterator[Any]:
+    """While in the block, every line of the ``tproxy`` logger is written by a thread of its own from a bounded
+    queue (see :class:`_QueueWriter`), so a slow or stuck reader of the log never stalls the event loop; lines
+    beyond ``max_lines`` waiting are dropped and counted in ``stats.log_dropped``. Order is kept.
+
+    Resource handling: a thread does not survive ``fork()``: enter this in the process that serves, after any fork,
+    and leave it last (after the final lines): leaving waits up to :data:`WRITER_STOP_WAIT` seconds for the queue
+    to be written, then writes directly again."""
+    global _writer, _direct
+    direct = _direct
+    if direct is None or _writer is not None:
+        yield _writer
+        return
+    handler, stream, json_format = direct
+    flush()
+    writer = _QueueWriter(stream, max_lines, stats, json_format)
+    handler.setStream(writer)
+    _writer, _direct = writer, (handler, writer, json_format)
+    try:
+        yield writer
+    finally:
+        flush()
+        _writer = None
+        current = _direct
+        if current is not None and current[1] is writer:  # (a reload's setup() made a handler on the writer)
+            current[0].setStream(stream)
+            _direct = (current[0], stream, current[2])
+        writer.close(WRITER_STOP_WAIT)

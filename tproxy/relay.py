@@ -1,27 +1,34 @@
 """Moving bytes between the two legs of a connection: splice(2) through a pipe, recv_into/send as the fallback.
 
-:class:`EpollRelay` is one trio task relaying any number of connections from an edge-triggered epoll fd of its own,
-each socket registered once: there is no task, nursery, cancel scope or timer per connection. A direction holds a
-pipe (or a copy buffer) only while it has bytes in flight: it takes one from a small process-wide pool when the
-source is readable, and gives it back once the pipe is empty again. An idle connection therefore costs its two
-sockets and a :class:`Flow`, and the number of pipes is bounded by the number of directions moving data at the same
-moment, not by the number of connections. :func:`relay` is the self-contained form for one connection.
+Two engines behind one interface (:class:`Engine`, chosen by ``proxy.relay``), each awaited by the connection's own
+task with ``await engine.splice(flow)``:
 
-What the caller can rely on (:class:`EpollRelay`, and :func:`relay`):
+- :class:`SharedRelay` (``"shared"``, the default): one trio task relays every connection from an edge-triggered
+  epoll fd of its own, each socket registered once; the connection task sleeps until its flow ends. A direction
+  holds a pipe (or a copy buffer) only while it has bytes in flight: it takes one from a small process-wide pool
+  when the source is readable, and gives it back once the pipe is empty again. An idle connection therefore costs
+  its two sockets, a :class:`Flow` and its parked task; the number of pipes is bounded by the number of directions
+  moving data at the same moment, not by the number of connections.
+- :class:`TaskRelay` (``"tasks"``): the textbook trio form, two child tasks per connection, each splicing one
+  direction with ``wait_readable`` / ``wait_writable``. The readable reference, and the differential oracle of the
+  tests.
+
+What the caller can rely on, with either engine:
 
 - every byte arrives once and in order, whatever the chunking;
-- EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; the relay is
-  done when both directions have seen EOF (outcome ``"ok"``). A flow whose ``on_done`` closes both sockets at once
-  (``close_sends_fin``, the server's) skips the second shutdown: the close sends the same FIN;
+- EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; the flow is
+  done when both directions have seen EOF (outcome ``"ok"``). With ``close_sends_fin`` (the server: it closes both
+  sockets as soon as the flow ends) the second shutdown is skipped: the close sends the same FIN;
 - a reset (or any other error) on either side ends both directions at once (outcome ``"reset"``): the caller closes
   both sockets with SO_LINGER 0 so the other peer sees a reset too;
-- :func:`abort` ends both directions at once (the idle check uses it: outcome ``"idle"``): the flow's relay is
-  woken to end it;
-- ``flow.on_done(flow)`` is called exactly once, by whichever direction ends last, however it ends (cancellation
-  included: outcome ``"cancelled"``); that is where the caller closes the sockets.
+- :func:`abort` ends both directions at once (the idle check uses it: outcome ``"idle"``);
+- bytes still in flight when a flow ends (an abort, a failure, a cancellation) are discarded and ``flow.lost`` is
+  true: the caller must then close with a reset, never a FIN (the peer would take a short stream for a whole one);
+- ``stats.relay_path`` counts each direction once, when it ends, by the path it ended on (a fallback from splice
+  to copy is counted in ``stats.splice_fallbacks``): counters only go up.
 
-Resource handling: the relay never closes the sockets (``on_done`` does). A pipe that still holds bytes when its
-direction is cancelled or fails is closed rather than pooled, so a pooled pipe is always empty.
+Resource handling: the engines never close the sockets. A pipe that still holds bytes when its flow ends is closed
+rather than pooled, so a pooled pipe is always empty.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import os
 import select
 import socket
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Protocol
 
+import attrs
 import trio
 
 from tproxy.stats import Stats
@@ -47,10 +55,14 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
 
 _wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
 _current_time = trio.current_time
 _current_clock = trio.lowlevel.current_clock
+_current_task = trio.lowlevel.current_task
+_reschedule = trio.lowlevel.reschedule
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_ABORT_SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 _splice = os.splice
-_notify_closing = trio.lowlevel.notify_closing
 
 
 class PipePool:
@@ -113,59 +125,42 @@ PIPES = PipePool()
 BUFFERS = BufferPool()
 
 
+@attrs.define(slots=True, eq=False, weakref_slot=False)
 class Flow:
-    """One relayed connection: its two sockets, bytes each way, outcome, last activity, who to call when done."""
+    """One relayed connection as an engine sees it: the two sockets, bytes each way, outcome, last activity.
 
-    __slots__ = (
-        "client",
-        "upstream",
-        "bytes_in",
-        "bytes_out",
-        "outcome",
-        "error",
-        "last",
-        "aborted",
-        "running",
-        "on_done",
-        "owner",
-        "cfd",
-        "ufd",
-        "ipipe",
-        "iheld",
-        "opipe",
-        "oheld",
-        "state",
-    )
+    The engine's own per-flow state follows (who relays it, the task or cancel scope to wake, the fds, per direction
+    a pipe or unsent bytes and how many bytes it holds, the direction flags). Identity semantics (``eq=False``):
+    flows live in sets.
+    """
 
-    def __init__(self) -> None:
-        self.client: socket.socket | None = None
-        self.upstream: socket.socket | None = None
-        self.bytes_in = 0  # client -> upstream
-        self.bytes_out = 0  # upstream -> client
-        self.outcome: str | None = None  # "reset" | "idle" | "cancelled" once decided; None: "ok" so far
-        self.error: BaseException | None = None  # what ended a "reset" relay
-        self.last = 0.0  # trio.current_time() of the last byte moved (or of the start)
-        self.aborted = False
-        self.running = 0  # directions not yet ended
-        self.on_done: Callable[[Flow], None] | None = None
-        # the epoll relay's state (see EpollRelay): who runs it, the two fds, per direction a pipe (or, copying, the
-        # bytes not sent yet) and how many bytes it holds, the direction flags
-        self.owner: EpollRelay | None = None
-        self.cfd = -1
-        self.ufd = -1
-        self.ipipe: Any = None
-        self.iheld = 0
-        self.opipe: Any = None
-        self.oheld = 0
-        self.state = 0
+    client: socket.socket | None = None
+    upstream: socket.socket | None = None
+    bytes_in: int = 0  # client -> upstream
+    bytes_out: int = 0  # upstream -> client
+    outcome: str | None = None  # "reset" | "idle" | "cancelled" once decided; None: "ok" so far
+    error: BaseException | None = None  # what ended a "reset" flow
+    last: float = 0.0  # trio.current_time() of the last byte moved (or of the start)
+    aborted: bool = False
+    owner: Any = None  # the engine relaying it, while it does
+    task: Any = None  # shared: the parked connection task; tasks: the cancel scope of the two directions
+    cfd: int = -1
+    ufd: int = -1
+    ipipe: Any = None
+    iheld: int = 0
+    opipe: Any = None
+    oheld: int = 0
+    state: int = 0
 
-    # True when on_done closes both sockets at once: the last EOF is then passed on by close() (same FIN), not by a
-    # shutdown. A class attribute (no per-connection memory); the server's connections set it.
-    close_sends_fin = False
+    @property
+    def lost(self) -> bool:
+        """Whether bytes were in flight when it ended (they were discarded): the peers must see a reset."""
+        return bool(self.state & LOST)
 
 
 def abort(flow: Flow, outcome: str, error: BaseException | None = None) -> None:
-    """End both directions of ``flow`` now; the first outcome given sticks. Idempotent."""
+    """End both directions of ``flow`` now; the first outcome given sticks. Idempotent. The engine relaying it
+    ends it at its next turn (shared) or by cancelling its directions (tasks)."""
     if flow.outcome is None:
         flow.outcome = outcome
         flow.error = error
@@ -174,9 +169,6 @@ def abort(flow: Flow, outcome: str, error: BaseException | None = None) -> None:
         owner = flow.owner
         if owner is not None:
             owner.kick(flow)
-        else:
-            _notify_closing(flow.client)
-            _notify_closing(flow.upstream)
 
 
 def _eof(dst: socket.socket) -> None:
@@ -193,36 +185,33 @@ async def relay(
     stats: Stats,
     *,
     idle_timeout: float,
+    engine: str = "shared",
     use_splice: bool = True,
     pipes: PipePool = PIPES,
     buffers: BufferPool = BUFFERS,
 ) -> str:
     """Relay between two connected non-blocking sockets until both directions end; returns the outcome.
 
-    The self-contained form of :class:`EpollRelay` (an epoll relay of its own and an idle check, in a nursery of
-    their own); the server shares one :class:`EpollRelay` between all its connections and checks idleness for every
-    connection at once.
+    The self-contained form for one connection: an engine of its own and an idle check, in a nursery of their own.
+    The server shares one engine between all its connections and checks idleness for every connection at once.
 
     Error handling: socket errors never escape; they end the relay with outcome ``"reset"`` (``flow.error`` says
-    which). Cancellation propagates.
+    which). Cancellation propagates (outcome ``"cancelled"``).
     """
-    done = trio.Event()
     flow.client, flow.upstream = client, upstream
     flow.last = _current_time()
-    flow.on_done = lambda _flow: done.set()
-    ep: EpollRelay | None = None
+    eng: Engine | None = None
     try:
         async with trio.open_nursery() as nursery:
-            ep = EpollRelay(stats, nursery, use_splice=use_splice, pipes=pipes, buffers=buffers)
-            ep.close_when_empty()
-            ep.add(flow)
+            eng = make_engine(engine, stats, nursery, use_splice=use_splice, pipes=pipes, buffers=buffers)
+            eng.close_when_empty()
             nursery.start_soon(reap_idle, [flow], idle_timeout)
-            await done.wait()
+            outcome = await eng.splice(flow)
             nursery.cancel_scope.cancel()
     finally:
-        if ep is not None:
-            ep.close()
-    return flow.outcome or "ok"
+        if eng is not None:
+            eng.close()
+    return outcome
 
 
 def idle_tick(idle_timeout: float) -> float:
@@ -240,37 +229,103 @@ async def reap_idle(flows: Collection[Flow], idle_timeout: float) -> None:
             abort(flow, "idle")
 
 
+class Engine(Protocol):
+    """What the server needs from a relay engine (``proxy.relay``).
+
+    - ``await engine.splice(flow)``: relay ``flow`` (both sockets connected and non-blocking) in both directions
+      until both have ended; returns the outcome (``"ok"``, ``"reset"``, ``"idle"``, ``"cancelled"``). EOF on one
+      side becomes ``shutdown(SHUT_WR)`` on the other while the other direction keeps flowing; an error on either
+      side ends both (``"reset"``); :func:`abort` ends both at once with its outcome; cancelling the caller ends
+      the flow (``"cancelled"``) before the Cancelled propagates. ``flow.lost`` tells whether bytes in flight were
+      discarded (the caller must close with a reset). The engine never closes the sockets.
+    - ``kick(flow)``: used by :func:`abort`.
+    - ``close_when_empty()`` (no new flows are coming: background work may end with the last flow) and
+      ``close()`` (release what the engine holds; after every splice has returned).
+    """
+
+    name: str
+
+    async def splice(self, flow: Flow) -> str: ...
+
+    def kick(self, flow: Flow) -> None: ...
+
+    def close_when_empty(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_engine(
+    name: str,
+    stats: Stats,
+    nursery: trio.Nursery,
+    *,
+    use_splice: bool = True,
+    pipes: PipePool = PIPES,
+    buffers: BufferPool = BUFFERS,
+    close_sends_fin: bool = False,
+    after_turn: Callable[[], None] | None = None,
+) -> Engine:
+    """The engine called ``name`` (``"shared"`` or ``"tasks"``). ``close_sends_fin``: the caller closes both sockets
+    as soon as :meth:`Engine.splice` returns, so the last EOF needs no ``shutdown`` (the close sends the same FIN).
+    ``nursery`` holds the shared engine's task."""
+    if name == "shared":
+        return SharedRelay(
+            stats,
+            nursery,
+            use_splice=use_splice,
+            pipes=pipes,
+            buffers=buffers,
+            close_sends_fin=close_sends_fin,
+            after_turn=after_turn,
+        )
+    if name == "tasks":
+        return TaskRelay(stats, use_splice=use_splice, pipes=pipes, buffers=buffers, close_sends_fin=close_sends_fin)
+    raise ValueError(f"unknown relay engine {name!r} (expected shared or tasks)")
+
+
+def _count_paths(stats: Stats, flow: Flow) -> None:
+    """Count the flow's two directions by the path each ended on (a counter never goes down)."""
+    paths = stats.relay_path
+    paths["copy" if flow.state & _IN_COPY else "splice"] += 1
+    paths["copy" if flow.state & _OUT_COPY else "splice"] += 1
+
+
 # -- the epoll relay: one task for every relaying connection
 
 _EPOLL_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _RD = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WR = select.EPOLLOUT
 _IN_DONE, _OUT_DONE, _IN_COPY, _OUT_COPY = 1, 2, 4, 8
+LOST = 16  # bytes in flight were discarded when the flow ended
 _BOTH_DONE = _IN_DONE | _OUT_DONE
 _WAIT, _MORE, _EOF, _FAIL, _NOSPLICE = 0, 1, 2, 3, 4
 BUDGET = 16  # transfers per direction and wakeup before the other connections get their turn
 _checkpoint = trio.lowlevel.checkpoint
 
 
-class EpollRelay:
-    """Relays any number of flows from one trio task that waits on an epoll fd of its own (edge-triggered).
+class SharedRelay:
+    """The ``shared`` engine: relays any number of flows from one trio task that waits on an epoll fd of its own
+    (edge-triggered); the connection task that called :meth:`splice` sleeps until its flow ends and is woken
+    directly (``trio.lowlevel.reschedule``: no Event, no wait queue per connection).
 
     Each socket is registered once (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET) when its flow is added; a wakeup drains
     ``epoll.poll(0)`` and moves each ready direction until EAGAIN (or :data:`BUDGET` transfers, after which the
     flow waits for its next turn behind a checkpoint). The semantics are the module's: every byte once and
     in order, EOF -> ``shutdown(SHUT_WR)`` on the other side, an error -> outcome ``"reset"`` for both directions,
-    :func:`abort` ends the flow, the copy path when the kernel refuses to splice, ``on_done(flow)`` exactly once.
+    :func:`abort` ends the flow, the copy path when the kernel refuses to splice.
 
-    Use: ``relay = EpollRelay(stats, nursery)``; set ``flow.client``, ``flow.upstream``, ``flow.last``,
-    ``flow.on_done``, then :meth:`add`. The task runs in ``nursery`` while there are flows (it is started again by
-    :meth:`add` when needed) and, after :meth:`close_when_empty`, ends with the last flow. When the task is
-    cancelled every flow ends with outcome ``"cancelled"``. ``after_turn()``, if given, is called after every turn
-    (the flows that ended in it have had their ``on_done``) and when the task is cancelled: the server writes its
-    log lines there, once per turn.
+    Use: ``engine = SharedRelay(stats, nursery)``; set ``flow.client``, ``flow.upstream``, ``flow.last``, then
+    ``await engine.splice(flow)``. The relay task runs in ``nursery`` while there are flows (it is started again
+    when needed) and, after :meth:`close_when_empty`, ends with the last flow. When the relay task is cancelled
+    every flow ends with outcome ``"cancelled"`` (and its connection task is woken); when a connection task is
+    cancelled, its flow ends with outcome ``"cancelled"``. ``after_turn()``, if given, is called after every turn.
 
-    Resource handling: the relay never closes the sockets (``on_done`` does); when ``close_sends_fin`` is false
-    the sockets are unregistered from the epoll fd before ``on_done``. :meth:`close` closes the epoll fd.
+    Resource handling: the relay never closes the sockets (the caller does, after :meth:`splice`); when
+    ``close_sends_fin`` is false the sockets are unregistered from the epoll fd when the flow ends. :meth:`close`
+    closes the epoll fd.
     """
+
+    name = "shared"
 
     def __init__(
         self,
@@ -280,9 +335,11 @@ class EpollRelay:
         use_splice: bool = True,
         pipes: PipePool = PIPES,
         buffers: BufferPool = BUFFERS,
+        close_sends_fin: bool = False,
         after_turn: Callable[[], None] | None = None,
     ) -> None:
         self.stats = stats
+        self.close_sends_fin = close_sends_fin
         self.nursery = nursery
         self.after_turn = after_turn
         self.use_splice = use_splice
@@ -300,17 +357,30 @@ class EpollRelay:
         self.woken = False
         self._now = _current_time
 
+    async def splice(self, flow: Flow) -> str:
+        """Relay ``flow`` until both directions end; returns the outcome (see :class:`Engine`)."""
+        self.add(flow)
+        if flow.owner is self:
+            flow.task = _current_task()
+
+            def unpark(_raise_cancel: Any) -> Any:  # the connection task is cancelled: end its flow first
+                flow.task = None
+                if flow.owner is self:
+                    if flow.outcome is None:
+                        flow.outcome = "cancelled"
+                    self._end(flow)
+                return _ABORT_SUCCEEDED
+
+            await _wait_task_rescheduled(unpark)
+        return flow.outcome or "ok"
+
     def add(self, flow: Flow) -> None:
-        """Start relaying ``flow`` (its sockets connected and non-blocking)."""
+        """Start relaying ``flow`` (its sockets connected and non-blocking); :meth:`splice` waits for it to end."""
         flow.owner = self
         flow.cfd = cfd = flow.client.fileno()
         flow.ufd = ufd = flow.upstream.fileno()
-        flow.running = 2
-        if self.use_splice:
-            self.stats.relay_path["splice"] += 2
-        else:
+        if not self.use_splice:
             flow.state = _IN_COPY | _OUT_COPY
-            self.stats.relay_path["copy"] += 2
         self.fds[cfd] = flow
         self.fds[ufd] = flow
         self.count += 1
@@ -411,7 +481,7 @@ class EpollRelay:
                     more = 1
                 elif r == _EOF:
                     flow.state |= _IN_DONE
-                    if not flow.state & _OUT_DONE or not flow.close_sends_fin:
+                    if not flow.state & _OUT_DONE or not self.close_sends_fin:
                         _eof(flow.upstream)
                 elif r == _FAIL:
                     self._end(flow)
@@ -422,7 +492,7 @@ class EpollRelay:
                     more |= 2
                 elif r == _EOF:
                     flow.state |= _OUT_DONE
-                    if not flow.state & _IN_DONE or not flow.close_sends_fin:
+                    if not flow.state & _IN_DONE or not self.close_sends_fin:
                         _eof(flow.client)
                 elif r == _FAIL:
                     self._end(flow)
@@ -454,11 +524,7 @@ class EpollRelay:
         else:
             pipe, held, r = self._splice(flow, inbound, pipe, held)
             if r == _NOSPLICE:  # the kernel refused to splice these files: copy instead
-                paths = self.stats.relay_path
-                paths["splice"] -= 1
-                if not paths["splice"]:
-                    del paths["splice"]
-                paths["copy"] += 1
+                self.stats.splice_fallbacks += 1
                 flow.state |= _IN_COPY if inbound else _OUT_COPY
                 pipe, held, r = self._copy(flow, inbound, None, 0)
         if inbound:
@@ -586,25 +652,182 @@ class EpollRelay:
         fds.pop(flow.cfd, None)
         fds.pop(flow.ufd, None)
         self.count -= 1
+        state = flow.state
+        if flow.iheld or flow.oheld:
+            state |= LOST  # (a copy direction's unsent bytes are dropped with the flow)
         for pipe, held, copy in (
-            (flow.ipipe, flow.iheld, flow.state & _IN_COPY),
-            (flow.opipe, flow.oheld, flow.state & _OUT_COPY),
+            (flow.ipipe, flow.iheld, state & _IN_COPY),
+            (flow.opipe, flow.oheld, state & _OUT_COPY),
         ):
             if pipe is not None and not copy:
                 if held:
                     self.pipes.discard(pipe)
                 else:
                     self.pipes.put(pipe)
+        flow.state = state
         flow.ipipe = flow.opipe = None
         flow.iheld = flow.oheld = 0
-        if not flow.close_sends_fin:  # the sockets stay open after on_done: take them out of the epoll set
+        _count_paths(self.stats, flow)
+        if not self.close_sends_fin:  # the sockets stay open after the flow: take them out of the epoll set
             for fd in (flow.cfd, flow.ufd):
                 try:
                     self.ep.unregister(fd)
                 except OSError:
                     pass
-        flow.running = 0
-        if flow.on_done is not None:
-            flow.on_done(flow)
+        task = flow.task
+        if task is not None:
+            flow.task = None
+            _reschedule(task)
         if self.closing and not self.count:
             self._wake()
+
+
+# -- the tasks engine: two trio tasks per connection, the textbook form
+
+
+class TaskRelay:
+    """The ``tasks`` engine: :meth:`splice` runs one child task per direction in a nursery of the connection's own.
+
+    Each direction loops: splice (or recv) from its source into a pipe (or buffer), wait for ``wait_readable`` when
+    there is nothing, drain into the other socket, wait for ``wait_writable`` when it is full. EOF shuts down the
+    other side's write half; an error fails the flow and cancels the other direction; :func:`abort` cancels both.
+    """
+
+    name = "tasks"
+
+    def __init__(
+        self,
+        stats: Stats,
+        *,
+        use_splice: bool = True,
+        pipes: PipePool = PIPES,
+        buffers: BufferPool = BUFFERS,
+        close_sends_fin: bool = False,
+    ) -> None:
+        self.stats = stats
+        self.use_splice = use_splice
+        self.pipes = pipes
+        self.buffers = buffers
+        self.close_sends_fin = close_sends_fin
+
+    async def splice(self, flow: Flow) -> str:
+        """Relay ``flow`` until both directions end; returns the outcome (see :class:`Engine`)."""
+        flow.owner = self
+        flow.cfd, flow.ufd = flow.client.fileno(), flow.upstream.fileno()
+        if not self.use_splice:
+            flow.state |= _IN_COPY | _OUT_COPY
+        try:
+            async with trio.open_nursery() as nursery:
+                flow.task = nursery.cancel_scope
+                if flow.aborted:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._direction, flow, True)
+                nursery.start_soon(self._direction, flow, False)
+        except BaseException:
+            if flow.outcome is None:
+                flow.outcome = "cancelled"
+            raise
+        finally:
+            flow.owner = flow.task = None
+            _count_paths(self.stats, flow)
+        return flow.outcome or "ok"
+
+    def kick(self, flow: Flow) -> None:
+        scope = flow.task
+        if scope is not None:
+            scope.cancel()
+
+    def close_when_empty(self) -> None:
+        pass  # no task outlives its connection
+
+    def close(self) -> None:
+        pass
+
+    async def _direction(self, flow: Flow, inbound: bool) -> None:
+        src, dst = (flow.client, flow.upstream) if inbound else (flow.upstream, flow.client)
+        copy_bit, done_bit, other_bit = (_IN_COPY, _IN_DONE, _OUT_DONE) if inbound else (_OUT_COPY, _OUT_DONE, _IN_DONE)
+        pipe: tuple[int, int] | None = None
+        held = 0  # bytes read from src and not yet written to dst (in the pipe, or in ``pending``)
+        pending = b""
+        try:
+            while True:
+                if flow.state & copy_bit:
+                    buf = self.buffers.get()
+                    try:
+                        n = src.recv_into(buf)
+                    except BlockingIOError:
+                        n = -1
+                    else:
+                        pending = bytes(buf[:n])
+                    finally:
+                        self.buffers.put(buf)
+                    if n < 0:
+                        await _wait_readable(src)
+                        continue
+                    if n == 0:
+                        break
+                    held = n
+                    while held:
+                        try:
+                            sent = dst.send(pending)
+                        except BlockingIOError:
+                            await _wait_writable(dst)
+                            continue
+                        pending = pending[sent:]
+                        held -= sent
+                        self._moved(flow, inbound, sent)
+                    continue
+                if pipe is None:
+                    pipe = self.pipes.get()
+                try:
+                    n = _splice(src.fileno(), pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.pipes.put(pipe)  # an idle direction holds no pipe
+                    pipe = None
+                    await _wait_readable(src)
+                    continue
+                except OSError as e:
+                    moved = flow.bytes_in if inbound else flow.bytes_out
+                    if e.errno in _NO_SPLICE and not moved:  # the kernel will not splice these files: copy
+                        self.pipes.put(pipe)
+                        pipe = None
+                        self.stats.splice_fallbacks += 1
+                        flow.state |= copy_bit
+                        continue
+                    raise
+                if n == 0:
+                    break
+                held = n
+                while held:
+                    try:
+                        sent = _splice(pipe[0], dst.fileno(), held, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await _wait_writable(dst)
+                        continue
+                    held -= sent
+                    self._moved(flow, inbound, sent)
+            flow.state |= done_bit
+            if not flow.state & other_bit or not self.close_sends_fin:
+                _eof(dst)
+        except OSError as e:
+            if flow.outcome is None:
+                flow.outcome, flow.error = "reset", e
+            flow.aborted = True
+            flow.task.cancel()
+        finally:
+            if held:
+                flow.state |= LOST
+            if pipe is not None:
+                if held:
+                    self.pipes.discard(pipe)
+                else:
+                    self.pipes.put(pipe)
+
+    def _moved(self, flow: Flow, inbound: bool, n: int) -> None:
+        if inbound:
+            flow.bytes_in += n
+            self.stats.bytes_in += n
+        else:
+            flow.bytes_out += n
+            self.stats.bytes_out += n
+        flow.last = _current_time()

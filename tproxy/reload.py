@@ -41,6 +41,7 @@ RESTART_KEYS = (
     "proxy.preserve_source",
     "proxy.upstream",
     "proxy.upstream_ports",
+    "proxy.relay",
     "admin.address",
     "privileges.user",
     "privileges.group",
@@ -91,6 +92,7 @@ def flatten(config: Config) -> dict[str, str]:
         "proxy.shutdown_grace": f"{config.proxy.shutdown_grace:g}",
         "proxy.upstream_ports": str(config.proxy.upstream_ports),
         "proxy.send_proxy_protocol": config.proxy.send_proxy_protocol,
+        "proxy.relay": config.proxy.relay,
         "admin.address": admin,
         "log.level": config.log.level,
         "log.format": config.log.format,
@@ -118,7 +120,7 @@ def diff(old: Config, new: Config) -> list[Change]:
 
 def listener_key(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
     """What the listening sockets are: (family, address, port, transparent) per family."""
-    transparent = config.mode == "tproxy" or config.preserve_source
+    transparent = config.needs_routing
     return tuple((f, config.listener.address_for(f), config.listener.port, transparent) for f in config.families)
 
 
@@ -156,6 +158,7 @@ def _keep_running(old: Config, new: Config) -> Config:
         preserve_source=old.preserve_source,  # the effective value: the running mode decides the default
         upstream=old.proxy.upstream,
         upstream_ports=old.proxy.upstream_ports,
+        relay=old.proxy.relay,
     )
     listener, intercept = new.listener, new.intercept
     if any(f not in new.families for f in old.families):

@@ -4,7 +4,7 @@ For each enabled family: ``ip rule fwmark MARK/MARK lookup TABLE`` and ``local d
 packet carrying our mark (a diverted packet, or an application's reply restored from its connection's mark) is
 delivered locally, to the proxy. Needed in tproxy mode and in nat mode with ``preserve_source``.
 
-Sysctls: only ``route_localnet=1`` for the IPv4 loopback upstream (see :func:`tproxy.backends.base.loopback_guard`), on the
+Sysctls: only ``route_localnet=1`` for the IPv4 loopback upstream (see :func:`backends.base.loopback_guard`), on the
 intercepted interfaces, or on ``all`` when every interface is intercepted. ``rp_filter`` needs no change (see
 DESIGN.md, pitfalls). A value we change is remembered in ``/run/tproxy/routing-netns<inode>-mark<M>-table<T>.json``
 and restored on removal, from any process in the same network namespace. That file exists for every installed mark

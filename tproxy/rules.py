@@ -18,9 +18,9 @@ import fcntl
 import os
 from collections.abc import Iterator
 
+from tproxy import routing
 from tproxy.backends import get_backend
 from tproxy.backends.base import STATE_DIR, require_net_admin
-from tproxy import routing
 from tproxy.config import BACKENDS, Config
 from tproxy.errors import MissingBinaryError
 

@@ -59,7 +59,7 @@ def bind_listeners(config: Config) -> list[socket.socket]:
     Error handling: raises PrivilegeError (no CAP_NET_RAW for IP_TRANSPARENT) or TproxyError (cannot bind); sockets
     bound so far are closed.
     """
-    transparent = config.mode == "tproxy" or config.preserve_source
+    transparent = config.needs_routing
     out: list[socket.socket] = []
     try:
         for family in config.families:
@@ -331,6 +331,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
     listeners: list[socket.socket] = []
     overrides = reload.OVERRIDES = _overrides(config, mode, backend)  # (also for a privileged parent's reload)
     reloader: Reloader | None = None
+    logs = contextlib.ExitStack()  # the log writer thread, in the process that serves (after any fork), ended last
     with _deferred_signals() as early:
         try:
             if manage_rules:
@@ -342,12 +343,14 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             summary = installed if installed is not None else "nothing (--no-rules)"
             if not before_serve(config, listeners, manage_rules=installed is not None):
                 installed = None  # a privileged parent process removes them (or they were never ours)
+            logs.enter_context(log.threaded(stats))
             log.event(
                 "start",
                 mode=config.mode,
                 backend=config.backend,
                 listeners=",".join(log.addr(sockets.sockname(s)) for s in listeners),
                 upstream=config.proxy.upstream,
+                relay=config.proxy.relay,
                 preserve_source=config.preserve_source,
                 installed=summary,
                 nofile=soft,
@@ -368,10 +371,11 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
                 listeners = [*listeners, *reloader.sockets.values(), *reloader.lingering.values()]
             for s in listeners:
                 s.close()
-            if installed is not None:
-                from tproxy import rules
+            with logs:  # (the writer thread ends after the last line, however this ends)
+                if installed is not None:
+                    from tproxy import rules
 
-                removed = rules.uninstall(config)
-                log.event("stop", removed=removed, accepted=stats.accepted)
-            else:
-                log.event("stop", removed="nothing (not installed by this process)", accepted=stats.accepted)
+                    removed = rules.uninstall(config)
+                    log.event("stop", removed=removed, accepted=stats.accepted)
+                else:
+                    log.event("stop", removed="nothing (not installed by this process)", accepted=stats.accepted)

@@ -1,12 +1,14 @@
 """The proxy service: accept loops, upstream connect, relay, limits and graceful drain.
 
-One trio nursery owns everything (hypercorn's two-nursery shape): the *connection* nursery holds the relay task and
-the tasks of connections still waiting for their upstream, and inside it the *accept* nursery holds an accept loop
-per listening socket. :meth:`Server.shutdown` cancels the accept nursery (no new connection is accepted; the listeners
-are closed), then the connection nursery gets ``shutdown_grace`` seconds before it is cancelled;
-:meth:`Server.skip_grace` cancels it at once. Closing the listeners at once means that, while the proxy drains, new
-connections are refused in nat mode and go straight to the application in tproxy mode (TPROXY finds no listener:
-fail-open, DESIGN.md), rather than waiting in a backlog nobody accepts from.
+One trio nursery owns everything (hypercorn's two-nursery shape): the *connection* nursery holds one task per
+connection (:meth:`Server._connection`, which owns it from accept to its log line) and, with the shared relay
+engine, the engine's task; inside it the *accept* nursery holds an accept loop per listening socket and the idle
+check. :meth:`Server.shutdown` cancels the accept nursery (no new connection is accepted; the listeners are closed),
+then the connection nursery gets ``shutdown_grace`` seconds before it is cancelled; :meth:`Server.skip_grace` cancels
+it at once. Cancelling a connection's task is cancelling the connection: it ends with outcome ``cancelled`` and a
+reset. Closing the listeners at once means that, while the proxy drains, new connections are refused in nat mode and
+go straight to the application in tproxy mode (TPROXY finds no listener: fail-open, DESIGN.md), rather than waiting
+in a backlog nobody accepts from.
 
 Upstream source (``preserve_source``): the client's IP, with a port chosen by :class:`tproxy.sockets.PortChooser` so the
 two legs never share a 5-tuple (``upstream = "original"``), or the client's own port (``"loopback"``). A port that
@@ -17,14 +19,10 @@ Error handling: a connection's error never reaches the server (it is counted and
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
 errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
 
-Resource handling: the accept loop opens each connection itself, without a task per connection (:meth:`Server._open`):
-it finds the original destination and starts the upstream connect. A connect that completes inside ``connect()`` (the
-usual case with a local application) hands the connection to the server's :class:`tproxy.relay.EpollRelay` at once
-(one task, in the connection nursery, for every relaying connection); one still in progress gets a task in the
-connection nursery that waits for it. Whoever holds the connection last (the accept loop, that task, the relay) closes
-both sockets, releases the ports and logs the line, however it ends. The drain ends the relay task with the last
-connection; the end of the grace cancels it, which ends every flow with outcome ``cancelled`` (reset). One idle check
-covers every connection. The listening sockets are the caller's; the server closes them when it stops accepting.
+Resource handling: a connection's task closes both sockets, releases the ports and logs the line in ``finally``,
+however the connection ends; the bytes are moved by the engine ``proxy.relay`` names (:mod:`tproxy.relay`). One idle
+check covers every connection. The listening sockets are the caller's; the server closes them when it stops
+accepting. Connection log lines are written once per turn of the event loop (:func:`tproxy.log.hold_until_idle`).
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ import trio
 
 from tproxy import log, sockets
 from tproxy.config import Config
-from tproxy.relay import PIPES, EpollRelay, Flow, PipePool, reap_idle
+from tproxy.relay import LOST, PIPES, Engine, Flow, PipePool, make_engine, reap_idle
 from tproxy.stats import State, Stats
 
 # Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
@@ -69,6 +67,7 @@ _log_enabled = log.logger.isEnabledFor
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+_TASK_NAME = "tproxy.connection"  # (a name given saves trio from computing one per task)
 # cut short (by an error, or by the end of the shutdown grace): the peers see a reset, never a clean end of stream
 _RESET_OUTCOMES = frozenset({"reset", "refused", "timeout", "cancelled"})
 
@@ -121,21 +120,26 @@ class Server:
         self._skip_grace = False
         self._last_capacity_log = -1e9
         self.stopped = trio.Event()  # set when serve() has returned: every connection has ended
-        self._flows: set[Conn] = set()  # connections relaying: the idle check looks at them
+        self._flows: set[Flow] = set()  # connections relaying: the idle check looks at them
         self._listening: dict[socket.socket, tuple[trio.CancelScope, trio.Event]] = {}  # reload: accept loops
         self._reaper: trio.CancelScope | None = None  # reload: the idle check, restarted when idle_timeout changes
-        self._relay: EpollRelay | None = None  # relays every connection once it is connected (one task)
+        self.engine: Engine | None = None  # moves the bytes of every connection (proxy.relay)
 
     # -- lifecycle
 
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and proxy until :meth:`shutdown`, drain, return. ``task_status.started(self)``."""
-        log.hold(True)  # connection lines are written once per turn (flushed before every wait), not one by one
+        flusher = log.hold_until_idle()  # connection lines: written once per turn of the event loop, not one by one
         try:
             async with trio.open_nursery() as conns:
                 self._conns = conns
-                self._relay = EpollRelay(
-                    self.stats, conns, use_splice=self.use_splice, pipes=self.pipes, after_turn=log.flush
+                self.engine = make_engine(
+                    self.config.proxy.relay,
+                    self.stats,
+                    conns,
+                    use_splice=self.use_splice,
+                    pipes=self.pipes,
+                    close_sends_fin=True,
                 )
                 async with trio.open_nursery() as accepts:
                     self._accepts = accepts
@@ -148,7 +152,7 @@ class Server:
                         accepts.cancel_scope.cancel()
                 self._close_listeners()
                 self.state.draining = True
-                self._relay.close_when_empty()  # the relay task ends with the last connection
+                self.engine.close_when_empty()  # the shared relay task ends with the last connection
                 if self._skip_grace:
                     conns.cancel_scope.cancel()
                 else:
@@ -157,9 +161,9 @@ class Server:
                         log.event("draining", open=self.stats.open, grace_s=self.grace)
         finally:
             self._close_listeners()
-            if self._relay is not None:
-                self._relay.close()
-            log.hold(False)
+            if self.engine is not None:
+                self.engine.close()
+            log.release(flusher)
             self.stopped.set()
 
     def shutdown(self) -> None:
@@ -185,27 +189,24 @@ class Server:
     async def _accept_loop(self, lsock: socket.socket) -> None:
         accept = sockets.accepter(lsock)
         stats = self.stats
-        handle = self._open
-        flush = log.flush  # (before every wait: the lines of the connections this loop ended)
+        spawn = self._conns.start_soon
+        connection = self._connection
         batch = 0
         while True:
             if stats.open >= self.max_connections:
                 stats.max_connections_waits += 1
                 log.event("max_connections", logging.DEBUG, open=stats.open)
                 while stats.open >= self.max_connections:
-                    flush()
                     await self._lot.park()
             try:
                 csock, caddr = accept()
             except BlockingIOError:
                 batch = 0
-                flush()
                 await _wait_readable(lsock)
                 continue
             except OSError as e:
                 if e.errno in ACCEPT_CAPACITY_ERRNOS:
                     self._capacity_warning(e)
-                    flush()
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 if e.errno in ACCEPT_IGNORABLE_ERRNOS:
@@ -213,11 +214,10 @@ class Server:
                 raise
             stats.accepted += 1
             stats.open += 1
-            handle(csock, caddr)
+            spawn(connection, csock, caddr, name=_TASK_NAME)
             batch += 1
             if batch >= ACCEPT_BATCH:
                 batch = 0
-                flush()
                 await trio.lowlevel.checkpoint()
 
     def _capacity_warning(self, e: OSError) -> None:
@@ -240,142 +240,138 @@ class Server:
             return False
         return port in self._listen_wild_ports or dst in self._listen_exact
 
-    def _open(self, csock: socket.socket, caddr: tuple) -> None:
-        """A connection just accepted: find its original destination and start the upstream connect, without a task
-        of its own. An upstream that answers at once (a local application: the handshake completes inside
-        ``connect()``) goes straight to the relay; one still connecting gets a task that waits for it
-        (:meth:`_await_connect`). Whoever holds the connection last (this method, that task, the relay) calls
-        :meth:`_finish`."""
-        stats = self.stats
-        conn = Conn(csock, (caddr[0], caddr[1]), _current_time())
-        client = conn.client_addr
+    async def _connection(self, csock: socket.socket, caddr: tuple) -> None:
+        """One connection, from accept to its log line: original destination, loop check, (PROXY header in),
+        upstream connect within ``connect_timeout``, (PROXY header out), ``await engine.splice``; then, however it
+        ended (done, failed, cancelled), both legs closed (with a reset when anything was lost), ports released,
+        counted and logged in ``finally``.
+
+        Error handling: nothing escapes but ``Cancelled``: an error is this connection's outcome (``"reset"``, logged
+        with its traceback when it is not a socket error), never the server's."""
+        t0 = _current_time()
+        client = (caddr[0], caddr[1])
         family = _AF_INET6 if len(caddr) == 4 else _AF_INET  # (csock.family builds an enum member)
+        dst = usrc = upstream = flow = reserved = note = None
+        registered = False
+        outcome = "reset"
         try:
+            csock.setblocking(False)  # TCP_NODELAY is inherited from the listener
             try:
-                csock.setblocking(False)  # TCP_NODELAY is inherited from the listener
-                dst = conn.dst = self.original_dst(csock)
+                dst = self.original_dst(csock)
             except OSError as e:
-                conn.outcome = "refused"
-                conn.note = "no original destination: " + (e.strerror or str(e))
-                self._finish(conn)
+                outcome, note = "refused", "no original destination: " + (e.strerror or str(e))
                 return
             if self._is_loop(dst):
-                stats.loops_refused += 1
-                conn.outcome = "refused"
-                conn.note = "loop: the original destination is the proxy itself"
-                self._finish(conn)
+                self.stats.loops_refused += 1
+                outcome, note = "refused", "loop: the original destination is the proxy itself"
                 return
+            # PROXY protocol in
             if self.chooser is not None:
                 self.chooser.add_intercepted(client, dst)
-                conn.registered = True
+                registered = True
             target = (sockets.LOOPBACK[family], dst[1]) if self.loopback else dst
             try:
-                conn.upstream, err, conn.reserved = self._start_connect(family, client, dst, target)
+                upstream, err, reserved = self._start_connect(family, client, dst, target)
             except OSError as e:  # EMFILE and the like: this connection fails, the server goes on
-                self._connect_failed(conn, e.errno)
-                self._finish(conn)
-                return
-            if err == errno.EINPROGRESS:
-                if not sockets.is_connected(conn.upstream):  # often connected already: no wait, no SO_ERROR
-                    self._conns.start_soon(self._await_connect, conn, name="tproxy.connect")
-                    return
-            elif err:
-                self._connect_failed(conn, err)
-                self._finish(conn)
-                return
-            self._relay_conn(conn)
-        except Exception as e:
-            conn.outcome = "reset"
-            log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
-            self._finish(conn)
-
-    async def _await_connect(self, conn: Conn) -> None:
-        """Wait up to ``connect_timeout`` for an upstream connect in progress, then relay (or fail) the connection."""
-        relaying = False
-        try:
-            err = errno.ETIMEDOUT
-            with trio.move_on_after(self.connect_timeout):
-                await _wait_writable(conn.upstream)
-                err = sockets.connect_error(conn.upstream)
-                if err == errno.EINPROGRESS:
+                err = e.errno
+            else:
+                if err == errno.EINPROGRESS and not sockets.is_connected(upstream):  # (usually connected already)
                     err = errno.ETIMEDOUT
+                    with trio.move_on_after(self.connect_timeout):
+                        await _wait_writable(upstream)
+                        err = sockets.connect_error(upstream)
+                        if err == errno.EINPROGRESS:
+                            err = errno.ETIMEDOUT
+                elif err == errno.EINPROGRESS:
+                    err = 0
             if err:
-                self._connect_failed(conn, err)
+                outcome, note = self._connect_failed(err)
                 return
-            relaying = True
-            self._relay_conn(conn)
+            # PROXY protocol out
+            if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
+                usrc = (client[0], reserved) if reserved is not None else sockets.sockname(upstream)
+            flow = Flow(client=csock, upstream=upstream, last=_current_time())
+            flows = self._flows
+            flows.add(flow)
+            try:
+                outcome = await self.engine.splice(flow)
+            finally:
+                flows.discard(flow)
         except Exception as e:
-            conn.outcome = "reset"
-            log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(conn.client_addr))
+            outcome = "reset"
+            note = errno.errorcode.get(e.errno, str(e)) if isinstance(e, OSError) and e.errno else repr(e)
+            if not isinstance(e, OSError):
+                log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client))
         except BaseException:
-            conn.outcome = "cancelled"
+            outcome = "cancelled"
             raise
         finally:
-            if not relaying:
-                self._finish(conn)
-                log.flush()
+            try:
+                self._finish(csock, upstream, flow, client, dst, usrc, reserved, registered, outcome, note, t0)
+            except Exception as e:  # a bug in teardown ends this connection's task, never another's or the server
+                log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client), phase="teardown")
 
-    def _connect_failed(self, conn: Conn, err: int) -> None:
+    def _connect_failed(self, err: int) -> tuple[str, str]:
         """A refused or unreachable upstream: outcome ``"refused"``; no answer within ``connect_timeout``:
-        ``"timeout"``. Counted in ``stats.connect_errors``; the caller finishes the connection."""
+        ``"timeout"``. Counted in ``stats.connect_errors``."""
         name = errno.errorcode.get(err, str(err))
         self.stats.connect_errors[name] += 1
-        conn.outcome = "timeout" if err == errno.ETIMEDOUT else "refused"
-        conn.note = name
+        return ("timeout" if err == errno.ETIMEDOUT else "refused"), name
 
-    def _relay_conn(self, conn: Conn) -> None:
-        """Hand a connected connection to the relay task, which calls :meth:`_finish` when it ends."""
-        if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
-            reserved = conn.reserved
-            conn.usrc = (conn.client_addr[0], reserved) if reserved is not None else sockets.sockname(conn.upstream)
-        conn.last = _current_time()
-        conn.on_done = self._finish
-        self._flows.add(conn)
-        self._relay.add(conn)
+    def _finish(
+        self,
+        csock: socket.socket,
+        usock: socket.socket | None,
+        flow: Flow | None,
+        client: tuple[str, int],
+        dst: tuple[str, int] | None,
+        usrc: tuple[str, int] | None,
+        reserved: int | None,
+        registered: bool,
+        outcome: str,
+        note: str | None,
+        t0: float,
+    ) -> None:
+        """Close both legs (with a reset after a failure, or when bytes were lost), release the ports, count, log.
 
-    def _finish(self, conn: Conn) -> None:
-        """Close both legs (with a reset after a failure), release the ports, count, log. Called once per connection."""
+        Error handling: never raises (it runs in ``finally``); a close cannot fail in a way that matters here."""
         stats = self.stats
-        outcome = conn.outcome or "ok"
-        csock, usock = conn.client, conn.upstream
-        if outcome in _RESET_OUTCOMES:
-            sockets.set_reset_on_close(csock)
+        lost = flow is not None and flow.state & LOST
+        try:
+            if outcome in _RESET_OUTCOMES or lost:
+                sockets.set_reset_on_close(csock)
+                if usock is not None:
+                    sockets.set_reset_on_close(usock)
+        finally:
+            csock.close()
             if usock is not None:
-                sockets.set_reset_on_close(usock)
-        csock.close()
-        if usock is not None:
-            usock.close()
-            self._flows.discard(conn)
-        if self.chooser is not None:
-            if conn.registered:
-                self.chooser.remove_intercepted(conn.client_addr, conn.dst)
-            if conn.reserved is not None:
-                self.chooser.release(conn.client_addr[0], conn.reserved)
-        stats.open -= 1
-        stats.closed[outcome] += 1
-        if self._lot:
-            self._lot.unpark_all()
+                usock.close()
+            stats.open -= 1
+            stats.closed[outcome] += 1
+            if self._lot:
+                self._lot.unpark_all()
+            if registered:
+                self.chooser.remove_intercepted(client, dst)
+            if reserved is not None:
+                self.chooser.release(client[0], reserved)
         if not _log_enabled(logging.INFO):
             return
-        note = conn.note
-        if note is None and outcome == "reset" and conn.error is not None:
-            err = conn.error
-            note = errno.errorcode.get(err.errno, str(err)) if isinstance(err, OSError) and err.errno else repr(err)
-        args = (
-            conn.client_addr,
-            conn.dst,
-            conn.usrc,
-            conn.bytes_in,
-            conn.bytes_out,
-            _current_time() - conn.t0,
-            outcome,
-        )
+        if flow is not None:
+            bytes_in, bytes_out = flow.bytes_in, flow.bytes_out
+            if note is None and outcome == "reset" and flow.error is not None:
+                err = flow.error
+                note = errno.errorcode.get(err.errno, str(err)) if isinstance(err, OSError) and err.errno else repr(err)
+            if lost and note is None:
+                note = "bytes in flight were discarded: closed with a reset"
+        else:
+            bytes_in = bytes_out = 0
+        args = (client, dst, usrc, bytes_in, bytes_out, _current_time() - t0, outcome)
         if note is None:
             log.connection(*args)
         else:
             log.connection(*args, error=note)
-        if outcome == "reset" and conn.error is not None and not isinstance(conn.error, OSError):
-            log.event("connection_error", logging.ERROR, exc_info=conn.error, client=log.addr(conn.client_addr))
+        if flow is not None and outcome == "reset" and flow.error is not None and not isinstance(flow.error, OSError):
+            log.event("connection_error", logging.ERROR, exc_info=flow.error, client=log.addr(client))
 
     def _start_connect(
         self, family: int, client: tuple[str, int], dst: tuple[str, int], target: tuple[str, int]
@@ -494,11 +490,10 @@ class Server:
                     break
                 self.stats.accepted += 1
                 self.stats.open += 1
-                self._open(csock, caddr)
+                self._conns.start_soon(self._connection, csock, caddr, name=_TASK_NAME)
             if lsock in self.listeners:
                 self.listeners.remove(lsock)
             lsock.close()
-        log.flush()
         self._update_addresses()
 
     def _update_addresses(self) -> None:
@@ -520,24 +515,6 @@ class Server:
                 self._reaper.cancel()
         if self._lot:
             self._lot.unpark_all()  # a higher max_connections frees parked accept loops
-
-
-class Conn(Flow):
-    """A connection: the relay's :class:`Flow` plus what the server needs to close and log it."""
-
-    __slots__ = ("client_addr", "t0", "dst", "usrc", "reserved", "registered", "note")
-    close_sends_fin = True  # _finish closes both legs at once
-
-    def __init__(self, csock: socket.socket, client_addr: tuple[str, int], t0: float) -> None:
-        super().__init__()
-        self.client = csock
-        self.client_addr = client_addr
-        self.t0 = t0
-        self.dst: tuple[str, int] | None = None
-        self.usrc: tuple[str, int] | None = None
-        self.reserved: int | None = None  # upstream port reserved in the chooser
-        self.registered = False  # in the chooser's intercepted map
-        self.note: str | None = None  # why it failed, for the log line
 
 
 def _unspecified(host: str) -> bool:

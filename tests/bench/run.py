@@ -35,7 +35,12 @@ def make_subjects(names: list[str] | None, experiments: bool = False) -> tuple[l
     notes: list[str] = []
     subjects: list[Subject] = [Direct(), HAProxy()]
     if (REPO / "tproxy" / "runner.py").exists():
-        subjects += [Tproxy("tproxy", "original"), Tproxy("tproxy", "loopback"), Tproxy("nat", "original")]
+        subjects += [
+            Tproxy("tproxy", "original"),
+            Tproxy("tproxy", "original", relay="tasks"),
+            Tproxy("tproxy", "loopback"),
+            Tproxy("nat", "original"),
+        ]
         if experiments:
             subjects += [
                 Tproxy("tproxy", "original", gc="threshold=50000,freeze=2", label="gc"),

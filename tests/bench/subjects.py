@@ -148,8 +148,10 @@ class Tproxy(Subject):
         log_level: str = "info",
         gc: str = "",
         label: str = "",
+        relay: str = "shared",
     ) -> None:
         super().__init__()
+        self.relay = relay
         self.mode = mode
         self.upstream = upstream
         self.backend = backend
@@ -161,15 +163,17 @@ class Tproxy(Subject):
         self.census = False  # set by --census: tracemalloc in the proxy (slow), object census during the idle test
         self.starts = 0
         self.name = f"tproxy-{upstream}" if mode == "tproxy" else f"tproxy-nat-{upstream}"
+        if relay != "shared":
+            self.name += f"-{relay}"
         if label:
             self.name += f"+{label}"
 
     def describe(self) -> str:
         src = "preserve_source = true" if self.mode == "nat" else "client IP kept"
         text = (
-            f"tproxy mode={self.mode} upstream={self.upstream} backend={self.backend} ({src}), log level"
-            f" {self.log_level}; node ephemeral ports {self.node_ports} (overlapping the client's: no disjoint-range"
-            " crutch)"
+            f"tproxy mode={self.mode} upstream={self.upstream} backend={self.backend} relay={self.relay} ({src}),"
+            f" log level {self.log_level}; node ephemeral ports {self.node_ports} (overlapping the client's: no"
+            " disjoint-range crutch)"
         )
         if self.gc:
             text += f"; EXPERIMENT: garbage collector {self.gc} (set by the benchmark's probe, not by tproxy)"
@@ -189,6 +193,7 @@ class Tproxy(Subject):
             f'upstream = "{self.upstream}"',
             "max_connections = 20000",
             "shutdown_grace = 2",
+            f'relay = "{self.relay}"',
         ]
         if self.mode == "nat":
             lines.append("preserve_source = true")
