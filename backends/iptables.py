@@ -15,24 +15,24 @@ table stays. Documented, not hidden.)
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from pathlib import Path
 
+import attrs
+
 from tproxy.backends.base import (
+    COMMENT,
     Backend,
-    drop_state,
-    load_state,
     loopback_guard,
     mark_hex,
     port_ranges,
     require_net_admin,
     run,
-    save_state,
-    state_path,
 )
-
+from tproxy.backends.nftables import nft_json
 from tproxy.config import Config
 from tproxy.errors import MissingBinaryError, RulesError
+from tproxy.state import drop_state, load_state, save_state, state_path
 
 PREROUTING = "TPROXY_PREROUTING"
 DIVERT = "TPROXY_DIVERT"
@@ -152,39 +152,126 @@ def split(text: str) -> dict[int, str]:
     return {f: "\n".join(lines) + "\n" for f, lines in out.items()}
 
 
-def parse_save(text: str) -> dict[str, dict[str, list[str]]]:
-    """``iptables-save`` output -> {table: {"chains": [":NAME POLICY ..."], "rules": ["-A ..."]}}."""
-    tables: dict[str, dict[str, list[str]]] = {}
-    cur: dict[str, list[str]] | None = None
-    for line in text.splitlines():
+@attrs.frozen
+class SavedRule:
+    """One rule line of an iptables-save (or -restore) file: ``-A CHAIN SPEC`` or ``-I CHAIN [N] SPEC``."""
+
+    chain: str
+    spec: str  # the line after the chain (and an -I position), as written: what identifies the rule to iptables
+    args: tuple[str, ...]  # SPEC split as iptables-restore splits it (quotes and backslash escapes undone)
+    insert: bool = False  # -I (restore files only; iptables-save always writes -A)
+
+    @property
+    def target(self) -> str | None:
+        """The chain or target it jumps to (``-j`` / ``-g``), if any."""
+        return _option(self.args, "-j") or _option(self.args, "-g")
+
+    @property
+    def comment(self) -> str | None:
+        return _option(self.args, "--comment")
+
+
+@attrs.frozen
+class SavedTable:
+    chains: dict[str, str]  # name -> policy ("-" for a user chain), in file order
+    rules: tuple[SavedRule, ...]
+
+
+def _option(args: tuple[str, ...], flag: str) -> str | None:
+    for i, a in enumerate(args[:-1]):
+        if a == flag:
+            return args[i + 1]
+    return None
+
+
+def split_args(line: str) -> tuple[str, ...]:
+    """Split a rule line as iptables-restore does: whitespace separates, double quotes group, a backslash escapes the
+    next character (iptables-save writes ``--comment "a \\"b\\""`` and escapes ``'`` too)."""
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = escaped = started = False
+    for ch in line:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = started = True
+        elif ch == '"':
+            quoted = not quoted
+            started = True
+        elif ch.isspace() and not quoted:
+            if started:
+                out.append("".join(cur))
+                cur, started = [], False
+        else:
+            cur.append(ch)
+            started = True
+    if quoted or escaped:
+        raise RulesError(f"unterminated quote or escape in iptables rule: {line!r}")
+    if started:
+        out.append("".join(cur))
+    return tuple(out)
+
+
+def parse_rule(line: str) -> SavedRule:
+    """One ``-A CHAIN SPEC`` / ``-I CHAIN [N] SPEC`` line."""
+    op, _, rest = line.partition(" ")
+    chain, _, spec = rest.partition(" ")
+    if op not in ("-A", "-I") or not chain:
+        raise RulesError(f"not an iptables rule line: {line!r}")
+    position, _, after = spec.partition(" ")
+    if op == "-I" and position.isdigit():
+        spec = after
+    return SavedRule(chain=chain, spec=spec, args=split_args(spec), insert=op == "-I")
+
+
+def _saved_tags(fam: int, text: str) -> Counter[tuple[str, str]]:
+    """(where, tag) of every tproxy-tagged rule in an iptables-save output or a restore file of family ``fam``."""
+    return Counter(
+        (f"{PREFIX[fam]} -t {table}", rule.comment)
+        for table, content in parse_save(text).items()
+        for rule in content.rules
+        if rule.comment and rule.comment.startswith(COMMENT)
+    )
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """``iptables-save`` output (either variant, IPv4 or IPv6) or an ``iptables-restore`` file -> its tables.
+
+    The one reader of that format in tproxy: ``*table``, ``:CHAIN POLICY [counters]``, ``-A``/``-I`` rules,
+    ``COMMIT``; ``#`` comments and blank lines are skipped. Anything else raises RulesError (a format we do not
+    understand must not read as "no rules").
+    """
+    chains: dict[str, dict[str, str]] = {}
+    rules: dict[str, list[SavedRule]] = {}
+    table: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
         if line.startswith("*"):
-            cur = tables.setdefault(line[1:].strip(), {"chains": [], "rules": []})
-        elif cur is not None and line.startswith(":"):
-            cur["chains"].append(line)
-        elif cur is not None and line.startswith("-A "):
-            cur["rules"].append(line)
-    return tables
-
-
-def _chain_name(decl: str) -> str:
-    return decl[1:].split()[0]
-
-
-def _jump_target(rule: str) -> str | None:
-    m = re.search(r"(?:^| )-j (\S+)", rule)
-    return m.group(1) if m else None
+            table = line[1:].strip()
+            chains.setdefault(table, {})
+            rules.setdefault(table, [])
+        elif table is None:
+            raise RulesError(f"iptables-save line {n} outside a table: {line!r}")
+        elif line.startswith(":") and line[1:].split():
+            name, *policy = line[1:].split()
+            chains[table][name] = policy[0] if policy else "-"
+        elif line.startswith(("-A ", "-I ")):
+            rules[table].append(parse_rule(line))
+        elif line.strip() == "COMMIT":
+            table = None
+        else:
+            raise RulesError(f"iptables-save line {n} not understood: {line!r}")
+    return {name: SavedTable(chains=chains[name], rules=tuple(rules[name])) for name in chains}
 
 
 def has_rules(save_text: str) -> bool:
     """Whether iptables-save output holds any rule, user chain or non-ACCEPT policy."""
-    for table in parse_save(save_text).values():
-        if table["rules"]:
-            return True
-        for decl in table["chains"]:
-            parts = decl[1:].split()
-            if len(parts) < 2 or parts[1] not in ("ACCEPT",):
-                return True
-    return False
+    return any(
+        table.rules or any(policy != "ACCEPT" for policy in table.chains.values())
+        for table in parse_save(save_text).values()
+    )
 
 
 class IptablesBackend(Backend):
@@ -233,8 +320,7 @@ class IptablesBackend(Backend):
                     )
         else:
             try:
-                r = run(["nft", "list", "tables"], check=False)
-                nft_tables = {line.split()[1] for line in r.stdout.splitlines() if line.startswith("table ")}
+                nft_tables = {t.get("family") for t in nft_json(["list", "tables"], "table") or []}
             except MissingBinaryError:  # no nft program (a legacy host need not have one): ask iptables-nft itself
                 nft_tables = {"ip", "ip6"}
             for fam in (4, 6):
@@ -286,7 +372,10 @@ class IptablesBackend(Backend):
                     mine = created.setdefault(str(fam), [])
                     mine += [list(o) for o in new if list(o) not in mine]
                     save_state(self._state_path(), {"created": created})
-            declared = {fam: set(re.findall(r"^:(TPROXY_\S+)", body, flags=re.M)) for fam, body in files.items()}
+            declared = {
+                fam: {c for t in parse_save(body).values() for c in t.chains if c.startswith("TPROXY_")}
+                for fam, body in files.items()
+            }
             for fam in (4, 6):
                 self._remove_family(fam, keep=declared.get(fam, set()))
         except BaseException:
@@ -305,24 +394,38 @@ class IptablesBackend(Backend):
 
     def installed(self) -> bool:
         for fam in (4, 6):
-            for table, content in parse_save(self._save(fam)).items():
-                if any(_chain_name(d) in OUR_CHAINS.get(table, ()) for d in content["chains"]):
+            for name, table in parse_save(self._save(fam)).items():
+                if any(chain in OUR_CHAINS.get(name, ()) for chain in table.chains):
                     return True
         return False
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam, body in split(text).items():
+            out.update(_saved_tags(fam, body))
+        return out
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam in (4, 6):
+            out.update(_saved_tags(fam, self._save(fam)))
+        return out
 
     # -- helpers
 
     @staticmethod
     def _without_existing_jumps(body: str, save_text: str) -> str:
-        saved = parse_save(save_text)
+        """``body`` without its ``-I CHAIN 1`` jumps that ``save_text`` already holds (as ``-A CHAIN`` rules)."""
+        saved = {(name, r.chain, r.args) for name, t in parse_save(save_text).items() for r in t.rules}
         out: list[str] = []
         table = ""
         for line in body.splitlines():
             if line.startswith("*"):
                 table = line[1:]
-            m = re.match(r"^-I (\S+) 1 (.*)$", line)
-            if m and f"-A {m.group(1)} {m.group(2)}" in saved.get(table, {}).get("rules", []):
-                continue
+            elif line.startswith("-I "):
+                rule = parse_rule(line)
+                if (table, rule.chain, rule.args) in saved:
+                    continue
             out.append(line)
         return "\n".join(out) + "\n"
 
@@ -330,17 +433,13 @@ class IptablesBackend(Backend):
         """Delete our jumps and chains in one family (except the chains in ``keep``), in one restore."""
         tables = parse_save(self._save(family))
         lines: list[str] = []
-        for table, content in tables.items():
-            ours = [
-                _chain_name(d)
-                for d in content["chains"]
-                if _chain_name(d) in OUR_CHAINS.get(table, ()) and _chain_name(d) not in keep
-            ]
+        for name, table in tables.items():
+            ours = [c for c in table.chains if c in OUR_CHAINS.get(name, ()) and c not in keep]
             if not ours:
                 continue
-            body = [f"-D {r[3:]}" for r in content["rules"] if _jump_target(r) in ours and r.split()[1] not in ours]
+            body = [f"-D {r.chain} {r.spec}" for r in table.rules if r.target in ours and r.chain not in ours]
             body += [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
-            lines += [f"*{table}", *body, "COMMIT"]
+            lines += [f"*{name}", *body, "COMMIT"]
         if lines:
             run([f"{PREFIX[family]}-restore", "--noflush"], input="\n".join(lines) + "\n")
 
@@ -351,23 +450,18 @@ class IptablesBackend(Backend):
         """
         if self.variant != "nf_tables":
             return set()
+        fam = "ip" if family == 4 else "ip6"
         try:
-            r = run(["nft", "list", "chains", "ip" if family == 4 else "ip6"], check=False)
-            t = run(["nft", "list", "tables", "ip" if family == 4 else "ip6"], check=False)
+            tables = nft_json(["list", "tables", fam], "table") or []
+            chains = nft_json(["list", "chains", fam], "chain") or []
         except MissingBinaryError:
             return set()
-        out: set[tuple[str, str]] = set()
-        for line in t.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == "table" and parts[2] in _BUILTIN_TABLES:
-                out.add((parts[2], ""))
-        table = ""
-        for line in r.stdout.splitlines():
-            parts = line.split()
-            if line.startswith("table "):
-                table = parts[2]
-            elif parts[:1] == ["chain"] and table in _BUILTIN_TABLES and parts[1] in _BUILTIN_CHAINS:
-                out.add((table, parts[1]))
+        out = {(t["name"], "") for t in tables if t.get("name") in _BUILTIN_TABLES}
+        out |= {
+            (c["table"], c["name"])
+            for c in chains
+            if c.get("table") in _BUILTIN_TABLES and c.get("name") in _BUILTIN_CHAINS
+        }
         return out
 
     def _drop_created(self, family: int, created: list[list[str]]) -> None:
@@ -379,9 +473,7 @@ class IptablesBackend(Backend):
         for table, chain in sorted((t, c) for t, c in created if c):
             if (table, chain) not in present:
                 continue
-            listing = run(["nft", "list", "chain", fam, table, chain], check=False).stdout
-            body = [ln.strip() for ln in listing.splitlines() if ln.startswith("\t\t")]
-            if len(body) == 1 and body[0].startswith("type ") and body[0].endswith("policy accept;"):
+            if _empty_base_chain(nft_json(["list", "chain", fam, table, chain], None) or []):
                 run(["nft", "delete", "chain", fam, table, chain], check=False)
         present = self._nft_objects(family)
         for table, chain in created:
@@ -390,4 +482,14 @@ class IptablesBackend(Backend):
 
 
 _BUILTIN_TABLES = ("raw", "mangle", "nat", "filter", "security")
+
+
+def _empty_base_chain(listing: list[dict]) -> bool:
+    """Whether an ``nft -j list chain`` listing (every item, as ``nft_json(..., None)`` returns them) is a base
+    chain with policy accept and no rules: what iptables-nft created on first use, and nothing of anyone's since."""
+    chains = [o["chain"] for o in listing if "chain" in o]
+    rules = [o for o in listing if "rule" in o]
+    return len(chains) == 1 and "hook" in chains[0] and chains[0].get("policy") == "accept" and not rules
+
+
 _BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}

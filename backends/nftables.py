@@ -7,14 +7,48 @@ keyword, hence the table's name.) Removal deletes the table; nothing outside it 
 
 from __future__ import annotations
 
-from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+import json
+from collections import Counter
 
+from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run, tags
 from tproxy.config import Config
+from tproxy.errors import RulesError
 
 TABLE = "tproxy_rules"
 FAMILY = "inet"
 NFPROTO = {4: "ipv4", 6: "ipv6"}
 IPKW = {4: "ip", 6: "ip6"}
+
+
+def json_objects(text: str, kind: str | None) -> list[dict]:
+    """The objects of one ``kind`` ("table", "chain", "rule", ...) in ``nft -j`` output, as nft's JSON schema
+    (libnftables-json(5)) spells them: ``{"family": "inet", "name": "tproxy_rules", ...}`` for a table. With
+    ``kind=None``, every item but the metainfo, each still wrapped (``{"rule": {...}}``).
+
+    Pure. Empty output (nothing listed) is no objects; anything that is not nft's JSON raises RulesError.
+    """
+    if not text.strip():
+        return []
+    try:
+        items = json.loads(text)["nftables"]
+        if kind is None:
+            return [dict(item) for item in items if "metainfo" not in item]
+        return [item[kind] for item in items if kind in item]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RulesError(f"nft -j printed something that is not its JSON schema ({e}): {text[:80]!r}") from None
+
+
+def nft_json(args: list[str], kind: str | None) -> list[dict] | None:
+    """``nft -j ARGS``, the objects of ``kind`` in its output; ``None`` when nft fails (e.g. no such table).
+
+    Error handling: a permission error raises (as :func:`require_net_admin` words it), never reads as "nothing".
+    """
+    r = run(["nft", "-j", *args], check=False)
+    if r.returncode != 0:
+        if "Operation not permitted" in r.stderr:
+            require_net_admin()
+        return None
+    return json_objects(r.stdout, kind)
 
 
 def _comment(what: str) -> str:
@@ -153,9 +187,13 @@ class NftablesBackend(Backend):
             run(["nft", "delete", "table", FAMILY, TABLE])
 
     def installed(self) -> bool:
-        r = run(["nft", "list", "tables", FAMILY], check=False)
-        if r.returncode != 0:
-            if "Operation not permitted" in r.stderr:
-                require_net_admin()
-            return False
-        return f"table {FAMILY} {TABLE}" in r.stdout.splitlines()
+        tables = nft_json(["list", "tables", FAMILY], "table") or []
+        return any(t.get("family") == FAMILY and t.get("name") == TABLE for t in tables)
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        where = f"nft {FAMILY} {TABLE}"
+        return Counter((where, t) for line in text.splitlines() if not line.startswith("#") for t in tags(line))
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        r = run(["nft", "list", "table", FAMILY, TABLE], check=False)
+        return self.rule_tags(r.stdout) if r.returncode == 0 else Counter()

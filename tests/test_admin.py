@@ -3,6 +3,9 @@ malicious client from holding it (virtual time via autojump_clock where a timeou
 
 from __future__ import annotations
 
+import functools
+import io
+import json
 import signal
 import subprocess
 import sys
@@ -12,9 +15,12 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from tproxy import admin, metrics
+from tproxy import admin, log
 from tproxy.config import Admin, Config
+from tproxy.netns import netns
 from tproxy.stats import State, Stats
 
 
@@ -45,8 +51,23 @@ def parse(response: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status), headers, body
 
 
-async def get(addr, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    return parse(await exchange(addr, f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()))
+async def get(addr, path: str, method: str = "GET", headers: str = "") -> tuple[int, dict[str, str], bytes]:
+    return parse(await exchange(addr, f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode()))
+
+
+def values(body: bytes, *, openmetrics: bool = False) -> dict[str, float]:
+    """Unlabelled samples by name, parsed by prometheus-client."""
+    parse = parse_openmetrics if openmetrics else parse_text
+    return {s.name: s.value for fam in parse(body.decode()) for s in fam.samples if not s.labels}
+
+
+@pytest.fixture
+def log_lines():
+    """Capture the tproxy log as JSON objects."""
+    buf = io.StringIO()
+    log.setup("debug", "json", stream=buf)
+    yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
+    log.setup("info", "text")
 
 
 @pytest.fixture
@@ -83,7 +104,17 @@ async def test_ready_flips_with_state(addr, state):
     assert status == 503 and body == b"not ready: starting (waiting for listeners)\n"
     state.listening = True
     status, _, body = await get(addr, "/ready")
+    assert status == 200 and body == b"ready (rules not verified: --no-rules)\n"  # nobody here watches the rules
+    state.rules_intact = True
+    status, _, body = await get(addr, "/ready")
     assert status == 200 and body == b"ready\n"
+    state.rules_intact, state.rules_note = False, "rules missing"
+    status, _, body = await get(addr, "/ready")
+    assert status == 503 and body == b"not ready: rules missing\n"
+    state.rules_note = "rules removed by the operator"
+    status, _, body = await get(addr, "/ready")
+    assert status == 503 and body == b"not ready: rules removed by the operator\n"
+    state.rules_intact = True
     state.draining = True
     status, _, body = await get(addr, "/ready")
     assert status == 503 and body == b"not ready: draining\n"
@@ -93,12 +124,51 @@ async def test_metrics(addr, stats, state):
     status, headers, body = await get(addr, "/metrics")
     assert status == 200
     assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    assert body.decode().startswith(metrics.render(stats, state))
-    assert b"\n# TYPE process_open_fds gauge\n" in body
-    assert b"\ntproxy_connections_accepted_total 3\n" in body
+    m = values(body)
+    assert m["tproxy_connections_accepted_total"] == 3 and m["process_open_fds"] >= 3
     stats.accepted += 1
     _, _, body = await get(addr, "/metrics")
-    assert b"\ntproxy_connections_accepted_total 4\n" in body
+    assert values(body)["tproxy_connections_accepted_total"] == 4
+
+
+async def test_metrics_in_openmetrics_when_the_scraper_asks(addr):
+    accept = "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n"
+    status, headers, body = await get(addr, "/metrics", headers=accept)
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert body.endswith(b"# EOF\n")
+    m = values(body, openmetrics=True)
+    assert m["tproxy_connections_accepted_total"] == 3 and m["process_open_fds"] >= 3
+
+
+async def test_config_names_each_keys_value_and_source(nursery, stats, state, tmp_path):
+    path = tmp_path / "tproxy.toml"
+    path.write_text('[intercept]\nports = [8080, "9000-9010"]\n[proxy]\nidle_timeout = 60\n')
+    cfg = attrs.evolve(Config.from_toml(path, mode="nat"), admin=Admin(host="127.0.0.1", port=0))
+    addr = await nursery.start(admin.serve_admin, cfg, stats, state)
+    status, headers, body = await get(addr, "/config")
+    assert status == 200 and headers["content-type"] == "application/json"
+    doc = json.loads(body)
+    assert doc["file"] == str(path)
+    settings = doc["settings"]
+    assert settings["intercept.ports"] == {"value": [8080, "9000-9010"], "source": "file"}
+    assert settings["proxy.idle_timeout"] == {"value": 60.0, "source": "file"}
+    assert settings["mode"] == {"value": "nat", "source": "flag"}
+    assert settings["backend"] == {"value": "nftables", "source": "default"}
+    assert settings["proxy.preserve_source"] == {"value": False, "source": "default"}
+    assert settings["listener.port"] == {"value": 4143, "source": "default"}
+    assert set(settings) == set(cfg.settings())
+    assert (await get(addr, "/config", method="HEAD"))[2] == b""
+
+
+async def test_config_follows_the_config_in_force(nursery, stats, state):
+    holder = [config()]
+    addr = await nursery.start(
+        functools.partial(admin.serve_admin, current_config=lambda: holder[0]), config(), stats, state
+    )
+    holder[0] = holder[0].with_overrides(backend="iptables")  # a reload swaps the config in force
+    settings = json.loads((await get(addr, "/config"))[2])["settings"]
+    assert settings["backend"] == {"value": "iptables", "source": "flag"}
 
 
 async def test_query_string_and_absolute_form(addr):
@@ -135,7 +205,6 @@ async def test_other_methods_are_405(addr, method):
         (b"GET live HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /live HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         (b"GET /live HTTP/1.1\r\nHost x\r\n\r\n", 400),
-        (b"GET /live HTTP/1.1\r\nHost: \xff\r\n\r\n", 400),
         (b"GET /live HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
         (b"GET /live HTTP/1.1\r\nHost: x\r\n", 400),  # EOF inside the head (the client half-closes)
     ],
@@ -149,6 +218,11 @@ async def test_malformed_requests(addr, request_bytes, status):
         while chunk := await stream.receive_some(65536):
             data += chunk
     assert parse(data)[0] == status
+
+
+async def test_obs_text_in_a_field_value_is_accepted(addr):
+    # RFC 9110 5.5 allows obs-text (0x80-0xff) in field values; h11 accepts it, and so do we (the old parser did not)
+    assert parse(await exchange(addr, b"GET /live HTTP/1.1\r\nHost: \xff\r\n\r\n"))[0] == 200
 
 
 async def test_http10_without_host_and_bare_newlines(addr):
@@ -234,6 +308,42 @@ async def test_ipv6_loopback(nursery, stats, state):
     assert (await get(addr, "/live"))[0] == 200
 
 
+async def test_loopback_binds_do_not_warn(nursery, stats, state, log_lines):
+    await nursery.start(admin.serve_admin, config(), stats, state)
+    await nursery.start(admin.serve_admin, config(host="::1"), stats, state)
+    assert not [ln for ln in log_lines() if ln["event"] == "admin_not_loopback"]
+
+
+_EXPOSED = """\
+import sys, trio, attrs
+from tproxy import admin, log
+from tproxy.config import Admin, Config
+from tproxy.stats import State, Stats
+log.setup("info", "json")
+async def main():
+    cfg = attrs.evolve(Config.from_dict({"intercept": {"ports": [8080]}}), admin=Admin(host=sys.argv[1], port=0))
+    async with trio.open_nursery() as n:
+        await n.start(admin.serve_admin, cfg, Stats(), State())
+        n.cancel_scope.cancel()
+trio.run(main)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("host", ["198.18.0.1", "0.0.0.0", "::"])
+def test_non_loopback_bind_warns_naming_the_exposure(host):
+    # in a namespace of our own: the wildcard binds expose nothing of the host's
+    with netns("adm") as ns:
+        ns.run(["ip", "link", "set", "lo", "up"])
+        ns.run(["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"])
+        r = ns.run([sys.executable, "-c", _EXPOSED, host])
+    lines = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]
+    warnings = [ln for ln in lines if ln["event"] == "admin_not_loopback"]
+    assert len(warnings) == 1, r.stderr
+    assert warnings[0]["level"] == "warning" and "/metrics" in warnings[0]["exposure"]
+    assert "/config" in warnings[0]["exposure"]
+
+
 async def test_port_in_use_raises_before_started(nursery, stats, state, addr):
     cfg = attrs.evolve(config(), admin=Admin(host="127.0.0.1", port=addr[1]))
     with pytest.raises(OSError):
@@ -278,13 +388,14 @@ def admin_get(lab, path: str) -> tuple[int, str]:
 
 
 def scrape(lab) -> dict[str, float]:
+    """Samples keyed as Prometheus prints them, ``name{label="value",...}`` with labels in sorted order."""
     status, body = admin_get(lab, "/metrics")
     assert status == 200
     samples = {}
-    for line in body.splitlines():
-        if not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+    for fam in parse_text(body):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     return samples
 
 
@@ -308,6 +419,10 @@ def test_ready_and_exact_metrics_with_the_real_proxy():
         try:
             assert admin_get(lab, "/ready") == (200, "ready\n")
             assert admin_get(lab, "/live") == (200, "live\n")
+            status, body = admin_get(lab, "/config")  # the runner hands the admin endpoint the config in force
+            settings = json.loads(body)["settings"]
+            assert status == 200 and settings["mode"] == {"value": "tproxy", "source": "file"}
+            assert settings["proxy.idle_timeout"] == {"value": 3600.0, "source": "default"}
 
             sizes = [0, 1, 1000, 65536, 300001]
             jobs = [
@@ -328,7 +443,7 @@ def test_ready_and_exact_metrics_with_the_real_proxy():
             peer_lines = sum(len(f"PEER {r['peer'][0]} {r['peer'][1]}\n") for r in results)
             assert m['tproxy_bytes_relayed_total{direction="out"}'] == sum(r["size"] for r in results) + peer_lines
             assert m['tproxy_relay_path_total{path="splice"}'] + m['tproxy_relay_path_total{path="copy"}'] == 40
-            assert m[f'tproxy_info{{mode="tproxy",backend="nftables",version="{__version__}"}}'] == 1
+            assert m[f'tproxy_info{{backend="nftables",mode="tproxy",version="{__version__}"}}'] == 1
             assert m["tproxy_ready"] == 1 and m["tproxy_draining"] == 0
 
             # a connection held open keeps the drain going after SIGTERM: /ready says 503 meanwhile

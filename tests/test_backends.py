@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
-from tproxy.backends import get_backend
-from tproxy.backends.base import run
-from tproxy.backends.iptables import IptablesBackend, has_rules, parse_save, render_family, split
 
 from tests import golden_gen
 from tproxy import rules
+from tproxy.backends import get_backend, nftables
+from tproxy.backends.base import run
+from tproxy.backends.iptables import (
+    OUR_CHAINS,
+    OUTPUT,
+    PREROUTING,
+    IptablesBackend,
+    has_rules,
+    parse_save,
+    render_family,
+    split,
+)
 from tproxy.errors import MissingBinaryError, RulesError
 from tproxy.netns import netns
 
@@ -167,7 +177,114 @@ def test_parse_save_and_has_rules():
     assert has_rules(empty.replace(":OUTPUT ACCEPT", ":OUTPUT DROP"))
     assert has_rules(empty.replace("COMMIT", "-A OUTPUT -j ACCEPT\nCOMMIT"))
     assert has_rules(empty.replace("COMMIT", ":MINE - [0:0]\nCOMMIT"))
-    assert parse_save(empty)["nat"]["chains"] == [":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [3:180]"]
+    assert parse_save(empty)["nat"].chains == {"PREROUTING": "ACCEPT", "OUTPUT": "ACCEPT"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading what is installed: real outputs of both iptables variants and of `nft -j`, captured in namespaces by
+# tests/fixtures/rules/capture.sh (our golden tproxy-both and nat-both rules beside an operator's own rules)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rules"
+SAVES = [f"{tool}-{variant}-save.txt" for tool in ("iptables", "ip6tables") for variant in ("nft", "legacy")]
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+@pytest.mark.parametrize("name", SAVES)
+def test_parse_save_reads_real_outputs(name):
+    tables = parse_save(fixture(name))
+    assert set(tables) == {"nat", "mangle", "filter"}
+    for table, chains in OUR_CHAINS.items():
+        assert set(chains) <= set(tables[table].chains)
+        assert all(tables[table].chains[c] == "-" for c in chains)
+    assert tables["filter"].chains["INPUT"] == "DROP" and tables["filter"].chains["OPERATOR_WEB"] == "-"
+    jumps = [r for r in tables["mangle"].rules if r.chain in ("PREROUTING", "OUTPUT") and r.comment == "tproxy/jump"]
+    assert [(r.chain, r.target) for r in jumps] == [("PREROUTING", PREROUTING), ("OUTPUT", OUTPUT)]
+    (web,) = [r for r in tables["filter"].rules if r.target == "OPERATOR_WEB"]
+    assert web.comment == 'operator\'s "web" rule'  # iptables-save writes "operator\'s \"web\" rule"
+    (intercept,) = [r for r in tables["mangle"].rules if r.comment == "tproxy/intercept"]
+    assert intercept.chain == PREROUTING and intercept.target == "TPROXY"
+    assert intercept.args[intercept.args.index("--on-port") + 1] == "4143"
+    assert has_rules(fixture(name))
+
+
+@pytest.mark.parametrize("tool", ["iptables", "ip6tables"])
+def test_both_variants_read_the_same(tool):
+    """One parser, two variants: the same rules installed with iptables-nft and iptables-legacy read as equal."""
+
+    def shape(text: str) -> dict:
+        return {name: (t.chains, sorted((r.chain, r.args) for r in t.rules)) for name, t in parse_save(text).items()}
+
+    assert shape(fixture(f"{tool}-nft-save.txt")) == shape(fixture(f"{tool}-legacy-save.txt"))
+
+
+def test_parse_save_reads_restore_files_too():
+    tables = parse_save(split(golden_gen.render("tproxy-both", "iptables"))[4])
+    inserts = [r for r in tables["mangle"].rules if r.insert]
+    assert [(r.chain, r.spec) for r in inserts] == [
+        ("PREROUTING", '-m comment --comment "tproxy/jump" -j TPROXY_PREROUTING'),
+        ("OUTPUT", '-m comment --comment "tproxy/jump" -j TPROXY_OUTPUT'),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("-A INPUT -j ACCEPT\n", "outside a table"),
+        ('*filter\n-A INPUT -m comment --comment "open\n', "unterminated"),
+        ("*filter\n-X INPUT\n", "not understood"),
+        ("*filter\nCOMMIT\n-A INPUT -j ACCEPT\n", "outside a table"),
+    ],
+)
+def test_parse_save_refuses_what_it_does_not_understand(text, reason):
+    with pytest.raises(RulesError, match=reason):
+        parse_save(text)
+
+
+@pytest.mark.parametrize("name", SAVES)
+def test_iptables_installed_reads_the_save_output(monkeypatch, name):
+    backend = IptablesBackend()
+    monkeypatch.setattr(backend, "_save", lambda family: fixture(name))
+    assert backend.installed()
+    operator_only = "".join(ln + "\n" for ln in fixture(name).splitlines() if "TPROXY" not in ln)
+    monkeypatch.setattr(backend, "_save", lambda family: operator_only)
+    assert not backend.installed()
+
+
+def test_jumps_already_in_place_are_left_out():
+    body = split(golden_gen.render("tproxy-both", "iptables"))[4]
+    out = IptablesBackend._without_existing_jumps(body, fixture("iptables-nft-save.txt"))
+    assert out == "\n".join(ln for ln in body.splitlines() if not ln.startswith("-I ")) + "\n"
+    fresh = "*mangle\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    assert IptablesBackend._without_existing_jumps(body, fresh) == body
+
+
+def test_nft_json_tables():
+    ours = nftables.json_objects(fixture("nft-j-list-tables-inet.json"), "table")
+    assert [(t["family"], t["name"]) for t in ours] == [("inet", "operator"), ("inet", nftables.TABLE)]
+    without = nftables.json_objects(fixture("nft-j-list-tables-inet-without-ours.json"), "table")
+    assert [t["name"] for t in without] == ["operator"]
+    assert nftables.json_objects("", "table") == []
+    with pytest.raises(RulesError, match="not its JSON"):
+        nftables.json_objects("table inet tproxy_rules\n", "table")
+
+
+def test_nft_json_our_table_has_every_rule_with_its_comment():
+    rules = nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "rule")
+    assert rules and all(r["table"] == nftables.TABLE and r["comment"].startswith("tproxy/") for r in rules)
+    chains = {c["name"]: c for c in nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "chain")}
+    assert set(chains) == {"prerouting", "output"} and chains["prerouting"]["hook"] == "prerouting"
+
+
+def test_iptables_nft_objects_and_empty_base_chains():
+    from tproxy.backends.iptables import _empty_base_chain
+
+    chains = nftables.json_objects(fixture("nft-j-list-chains-ip-iptables-nft.json"), "chain")
+    assert ("mangle", "OUTPUT") in {(c["table"], c["name"]) for c in chains}
+    assert _empty_base_chain(nftables.json_objects(fixture("nft-j-list-chain-ip-mangle-OUTPUT-empty.json"), None))
+    assert not _empty_base_chain(nftables.json_objects(fixture("nft-j-list-chain-ip-mangle-OUTPUT.json"), None))
 
 
 def test_missing_binary_names_the_debian_package(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tproxy.config import Config, PortRange
+from tproxy.config import SOURCES, Config, PortRange
 from tproxy.errors import ConfigError
 
 MINIMAL = "intercept.ports = [8080]\n"
@@ -308,3 +308,38 @@ def test_frozen(tmp_path):
     c = load(tmp_path, MINIMAL)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         c.mode = "nat"  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Provenance: where each key's value came from (for /config)
+
+
+def test_sources_default_file_and_flag(tmp_path):
+    c = load(tmp_path, MINIMAL + 'backend = "iptables"\n[proxy]\nidle_timeout = 60\n[log]\n', mode="nat")
+    assert c.source_of("intercept.ports") == "file"
+    assert c.source_of("backend") == "file"
+    assert c.source_of("proxy.idle_timeout") == "file"
+    assert c.source_of("mode") == "flag"
+    assert c.source_of("proxy.connect_timeout") == "default"
+    assert c.source_of("log") == "default" and c.source_of("log.level") == "default"  # an empty table sets nothing
+    assert set(c.origins.values()) <= set(SOURCES)
+
+
+def test_with_overrides_marks_flags_and_keeps_the_rest(tmp_path):
+    c = load(tmp_path, MINIMAL + 'mode = "nat"\n').with_overrides(backend="iptables")
+    assert (c.source_of("backend"), c.source_of("mode"), c.source_of("intercept.ports")) == ("flag", "file", "file")
+
+
+def test_sources_do_not_change_equality(tmp_path):
+    """A reload compares configs: the same values from another source are the same config."""
+    assert load(tmp_path, MINIMAL + 'mode = "tproxy"\n') == load(tmp_path, MINIMAL)
+
+
+def test_settings_name_every_key_of_the_file(tmp_path):
+    from tproxy.config import _SCHEMA
+
+    keys = {f"{t}.{k}" if t else k for t, ks in _SCHEMA.items() for k in ks if not (t == "" and k in _SCHEMA)}
+    c = load(tmp_path, MINIMAL + '[admin]\naddress = "[::1]:4191"\n')
+    assert set(c.settings()) == keys
+    assert c.settings()["admin.address"] == "[::1]:4191"
+    assert c.settings()["intercept.ports"] == [8080]

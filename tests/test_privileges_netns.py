@@ -15,7 +15,6 @@ and where the checkout is not readable by that uid (a clone under /root, mode 70
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 import tproxy
 from tproxy.lab import CLIENT, ECHO_PORT, NODE, Lab, Proxy, proxy_config
@@ -108,9 +108,8 @@ def start(lab: Lab, argv: list[str], env: dict[str, str], config: Path, *, wait:
 def accepted(lab: Lab) -> int:
     code = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:4191/metrics', timeout=10).read().decode())"
     text = lab.node.run([sys.executable, "-c", code]).stdout
-    m = re.search(r"^tproxy_connections_accepted_total (\d+)$", text, re.M)
-    assert m, text
-    return int(m.group(1))
+    (value,) = [s.value for f in parse_text(text) for s in f.samples if s.name == "tproxy_connections_accepted_total"]
+    return int(value)
 
 
 def assert_client_address_seen_through_proxy(lab: Lab) -> None:

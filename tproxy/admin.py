@@ -1,12 +1,16 @@
-"""The admin endpoint: ``/live``, ``/ready`` and ``/metrics`` over a minimal HTTP/1.1 server on trio.
+"""The admin endpoint: ``/live``, ``/ready``, ``/metrics`` and ``/config``, HTTP/1.1 on trio through h11.
 
-One request per connection (``Connection: close``), GET and HEAD only. The server is deliberately small: no
-library of ours speaks HTTP on trio, and an operator's probe or a Prometheus scrape needs nothing more.
+h11 (the HTTP/1.1 state machine trio projects pair with) parses requests and frames responses; this module decides
+what to answer. One request per connection (``Connection: close``), GET and HEAD only.
 
 What the proxy can rely on: a slow or malicious admin client never stalls it. Each connection has one deadline for
-the whole exchange (:data:`REQUEST_TIMEOUT`), the request head is bounded (:data:`MAX_REQUEST_BYTES`, else 431),
-and at most :data:`MAX_CLIENTS` admin connections are served at once (more are closed at once). Handlers run in
-their own tasks, so nothing they do blocks the proxy's accept loops or relays.
+the whole exchange (:data:`REQUEST_TIMEOUT`), the request head is bounded (:data:`MAX_REQUEST_BYTES`, else 431:
+never more than that is read before a request is complete), and at most :data:`MAX_CLIENTS` admin connections are
+served at once (more are closed at once). Handlers run in their own tasks; the only blocking part of a scrape
+(``/proc``) runs in a worker thread (see :mod:`tproxy.metrics`).
+
+The endpoint is unauthenticated, so it listens on loopback by default; bound to any other address it logs a warning
+naming what it exposes (:data:`EXPOSURE`).
 
 Error handling: a client's error (reset, timeout, garbage) ends that client's connection only. A failure to bind
 the admin address raises ``OSError`` from :func:`serve_admin` before ``started`` is called, so the runner sees it.
@@ -14,9 +18,14 @@ the admin address raises ``OSError`` from :func:`serve_admin` before ``started``
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
+from collections.abc import Callable
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
+import h11
 import trio
 
 from tproxy import log, metrics
@@ -28,19 +37,18 @@ REQUEST_TIMEOUT = 10.0
 LINGER_TIMEOUT = 1.0
 MAX_CLIENTS = 32
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
+EXPOSURE = (
+    "the admin endpoint has no authentication: anyone who can reach it reads /metrics (traffic volumes, "
+    "connection counts, errors) and /config (the whole configuration: intercepted ports, excluded networks, "
+    "the user the proxy runs as)"
+)
+
 _TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_PATHS = "(try /live, /ready, /metrics, /config)"
 
 
-class _BadRequest(Exception):
+class _Reject(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -52,11 +60,13 @@ async def serve_admin(
     stats: Stats,
     state: State,
     *,
+    current_config: Callable[[], Config] | None = None,
     task_status: trio.TaskStatus[tuple[str, int] | None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoint on ``config.admin.host:port`` until cancelled.
 
-    Calls ``task_status.started((host, port))`` with the bound address (so port 0 works in tests), or
+    ``current_config`` returns the configuration in force for ``/config`` (it changes on reload); by default
+    ``config``. Calls ``task_status.started((host, port))`` with the bound address (so port 0 works in tests), or
     ``started(None)`` and returns at once when the endpoint is disabled (``admin.address = ""``).
     """
     if not config.admin.enabled:
@@ -64,16 +74,19 @@ async def serve_admin(
         return
     listeners = await trio.open_tcp_listeners(config.admin.port, host=config.admin.host)
     host, port = listeners[0].socket.getsockname()[:2]
-    app = _Admin(stats, state)
+    if not ipaddress.ip_address(host).is_loopback:
+        log.event("admin_not_loopback", logging.WARNING, address=log.addr((host, port)), exposure=EXPOSURE)
+    app = _Admin(stats, state, current_config or (lambda: config))
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, app.handle, listeners)
         task_status.started((host, port))
 
 
 class _Admin:
-    def __init__(self, stats: Stats, state: State) -> None:
+    def __init__(self, stats: Stats, state: State, config: Callable[[], Config]) -> None:
         self.stats = stats
         self.state = state
+        self.config = config
         self.slots = trio.Semaphore(MAX_CLIENTS)
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -92,128 +105,118 @@ class _Admin:
             self.slots.release()
 
     async def exchange(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         try:
-            head = await read_head(stream)
-            method, path = parse_request(head)
-        except _BadRequest as e:
-            await self.respond(stream, e.status, e.message + "\n", head_only=False)
+            request = await read_request(conn, stream)
+            if request is None:
+                return  # the client closed without sending a request
+            method, path = check_request(request)
+        except _Reject as e:
+            await respond(conn, stream, e.status, e.message + "\n", head_only=False)
             return
-        if head is None:
-            return  # the client closed without sending a request
         head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
-            await self.respond(stream, 405, "method not allowed\n", head_only=False, extra={"Allow": "GET, HEAD"})
+            await respond(conn, stream, 405, "method not allowed\n", head_only=False, extra={"Allow": "GET, HEAD"})
         elif path == "/live":
-            await self.respond(stream, 200, "live\n", head_only=head_only)
+            await respond(conn, stream, 200, "live\n", head_only=head_only)
         elif path == "/ready":
             if self.state.ready:
-                await self.respond(stream, 200, "ready\n", head_only=head_only)
+                unverified = " (rules not verified: --no-rules)" if self.state.rules_intact is None else ""
+                await respond(conn, stream, 200, f"ready{unverified}\n", head_only=head_only)
             else:
-                await self.respond(stream, 503, f"not ready: {self.not_ready_reason()}\n", head_only=head_only)
+                await respond(conn, stream, 503, f"not ready: {self.not_ready_reason()}\n", head_only=head_only)
         elif path == "/metrics":
-            body = metrics.render(self.stats, self.state) + metrics.render_process()
-            await self.respond(stream, 200, body, head_only=head_only, content_type=metrics.CONTENT_TYPE)
+            accept = ", ".join(v.decode("latin-1") for k, v in request.headers if k == b"accept")
+            body, content_type = await metrics.scrape(self.stats, self.state, accept)
+            await respond(conn, stream, 200, body, head_only=head_only, content_type=content_type)
+        elif path == "/config":
+            body = json.dumps(config_document(self.config()), indent=2) + "\n"
+            await respond(conn, stream, 200, body, head_only=head_only, content_type=_JSON)
         else:
-            await self.respond(stream, 404, "not found (try /live, /ready, /metrics)\n", head_only=head_only)
+            await respond(conn, stream, 404, f"not found {_PATHS}\n", head_only=head_only)
 
     def not_ready_reason(self) -> str:
         if self.state.draining:
             return "draining"
         st = self.state
+        if st.rules_intact is False:
+            return st.rules_note or "rules missing"
         missing = [name for name, ok in (("rules", st.rules_installed), ("listeners", st.listening)) if not ok]
         return "starting (waiting for " + " and ".join(missing) + ")" if missing else "starting"
 
-    async def respond(
-        self,
-        stream: trio.SocketStream,
-        status: int,
-        body: str,
-        *,
-        head_only: bool,
-        content_type: str = _TEXT,
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        data = body.encode()
-        headers = {
-            "Content-Type": content_type,
-            "Content-Length": str(len(data)),
-            "Cache-Control": "no-store",
-            "Connection": "close",
-            **(extra or {}),
-        }
-        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"] + [f"{k}: {v}" for k, v in headers.items()]
-        out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else data)
-        await stream.send_all(out)
-        await linger(stream)
+
+def config_document(config: Config) -> dict:
+    """``/config``: every key as the file spells it, with its effective value and where that value came from."""
+    settings = config.settings()
+    return {
+        "file": config.source,
+        "settings": {key: {"value": value, "source": config.source_of(key)} for key, value in settings.items()},
+    }
 
 
-async def read_head(stream: trio.SocketStream) -> bytes | None:
-    """Read up to the blank line ending the request head; ``None`` if the client closed before sending anything.
+async def read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    """The request head, parsed by h11; ``None`` if the client closed before sending anything.
 
-    Raises _BadRequest(431) past MAX_REQUEST_BYTES, _BadRequest(400) on EOF inside the head.
+    Never reads more than MAX_REQUEST_BYTES (plus one byte, to know it was exceeded) before the head is complete:
+    _Reject(431) past it, _Reject(400 or h11's status hint) on anything h11 refuses, EOF inside the head included.
     """
-    buf = bytearray()
+    received = 0
     while True:
-        end = _head_end(buf)
-        if end is not None:
-            return bytes(buf[:end])
-        if len(buf) > MAX_REQUEST_BYTES:
-            raise _BadRequest(431, "request head too large")
-        chunk = await stream.receive_some(MAX_REQUEST_BYTES + 1 - len(buf))
-        if not chunk:
-            if not buf:
-                return None
-            raise _BadRequest(400, "incomplete request")
-        buf += chunk
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            if e.error_status_hint == 431:
+                raise _Reject(431, "request head too large") from None
+            raise _Reject(e.error_status_hint, f"bad request: {e}") from None
+        if isinstance(event, h11.Request):
+            return event
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if received > MAX_REQUEST_BYTES:
+            raise _Reject(431, "request head too large")
+        chunk = await stream.receive_some(MAX_REQUEST_BYTES + 1 - received)
+        received += len(chunk)
+        conn.receive_data(chunk)
 
 
-def _head_end(buf: bytearray) -> int | None:
-    i = buf.find(b"\r\n\r\n")
-    j = buf.find(b"\n\n")
-    hits = [x for x in (i, j) if x >= 0]
-    return min(hits) if hits else None
-
-
-def parse_request(head: bytes | None) -> tuple[str, str]:
-    """(method, path) from a request head; raises _BadRequest for anything malformed (RFC 9112 section 3)."""
-    if head is None:
-        return "", ""
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        raise _BadRequest(400, "request head is not ASCII") from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    while lines and lines[0] == "":
-        lines.pop(0)  # RFC 9112 2.2: ignore at least one empty line before the request line
-    if not lines:
-        raise _BadRequest(400, "empty request")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not all(parts):
-        raise _BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if not version.startswith("HTTP/1."):
-        if version.startswith("HTTP/"):
-            raise _BadRequest(505, "only HTTP/1.x is supported")
-        raise _BadRequest(400, "malformed request line")
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise _BadRequest(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-    if not method.isalpha() or not method.isupper():
-        raise _BadRequest(400, "malformed method")
-    hosts = 0
-    for line in lines[1:]:
-        name, sep, _ = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _BadRequest(400, "malformed header line")
-        hosts += name.lower() == "host"
-    if version == "HTTP/1.1" and hosts != 1:
-        raise _BadRequest(400, "HTTP/1.1 requires exactly one Host header")
+def check_request(request: h11.Request) -> tuple[str, str]:
+    """(method, path) from what h11 accepted; refuses what h11 lets through but we do not serve."""
+    if request.http_version not in (b"1.0", b"1.1"):
+        raise _Reject(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    target = request.target.decode("ascii", "replace")
     if target.startswith("/"):
         path = target
     elif target.lower().startswith(("http://", "https://")):
         path = urlsplit(target).path or "/"
     else:
-        raise _BadRequest(400, "malformed request target")
-    return method, path.split("?", 1)[0]
+        raise _Reject(400, "malformed request target")
+    return request.method.decode("ascii", "replace"), path.split("?", 1)[0]
+
+
+async def respond(
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    status: int,
+    body: str | bytes,
+    *,
+    head_only: bool,
+    content_type: str = _TEXT,
+    extra: dict[str, str] | None = None,
+) -> None:
+    data = body.encode() if isinstance(body, str) else body
+    headers = {
+        "Content-Type": content_type,
+        "Content-Length": str(len(data)),
+        "Cache-Control": "no-store",
+        "Connection": "close",
+        **(extra or {}),
+    }
+    out = conn.send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase, headers=list(headers.items())))
+    if not head_only and data:
+        out += conn.send(h11.Data(data=data))
+    out += conn.send(h11.EndOfMessage())
+    await stream.send_all(out)
+    await linger(stream)
 
 
 async def linger(stream: trio.SocketStream) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import tomllib
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
 PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
+# Where a key's value came from, for /config; a key absent from Config.origins has its default.
+SOURCES = ("default", "file", "environment", "flag")
 
 
 @attrs.frozen(kw_only=True, order=True)
@@ -105,6 +108,8 @@ class Intercept:
 class Routing:
     mark: int = 1
     table: int = 100
+    check_interval: float = 5.0  # seconds between the rule watcher's checks (and on SIGHUP)
+    reinstall: bool = True  # the watcher puts missing rules back (never after `tproxy rules remove`)
 
 
 @attrs.frozen(kw_only=True)
@@ -158,6 +163,11 @@ class Config:
     log: Log = Log()
     privileges: Privileges = Privileges()
     source: str = "<config>"  # the file it came from, for messages
+    # key path ("proxy.idle_timeout") -> "file" | "environment" | "flag" for every key not left at its default;
+    # not part of equality: two configs that run the same are the same, wherever their values came from
+    origins: Mapping[str, str] = attrs.field(
+        factory=dict, converter=lambda d: types.MappingProxyType(dict(d)), eq=False, repr=False
+    )
 
     @property
     def preserve_source(self) -> bool:
@@ -174,6 +184,48 @@ class Config:
     @property
     def families(self) -> tuple[int, ...]:
         return self.intercept.families
+
+    def source_of(self, key: str) -> str:
+        """Where the value of ``key`` (a path as the file spells it, e.g. ``"proxy.idle_timeout"``) came from: one
+        of :data:`SOURCES`."""
+        return self.origins.get(key, "default")
+
+    def settings(self) -> dict[str, Any]:
+        """Every key as the file spells it -> its effective value as JSON/TOML types (for ``/config``)."""
+        admin = f"[{self.admin.host}]" if self.admin.host and ":" in self.admin.host else self.admin.host
+        return {
+            "mode": self.mode,
+            "backend": self.backend,
+            "listener.address": str(self.listener.address),
+            "listener.port": self.listener.port,
+            "listener.proxy_protocol": self.listener.proxy_protocol,
+            "listener.proxy_protocol_from": [str(n) for n in self.listener.proxy_protocol_from],
+            "listener.proxy_protocol_timeout": self.listener.proxy_protocol_timeout,
+            "intercept.ports": [_port_doc(r) for r in self.intercept.ports],
+            "intercept.interfaces": list(self.intercept.interfaces),
+            "intercept.exclude_ports": [_port_doc(r) for r in self.intercept.exclude_ports],
+            "intercept.exclude_cidrs": [str(n) for n in self.intercept.exclude_cidrs],
+            "intercept.ipv4": self.intercept.ipv4,
+            "intercept.ipv6": self.intercept.ipv6,
+            "routing.mark": self.routing.mark,
+            "routing.table": self.routing.table,
+            "routing.check_interval": self.routing.check_interval,
+            "routing.reinstall": self.routing.reinstall,
+            "proxy.preserve_source": self.preserve_source,  # effective: the mode's default when not set
+            "proxy.upstream": self.proxy.upstream,
+            "proxy.connect_timeout": self.proxy.connect_timeout,
+            "proxy.idle_timeout": self.proxy.idle_timeout,
+            "proxy.max_connections": self.proxy.max_connections,
+            "proxy.shutdown_grace": self.proxy.shutdown_grace,
+            "proxy.upstream_ports": str(self.proxy.upstream_ports),
+            "proxy.relay": self.proxy.relay,
+            "proxy.send_proxy_protocol": self.proxy.send_proxy_protocol,
+            "admin.address": f"{admin}:{self.admin.port}" if self.admin.enabled else "",
+            "log.level": self.log.level,
+            "log.format": self.log.format,
+            "privileges.user": self.privileges.user or "",
+            "privileges.group": self.privileges.group or "",
+        }
 
     @classmethod
     def from_toml(cls, path: str | Path, *, mode: str | None = None, backend: str | None = None) -> Config:
@@ -214,7 +266,14 @@ class Config:
             raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if backend is not None and backend not in BACKENDS:
             raise ConfigError("--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})")
-        return attrs.evolve(self, mode=mode or self.mode, backend=backend or self.backend)
+        flags = {k: "flag" for k, v in (("mode", mode), ("backend", backend)) if v is not None}
+        return attrs.evolve(
+            self, mode=mode or self.mode, backend=backend or self.backend, origins={**self.origins, **flags}
+        )
+
+
+def _port_doc(r: PortRange) -> int | str:
+    return r.lo if r.lo == r.hi else str(r)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +283,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
     "listener": ("address", "port", "proxy_protocol", "proxy_protocol_from", "proxy_protocol_timeout"),
     "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
-    "routing": ("mark", "table"),
+    "routing": ("mark", "table", "check_interval", "reinstall"),
     "proxy": (
         "preserve_source",
         "upstream",
@@ -260,6 +319,7 @@ def _default(cls: type, name: str) -> Any:
 class _Loader:
     def __init__(self, source: str) -> None:
         self.source = source
+        self.origins: dict[str, str] = {}  # what Config.origins will hold
 
     def error(self, key: str, reason: str) -> ConfigError:
         return ConfigError(self.source, key, reason)
@@ -281,6 +341,9 @@ class _Loader:
                     hint_path = f"{name}.{hint[0]}" if name else hint[0]
                     reason += f" (did you mean {hint_path!r}?)"
                 raise self.error(path, reason)
+        for key, item in value.items():
+            if not isinstance(item, dict):
+                self.origins[f"{name}.{key}" if name else key] = "file"
         return value
 
     def typed(self, table: dict[str, Any], key: str, path: str, kind: type, default: Any) -> Any:
@@ -371,12 +434,14 @@ class _Loader:
             if mode not in MODES:
                 raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
             mode_v = mode
+            self.origins["mode"] = "flag"
         if backend is not None:
             if backend not in BACKENDS:
                 raise ConfigError(
                     "--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})"
                 )
             backend_v = backend
+            self.origins["backend"] = "flag"
 
         t = self.table(top, "listener")
         address_s = self.typed(t, "address", "listener.address", str, "0.0.0.0")
@@ -424,6 +489,10 @@ class _Loader:
         routing = Routing(
             mark=self.ranged_int(t, "mark", "routing.mark", 1, 2**32 - 1, 1, "a valid fwmark"),
             table=self.ranged_int(t, "table", "routing.table", 1, 2**31 - 1, 100, "a routing table id"),
+            check_interval=self.positive(
+                t, "check_interval", "routing.check_interval", attrs.fields(Routing).check_interval.default
+            ),
+            reinstall=self.typed(t, "reinstall", "routing.reinstall", bool, attrs.fields(Routing).reinstall.default),
         )
         if routing.table in (253, 254, 255):
             raise self.error("routing.table", f"{routing.table} is a kernel table (default/main/local); pick another")
@@ -477,6 +546,7 @@ class _Loader:
             log=log,
             privileges=privileges,
             source=self.source,
+            origins=self.origins,
         )
 
     def proxy_protocol_in(self, table: dict[str, Any]) -> dict[str, Any]:

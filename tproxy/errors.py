@@ -48,3 +48,7 @@ class ProxyProtocolError(TproxyError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"bad PROXY protocol header: {reason}" + (f" ({detail})" if detail else ""))
+
+
+class StateError(TproxyError):
+    """A state file under /run/tproxy (or the directory) cannot be trusted or read: names the path and why."""
