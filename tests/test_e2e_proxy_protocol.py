@@ -116,8 +116,8 @@ def metrics(lab: L.Lab) -> str:
 
 
 def counter(text: str, name: str) -> int:
-    m = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
-    return int(m.group(1)) if m else 0
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
 
 
 def app_lines(lab: L.Lab) -> list[str]:
