@@ -28,6 +28,8 @@ UPSTREAMS = ("original", "loopback")
 RELAYS = ("shared", "tasks")  # relay engines (tproxy.relay): one epoll task for all connections, or two tasks each
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
+PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
 # Where a key's value came from, for /config; a key absent from Config.origins has its default.
 SOURCES = ("default", "file", "environment", "flag")
 
@@ -54,6 +56,10 @@ class PortRange:
 class Listener:
     address: IPAddress = attrs.field(default=ipaddress.IPv4Address("0.0.0.0"), converter=ipaddress.ip_address)
     port: int = 4143
+    # PROXY protocol in: connections from proxy_protocol_from must start with a header; nobody else's are parsed
+    proxy_protocol: str = attrs.field(default="off", validator=attrs.validators.in_(PROXY_PROTOCOL_IN))
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    proxy_protocol_timeout: float = 3.0
 
     @property
     def is_wildcard(self) -> bool:
@@ -64,6 +70,16 @@ class Listener:
         if self.address.version == family:
             return str(self.address)
         return "0.0.0.0" if family == 4 else "::"
+
+    def trusts(self, ip: str | IPAddress) -> bool:
+        """Whether a connection from ``ip`` must begin with a PROXY header (``ip`` in ``proxy_protocol_from``; an
+        IPv4-mapped IPv6 address counts as its IPv4 address). False whenever ``proxy_protocol`` is "off"."""
+        if self.proxy_protocol == "off":
+            return False
+        address = ipaddress.ip_address(ip)
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.proxy_protocol_from)
 
 
 @attrs.frozen(kw_only=True)
@@ -145,6 +161,8 @@ class Proxy:
     shutdown_grace: float = 30.0
     # upstream = "original": source ports for the upstream leg, outside the clients' own ephemeral ranges
     upstream_ports: PortRange = PortRange(lo=1024, hi=32767)
+    # PROXY protocol out: a header with the client's address and the original destination, before any client byte
+    send_proxy_protocol: str = attrs.field(default="off", validator=attrs.validators.in_(PROXY_PROTOCOL_OUT))
     relay: str = attrs.field(default="shared", validator=attrs.validators.in_(RELAYS))
 
 
@@ -219,6 +237,9 @@ class Config:
             "backend": self.backend,
             "listener.address": str(self.listener.address),
             "listener.port": self.listener.port,
+            "listener.proxy_protocol": self.listener.proxy_protocol,
+            "listener.proxy_protocol_from": [str(n) for n in self.listener.proxy_protocol_from],
+            "listener.proxy_protocol_timeout": self.listener.proxy_protocol_timeout,
             "intercept.ports": [_port_doc(r) for r in self.intercept.ports],
             "intercept.interfaces": list(self.intercept.interfaces),
             "intercept.exclude_ports": [_port_doc(r) for r in self.intercept.exclude_ports],
@@ -239,6 +260,7 @@ class Config:
             "proxy.shutdown_grace": self.proxy.shutdown_grace,
             "proxy.upstream_ports": str(self.proxy.upstream_ports),
             "proxy.relay": self.proxy.relay,
+            "proxy.send_proxy_protocol": self.proxy.send_proxy_protocol,
             "admin.address": f"{admin}:{self.admin.port}" if self.admin.enabled else "",
             "log.level": self.log.level,
             "log.format": self.log.format,
@@ -300,7 +322,7 @@ def _port_doc(r: PortRange) -> int | str:
 
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
-    "listener": ("address", "port"),
+    "listener": ("address", "port", "proxy_protocol", "proxy_protocol_from", "proxy_protocol_timeout"),
     "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
     "routing": ("mark", "upstream_mark", "mask", "table", "check_interval", "reinstall"),
     "proxy": (
@@ -311,6 +333,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "max_connections",
         "shutdown_grace",
         "upstream_ports",
+        "send_proxy_protocol",
         "relay",
     ),
     "admin": ("address",),
@@ -327,6 +350,11 @@ def _type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _default(cls: type, name: str) -> Any:
+    """The attrs default of ``cls.name``: the classes are the one place defaults are written."""
+    return attrs.fields_dict(cls)[name].default
 
 
 class _Loader:
@@ -465,6 +493,7 @@ class _Loader:
         listener = Listener(
             address=address,
             port=self.ranged_int(t, "port", "listener.port", 1, 65535, 4143, "a port"),
+            **self.proxy_protocol_in(t),
         )
 
         t = self.table(top, "intercept")
@@ -537,6 +566,13 @@ class _Loader:
             ),
             shutdown_grace=self.positive(t, "shutdown_grace", "proxy.shutdown_grace", 30.0),
             upstream_ports=self.upstream_ports(t),
+            send_proxy_protocol=self.choice(
+                t,
+                "send_proxy_protocol",
+                "proxy.send_proxy_protocol",
+                PROXY_PROTOCOL_OUT,
+                _default(Proxy, "send_proxy_protocol"),
+            ),
             relay=self.choice(t, "relay", "proxy.relay", RELAYS, "shared"),
         )
 
@@ -570,6 +606,26 @@ class _Loader:
             source=self.source,
             origins=self.origins,
         )
+
+    def proxy_protocol_in(self, table: dict[str, Any]) -> dict[str, Any]:
+        """The listener's PROXY protocol keys; a list of trusted sources is required once headers are read."""
+        mode = self.choice(
+            table, "proxy_protocol", "listener.proxy_protocol", PROXY_PROTOCOL_IN, _default(Listener, "proxy_protocol")
+        )
+        trusted = self.list_of(table, "proxy_protocol_from", "listener.proxy_protocol_from", self.cidr)
+        if mode != "off" and not trusted:
+            raise self.error(
+                "listener.proxy_protocol_from",
+                f'required with proxy_protocol = "{mode}": the load balancers\' addresses (e.g. ["198.18.0.0/24"]); '
+                "headers from anyone else are never read",
+            )
+        timeout = self.positive(
+            table,
+            "proxy_protocol_timeout",
+            "listener.proxy_protocol_timeout",
+            _default(Listener, "proxy_protocol_timeout"),
+        )
+        return {"proxy_protocol": mode, "proxy_protocol_from": trusted, "proxy_protocol_timeout": timeout}
 
     def upstream_ports(self, table: dict[str, Any]) -> PortRange:
         path = "proxy.upstream_ports"
