@@ -96,6 +96,11 @@ def mark_hex(value: int) -> str:
     return f"{value:#x}"
 
 
+def keep_mask(config: Config) -> str:
+    """``~routing.mask`` (32 bits), for ``mark = (mark & ~mask) | ours``: the bits of other software are kept."""
+    return mark_hex(~config.routing.mask & 0xFFFFFFFF)
+
+
 def port_ranges(ranges: Sequence[PortRange], sep: str) -> list[str]:
     return [str(r.lo) if r.lo == r.hi else f"{r.lo}{sep}{r.hi}" for r in ranges]
 

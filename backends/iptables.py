@@ -43,6 +43,13 @@ OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,)}
 PREFIX = {4: "iptables", 6: "ip6tables"}
 HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
 MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
+# Wait (bounded) for the xtables lock that Docker, kube-proxy or firewalld may hold, instead of failing at once.
+LOCK_WAIT_SECONDS = 10
+
+
+def restore_argv(family: int, *args: str) -> list[str]:
+    """``iptables-restore -w 10 ARGS`` (``ip6tables-restore`` for 6): every restore we run waits for the lock."""
+    return [f"{PREFIX[family]}-restore", "-w", str(LOCK_WAIT_SECONDS), *args]
 
 
 def _c(what: str) -> str:
@@ -63,7 +70,10 @@ def _port_groups(ranges) -> list[str]:
 
 
 def _iifs(config: Config) -> list[str]:
-    return [f"-i {i}" for i in config.intercept.interfaces] or ["! -i lo"]
+    """One match per interface whose packets may be intercepted, each for packets addressed to this host only (on a
+    host that forwards, traffic passing through to another machine's port is not ours)."""
+    local = "-m addrtype --dst-type LOCAL"
+    return [f"-i {i} {local}" for i in config.intercept.interfaces] or [f"! -i lo {local}"]
 
 
 def _exclusions(config: Config, family: int, chain: str) -> list[str]:
@@ -81,14 +91,15 @@ def _jump(builtin: str, chain: str) -> str:
 
 def render_family(config: Config, family: int) -> str:
     """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6)."""
-    mark = mark_hex(config.routing.mark)
+    mark, mask = mark_hex(config.routing.mark), mark_hex(config.routing.mask)
     mangle_chains: list[str] = []
     mangle_rules: list[str] = []
     jumps: list[str] = []
 
     pre: list[str] = []
     if family == 4 and loopback_guard(config):
-        pre.append(f"-A {PREROUTING} -d 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP")
+        # to or from 127.0.0.0/8 on anything but lo (route_localnet=1 lifts the kernel's own check; CVE-2020-8558)
+        pre += [f"-A {PREROUTING} {d} 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP" for d in ("-d", "-s")]
     if config.mode == "tproxy":
         pre.append(f"-A {PREROUTING} -p tcp ! --syn -m socket --transparent {_c('divert')} -j {DIVERT}")
         pre += _exclusions(config, family, PREROUTING)
@@ -97,7 +108,7 @@ def render_family(config: Config, family: int) -> str:
             for group in _port_groups(config.intercept.ports):
                 pre.append(
                     f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
-                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mark}"
+                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
                 )
     if pre:
         mangle_chains.append(PREROUTING)
@@ -106,17 +117,17 @@ def render_family(config: Config, family: int) -> str:
     if config.mode == "tproxy":
         mangle_chains.append(DIVERT)
         mangle_rules += [
-            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mark}",
+            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mask}",
             f"-A {DIVERT} {_c('divert')} -j ACCEPT",
         ]
     if config.needs_routing:
         mangle_chains.append(OUTPUT)
         jumps.append(_jump("OUTPUT", OUTPUT))
         mangle_rules += [
-            f"-A {OUTPUT} -m connmark --mark {mark}/{mark} {_c('restore-mark')} "
-            f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}",
-            f"-A {OUTPUT} -m mark --mark {mark}/{mark} {_c('save-mark')} "
-            f"-j CONNMARK --save-mark --nfmask {mark} --ctmask {mark}",
+            f"-A {OUTPUT} -m connmark --mark {mark}/{mask} {_c('restore-mark')} "
+            f"-j CONNMARK --restore-mark --nfmask {mask} --ctmask {mask}",
+            f"-A {OUTPUT} -m mark --mark {mark}/{mask} {_c('save-mark')} "
+            f"-j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}",
         ]
 
     lines = [HEADER[family]]
@@ -337,7 +348,7 @@ class IptablesBackend(Backend):
 
     def check(self, text: str) -> None:
         for fam, body in split(text).items():
-            run([f"{PREFIX[fam]}-restore", "--test", "--noflush"], input=body)
+            run(restore_argv(fam, "--test", "--noflush"), input=body)
 
     def apply(self, text: str) -> None:
         """Install both families' files; if the second is rejected, the first comes out again.
@@ -357,7 +368,7 @@ class IptablesBackend(Backend):
                 before_objs = self._nft_objects(fam)
                 before = self._save(fam)
                 try:
-                    run([f"{PREFIX[fam]}-restore", "--noflush"], input=self._without_existing_jumps(body, before))
+                    run(restore_argv(fam, "--noflush"), input=self._without_existing_jumps(body, before))
                 finally:
                     new = sorted(self._nft_objects(fam) - before_objs)
                     mine = created.setdefault(str(fam), [])
@@ -420,7 +431,7 @@ class IptablesBackend(Backend):
             body += [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
             lines += [f"*{name}", *body, "COMMIT"]
         if lines:
-            run([f"{PREFIX[family]}-restore", "--noflush"], input="\n".join(lines) + "\n")
+            run(restore_argv(family, "--noflush"), input="\n".join(lines) + "\n")
 
     def _nft_objects(self, family: int) -> set[tuple[str, str]]:
         """The iptables-nft built-in tables ``(table, "")`` and chains ``(table, chain)`` present in nftables.

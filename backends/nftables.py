@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+from tproxy.backends.base import Backend, keep_mask, loopback_guard, mark_hex, port_ranges, require_net_admin, run
 from tproxy.config import Config
 from tproxy.errors import RulesError
 
@@ -59,10 +59,12 @@ def _set(items: list[str]) -> str:
 
 
 def _iif(config: Config) -> str:
+    """The interfaces whose packets may be intercepted, and only those addressed to this host: on a host that
+    forwards (Docker and CNI bridges, routers) traffic passing through to another machine's port is not ours."""
     ifaces = config.intercept.interfaces
     if not ifaces:
-        return 'iifname != "lo"'
-    return "iifname " + _set([f'"{i}"' for i in ifaces])
+        return 'iifname != "lo" fib daddr type local'
+    return "iifname " + _set([f'"{i}"' for i in ifaces]) + " fib daddr type local"
 
 
 def _exclusions(config: Config, family: int) -> list[str]:
@@ -82,8 +84,14 @@ def _ports(config: Config) -> str:
     return _set(port_ranges(config.intercept.ports, "-"))
 
 
-def _guard() -> str:
-    return f'iifname != "lo" meta nfproto ipv4 ip daddr 127.0.0.0/8 drop {_comment("loopback-guard")}'
+def _guard() -> list[str]:
+    """Drop 127.0.0.0/8 as destination *or* source on every interface but ``lo`` (CVE-2020-8558: with
+    ``route_localnet=1`` the kernel itself no longer does). IPv6 needs none: the kernel drops ``::1`` arriving on any
+    other interface whatever the settings."""
+    return [
+        f'iifname != "lo" meta nfproto ipv4 ip {d} 127.0.0.0/8 drop {_comment("loopback-guard")}'
+        for d in ("daddr", "saddr")
+    ]
 
 
 def _listener(config: Config, family: int) -> str:
@@ -113,13 +121,13 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def render(self, config: Config) -> str:
-        mark = mark_hex(config.routing.mark)
-        setmark = f"meta mark set meta mark | {mark}"
+        mark, mask, keep = mark_hex(config.routing.mark), mark_hex(config.routing.mask), keep_mask(config)
+        setmark = f"meta mark set meta mark & {keep} | {mark}"
         chains: list[list[str]] = []
 
         prerouting: list[str] = []
         if loopback_guard(config):
-            prerouting.append(_guard())
+            prerouting += _guard()
         if config.mode == "tproxy":
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
@@ -142,9 +150,9 @@ class NftablesBackend(Backend):
             output = []
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
-                output.append(f"{fam} ct mark & {mark} == {mark} {setmark} {_comment('restore-mark')}")
+                output.append(f"{fam} ct mark & {mask} == {mark} {setmark} {_comment('restore-mark')}")
                 output.append(
-                    f"{fam} meta mark & {mark} == {mark} ct mark set ct mark | {mark} {_comment('save-mark')}"
+                    f"{fam} meta mark & {mask} == {mark} ct mark set ct mark & {keep} | {mark} {_comment('save-mark')}"
                 )
             chains.append(_chain("output", "type route hook output priority mangle; policy accept;", output))
 
@@ -160,7 +168,8 @@ class NftablesBackend(Backend):
 
         families = ",".join(f"ipv{f}" for f in config.families)
         lines = [
-            f"# tproxy: mode={config.mode} families={families} mark={mark} (nft -f FILE replaces the table atomically)",
+            f"# tproxy: mode={config.mode} families={families} mark={mark}/{mask} "
+            "(nft -f FILE replaces the table atomically)",
             f"table {FAMILY} {TABLE} {{",
             "}",
             f"delete table {FAMILY} {TABLE}",

@@ -98,6 +98,8 @@ def test_interception_never_matches_lo_or_the_listener(case):
         else:
             assert "! -i lo" in line or 'iifname != "lo"' in line
         assert str(cfg.listener.port) not in re.findall(r"dports? (?:\{ )?([\d,: -]+)", line)[0]
+        # only packets addressed to this host: never traffic the host forwards to another machine
+        assert "fib daddr type local" in line or "-m addrtype --dst-type LOCAL" in line, line
     # the listener port is explicitly returned before any interception, in every family
     for fam in cfg.families:
         idx_return = next(i for i, ln in enumerate(lines) if '"tproxy/listener-port"' in ln and _fam(ln, fam, backend))
@@ -138,6 +140,17 @@ def test_loopback_guard_only_with_the_ipv4_loopback_upstream(backend):
 
     assert guarded("tproxy-loopback") and guarded("nat_preserve-loopback")
     assert not guarded("tproxy-both") and not guarded("nat-loopback")  # nat without preserve_source: no spoofing
+    # 127.0.0.0/8 as destination and as source, never on lo, always before anything else in prerouting
+    lines = _rule_lines(get_backend(backend).render(golden_gen.config("tproxy-loopback", backend)), backend)
+    guards = [ln for ln in lines if '"tproxy/loopback-guard"' in ln]
+    if backend == "iptables":
+        assert [g.split()[2:5] for g in guards] == [["-d", "127.0.0.0/8", "!"], ["-s", "127.0.0.0/8", "!"]], guards
+        assert all("! -i lo" in g and g.endswith("-j DROP") for g in guards)
+        assert lines.index(guards[0]) == 2  # right after the two jumps
+    else:
+        assert ["ip daddr 127.0.0.0/8" in g for g in guards] == [True, False] and "ip saddr 127.0.0.0/8" in guards[1]
+        assert all(g.startswith('iifname != "lo"') and " drop " in g for g in guards)
+        assert lines[:2] == guards
 
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)

@@ -37,6 +37,8 @@ LISTEN_WAIT = 10.0  # seconds a privileged parent waits for the proxy to listen 
 RESTART_KEYS = (
     "mode",
     "routing.mark",
+    "routing.upstream_mark",
+    "routing.mask",
     "routing.table",
     "proxy.preserve_source",
     "proxy.upstream",
@@ -76,6 +78,8 @@ def flatten(config: Config) -> dict[str, str]:
         "intercept.ipv4": str(config.intercept.ipv4).lower(),
         "intercept.ipv6": str(config.intercept.ipv6).lower(),
         "routing.mark": f"{config.routing.mark:#x}",
+        "routing.upstream_mark": f"{config.routing.upstream_mark:#x}",
+        "routing.mask": f"{config.routing.mask:#x}",
         "routing.table": str(config.routing.table),
         "proxy.preserve_source": str(config.preserve_source).lower(),  # the effective value (mode default or set)
         "proxy.upstream": config.proxy.upstream,

@@ -1,8 +1,9 @@
 """Policy routing for replies to spoofed client addresses: fwmark rule, ``local`` default route, sysctls (pyroute2).
 
-For each enabled family: ``ip rule fwmark MARK/MARK lookup TABLE`` and ``local default dev lo table TABLE``, so that a
-packet carrying our mark (a diverted packet, or an application's reply restored from its connection's mark) is
-delivered locally, to the proxy. Needed in tproxy mode and in nat mode with ``preserve_source``.
+For each enabled family: ``ip rule fwmark MARK/MASK lookup TABLE`` (``routing.mark`` / ``routing.mask``) and
+``local default dev lo table TABLE``, so that a packet carrying our mark (a diverted packet, or an application's
+reply restored from its connection's mark) is delivered locally, to the proxy. Needed in tproxy mode and in nat
+mode with ``preserve_source``.
 
 Sysctls: only ``route_localnet=1`` for the IPv4 loopback upstream (see :func:`backends.base.loopback_guard`), on the
 intercepted interfaces, or on ``all`` when every interface is intercepted. ``rp_filter`` needs no change (see
@@ -66,10 +67,10 @@ def commands(config: Config) -> list[str]:
     """The routing as ``ip``/``sysctl`` commands a user could paste (pure)."""
     if not config.needs_routing:
         return []
-    mark, table = mark_hex(config.routing.mark), config.routing.table
+    mark, mask, table = mark_hex(config.routing.mark), mark_hex(config.routing.mask), config.routing.table
     out = []
     for f in config.families:
-        out.append(f"ip -{f} rule add fwmark {mark}/{mark} lookup {table} priority {RULE_PRIORITY}")
+        out.append(f"ip -{f} rule add fwmark {mark}/{mask} lookup {table} priority {RULE_PRIORITY}")
         out.append(f"ip -{f} route add local {DEFAULT_DST[f]} dev lo table {table}")
     out += [s.command() for s in sysctls(config)]
     return out
@@ -113,15 +114,17 @@ class _Netlink:
     def close(self) -> None:
         self.ipr.close()
 
-    def rule_present(self, family: int, mark: int, table: int) -> bool:
+    def rule_mask(self, family: int, mark: int, table: int) -> int | None:
+        """The fwmask of our rule ``fwmark MARK/MASK lookup TABLE``, or None when there is none. Any mask: an
+        install before ``routing.mask`` existed used ``MARK/MARK``, and removal must find that one too."""
         for msg in self.ipr.get_rules(family=AF[family]):
-            if (
-                msg.get_attr("FRA_FWMARK") == mark
-                and msg.get_attr("FRA_FWMASK") == mark
-                and (msg.get_attr("FRA_TABLE") or msg["table"]) == table
-            ):
-                return True
-        return False
+            if msg.get_attr("FRA_FWMARK") == mark and (msg.get_attr("FRA_TABLE") or msg["table"]) == table:
+                mask = msg.get_attr("FRA_FWMASK")
+                return 0xFFFFFFFF if mask is None else mask
+        return None
+
+    def rule_present(self, family: int, mark: int, table: int) -> bool:
+        return self.rule_mask(family, mark, table) is not None
 
     def route_present(self, family: int, table: int) -> bool:
         for msg in self.ipr.get_routes(family=AF[family], table=table):
@@ -129,18 +132,22 @@ class _Netlink:
                 return True
         return False
 
-    def add_rule(self, family: int, mark: int, table: int) -> bool:
-        """Add the fwmark rule; False when it was already there."""
-        if self.rule_present(family, mark, table):
+    def add_rule(self, family: int, mark: int, mask: int, table: int) -> bool:
+        """Add the fwmark rule ``MARK/MASK``; False when it was already there (with another mask, it is replaced)."""
+        present = self.rule_mask(family, mark, table)
+        if present == mask:
             return False
-        self.ipr.rule("add", fwmark=mark, fwmask=mark, table=table, family=AF[family], priority=RULE_PRIORITY)
+        if present is not None:
+            self.del_rule(family, mark, table)
+        self.ipr.rule("add", fwmark=mark, fwmask=mask, table=table, family=AF[family], priority=RULE_PRIORITY)
         return True
 
     def del_rule(self, family: int, mark: int, table: int) -> None:
         for _ in range(16):
-            if not self.rule_present(family, mark, table):
+            mask = self.rule_mask(family, mark, table)
+            if mask is None:
                 return
-            self.ipr.rule("del", fwmark=mark, fwmask=mark, table=table, family=AF[family])
+            self.ipr.rule("del", fwmark=mark, fwmask=mask, table=table, family=AF[family])
 
     def _route(self, op: str, family: int, table: int) -> None:
         """``local default dev lo table T``: IPv4 needs scope host (else EINVAL), IPv6 the family (DESIGN.md)."""
@@ -207,7 +214,7 @@ def install(config: Config) -> list[str]:
         saved: dict[str, str] = dict((state or {}).get("sysctls", {}))
         for f in config.families:
             try:
-                if nl.add_rule(f, mark, table):
+                if nl.add_rule(f, mark, config.routing.mask, table):
                     undo.append(lambda f=f: nl.del_rule(f, mark, table))
                     done.append(f"rule ipv{f}")
                 if nl.add_route(f, table):
