@@ -85,6 +85,21 @@ def _exclusions(config: Config, family: int, chain: str) -> list[str]:
     return out
 
 
+def _udp_rules(config: Config, family: int, target: str) -> list[str]:
+    """UDP (tproxy mode): datagrams to intercepted ports go to the listener port (``target``: the TCP rules' TPROXY),
+    same interfaces, local destinations only; excluded ports return first (excluded sources already have)."""
+    if not config.intercept.udp_ports:
+        return []
+    out = [
+        f"-A {PREROUTING} -p udp -m multiport --dports {group} {_c('exclude-ports-udp')} -j RETURN"
+        for group in (_port_groups(config.intercept.exclude_ports) if config.intercept.exclude_ports else [])
+    ]
+    for iif in _iifs(config):
+        for group in _port_groups(config.intercept.udp_ports):
+            out.append(f"-A {PREROUTING} {iif} -p udp -m multiport --dports {group} {_c('intercept-udp')} {target}")
+    return out
+
+
 def _jump(builtin: str, chain: str) -> str:
     return f"-I {builtin} 1 {_c('jump')} -j {chain}"
 
@@ -110,6 +125,9 @@ def render_family(config: Config, family: int) -> str:
                     f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
                     f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
                 )
+        pre += _udp_rules(
+            config, family, f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
+        )
     if pre:
         mangle_chains.append(PREROUTING)
         jumps.append(_jump("PREROUTING", PREROUTING))

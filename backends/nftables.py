@@ -80,6 +80,25 @@ def _exclusions(config: Config, family: int) -> list[str]:
     return out
 
 
+def _udp_rules(config: Config, family: int, setmark: str) -> list[str]:
+    """UDP (tproxy mode): every datagram to an intercepted port goes to the listener port, on the same interfaces, for
+    local destinations only, with the same mark; excluded ports return first (excluded sources already have). No
+    divert rule: the proxy never holds a socket a client's datagram could match."""
+    if not config.intercept.udp_ports:
+        return []
+    fam = f"meta nfproto {NFPROTO[family]}"
+    out = []
+    if config.intercept.exclude_ports:
+        ports = _set(port_ranges(config.intercept.exclude_ports, "-"))
+        out.append(f"{fam} udp dport {ports} return {_comment('exclude-ports-udp')}")
+    udp_ports = _set(port_ranges(config.intercept.udp_ports, "-"))
+    out.append(
+        f"{fam} {_iif(config)} udp dport {udp_ports} {_tproxy_to(config, family)} {setmark} accept "
+        f"{_comment('intercept-udp')}"
+    )
+    return out
+
+
 def _ports(config: Config) -> str:
     return _set(port_ranges(config.intercept.ports, "-"))
 
@@ -141,6 +160,7 @@ class NftablesBackend(Backend):
                     f"{fam} {_iif(config)} tcp dport {_ports(config)} tcp flags & (syn | ack) == syn "
                     f"{_tproxy_to(config, f)} {setmark} accept {_comment('intercept')}"
                 )
+                prerouting += _udp_rules(config, f, setmark)
         if prerouting:
             chains.append(
                 _chain("prerouting", "type filter hook prerouting priority mangle; policy accept;", prerouting)

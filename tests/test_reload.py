@@ -303,3 +303,13 @@ def test_command_line_overrides_are_kept_on_reload(tmp_path):
     assert runner._overrides(given, "nat", "iptables") == {"mode": "nat", "backend": "iptables"}
     assert runner._overrides(Config.from_toml(path), None, None) == {}
     assert reload.load(given, {"backend": "iptables"}).backend == "iptables"
+
+
+def test_udp_ports_change_the_rules_and_udp_settings_apply_live():
+    base = {"mode": "tproxy", "proxy__preserve_source": True}
+    p = reload.plan(cfg(**base), cfg(**base, intercept__udp_ports=[53]))
+    assert [c.line() for c in p.applied] == ["intercept.udp_ports [] -> [53]"]
+    assert p.rules and not p.listeners and p.config.intercept.udp_ports
+    p = reload.plan(cfg(**base), cfg(**base, proxy__udp_idle_timeout=5, proxy__udp_max_sessions=7))
+    assert [c.key for c in p.applied] == ["proxy.udp_idle_timeout", "proxy.udp_max_sessions"]
+    assert p.settings and not p.rules and p.config.proxy.udp_max_sessions == 7
