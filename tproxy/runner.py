@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from tproxy import log, reload, sockets
+from tproxy import log, reload, sockets, udp
 from tproxy.config import Config
 from tproxy.errors import ConfigError, TproxyError
 from tproxy.stats import State, Stats
@@ -263,10 +263,11 @@ async def _main(
     state: State,
     early: _Signals,
     reloader: Reloader | None = None,
+    udp_listeners: list[socket.socket] | None = None,
 ) -> None:
     from tproxy.server import Server
 
-    server = Server(config, listeners, stats, state)
+    server = Server(config, listeners, stats, state, udp_listeners=udp_listeners or ())
     if reloader is not None:
         reloader.server = server
     async with trio.open_nursery() as nursery:
@@ -333,6 +334,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
     state = State(mode=config.mode, backend=config.backend)
     installed: str | None = None  # the install summary, while this process owns the rules
     listeners: list[socket.socket] = []
+    udp_listeners: list[socket.socket] = []
     overrides = reload.OVERRIDES = _overrides(config, mode, backend)  # (also for a privileged parent's reload)
     reloader: Reloader | None = None
     logs = contextlib.ExitStack()  # the log writer thread, in the process that serves (after any fork), ended last
@@ -344,8 +346,9 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
                 installed = rules.install(config)
             state.rules_installed = True  # with --no-rules, the privileged step installed them
             listeners = bind_listeners(config)
+            udp_listeners = udp.bind_listeners(config)
             summary = installed if installed is not None else "nothing (--no-rules)"
-            if not before_serve(config, listeners, manage_rules=installed is not None):
+            if not before_serve(config, listeners + udp_listeners, manage_rules=installed is not None):
                 installed = None  # a privileged parent process removes them (or they were never ours)
             logs.enter_context(log.threaded(stats))
             log.event(
@@ -353,6 +356,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
                 mode=config.mode,
                 backend=config.backend,
                 listeners=",".join(log.addr(sockets.sockname(s)) for s in listeners),
+                udp_listeners=",".join(log.addr(sockets.sockname(s)) for s in udp_listeners),
                 upstream=config.proxy.upstream,
                 relay=config.proxy.relay,
                 preserve_source=config.preserve_source,
@@ -362,7 +366,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             reloader = Reloader(config, listeners, state, owns_rules=installed is not None, overrides=overrides)
             gc.freeze()  # what start-up allocated stays out of every later collection (shorter full collections)
             try:
-                trio.run(_main, config, listeners, stats, state, early, reloader)
+                trio.run(_main, config, listeners, stats, state, early, reloader, udp_listeners)
             except BaseExceptionGroup as group:
                 err = _operator_error(group)
                 if err is None:
@@ -373,7 +377,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             if reloader is not None:
                 config = reloader.config  # the rules in force are the last reload's
                 listeners = [*listeners, *reloader.sockets.values(), *reloader.lingering.values()]
-            for s in listeners:
+            for s in listeners + udp_listeners:
                 s.close()
             with logs:  # (the writer thread ends after the last line, however this ends)
                 if installed is not None:
