@@ -1,0 +1,194 @@
+"""UDP end to end (root): the real ``tproxy run`` in the lab's node namespace, a UDP application there that answers
+with the source address it saw (tests/udp_peers.py), clients with *connected* UDP sockets in the client namespace (a
+connected socket accepts answers only from the address it wrote to: an answer from anywhere else is lost, and the
+flow fails).
+
+"Went through the proxy" is never taken from "the application answered" (with nftables a missing proxy fails open):
+the proxy's log names each session's client, and with ``upstream = "original"`` the application sees a source port
+other than the client's. A reply with a wrong UDP checksum is dropped by the client's kernel, so these tests also
+check the header we build.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.lab_fixtures import fresh_ports
+from tproxy import lab as L
+
+pytestmark = pytest.mark.root
+
+PORTS = (5353, 5354)
+SIZES = [0, 1, 1472, 8000, 65507]
+
+
+def udp_config(backend: str, *, upstream: str = "original", **proxy: object) -> str:
+    text = L.proxy_config("tproxy", backend, upstream=upstream)
+    text = text.replace(
+        f'ports = ["{L.INTERCEPT_PORTS}"]', f'ports = ["{L.INTERCEPT_PORTS}"]\nudp_ports = ["{PORTS[0]}-{PORTS[1]}"]'
+    )
+    settings = {"udp_idle_timeout": 2, **proxy}
+    for key in settings:
+        text = re.sub(rf"^{key} = .*\n", "", text, flags=re.M)
+    return text.replace("[proxy]\n", "[proxy]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[L.Lab]:
+    with L.Lab.up(app=False) as lab:
+        app = lab.node.popen(
+            [sys.executable, "-m", "tests.udp_peers", "app", *map(str, PORTS)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert app.stdout.readline().strip() == "UDP APP READY"
+            yield lab
+        finally:
+            app.kill()
+            app.wait()
+
+
+@pytest.fixture
+def proxy(lab, request) -> Iterator[L.Proxy]:
+    """A proxy for the test's ``config`` (indirect parameter: a config text), stopped afterwards."""
+    p = lab.start_proxy(request.param)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def flows(lab: L.Lab, jobs: list[dict], timeout: float = 120) -> list[dict]:
+    r = lab.client.run(
+        [sys.executable, "-m", "tests.udp_peers", "client"], input=json.dumps(jobs), timeout=timeout, check=False
+    )
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def metric(lab: L.Lab, name: str) -> float:
+    code = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:4191/metrics', timeout=10).read().decode())"
+    text = lab.node.run([sys.executable, "-c", code]).stdout
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def sessions_logged(proxy: L.Proxy, ip: str, port: int, *, count: int = 1, timeout: float = 15) -> list[str]:
+    """The proxy's ``udp_session`` lines for client ``ip:port``, once there are ``count`` of them (bounded wait: a
+    session is logged when it ends)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [ln for ln in L.proxy_log_names(proxy.log(), ip, port) if " udp_session " in ln]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
+def node_udp_sockets(lab: L.Lab, ip: str) -> list[str]:
+    """The node's UDP sockets bound to ``ip`` (the client's address: our upstream legs)."""
+    out = lab.node.run(["ss", "-uanH"]).stdout
+    return [ln for ln in out.splitlines() if re.search(rf"\s\[?{re.escape(ip)}\]?:\d+\s", ln)]
+
+
+CELLS = [udp_config("nftables"), udp_config("iptables")]
+cells = pytest.mark.parametrize("proxy", CELLS, indirect=True, ids=["nftables", "iptables"])
+family = pytest.mark.parametrize("family", (4, 6), ids=("ipv4", "ipv6"))
+
+
+@cells
+@family
+def test_the_client_gets_its_own_address_back_and_every_size_whole(lab, proxy, family):
+    results = flows(lab, [{"dst": L.NODE[family], "port": PORTS[0], "sizes": SIZES} for _ in range(2)])
+    for r in results:
+        assert r["ok"] and r["retries"] == 0, r
+        assert r["peer"][0] == L.CLIENT[family] == r["src"][0], r
+        assert r["peer"][1] != r["src"][1], f"the application saw the client's own port: not proxied? {r}"
+        lines = sessions_logged(proxy, *r["src"])
+        assert len(lines) == 1, proxy.log()
+        dst = f"[{L.NODE[6]}]" if family == 6 else L.NODE[4]
+        assert f"original_dst={dst}:{PORTS[0]} " in lines[0], lines
+        assert "datagrams_in=6 " in lines[0] and "datagrams_out=6 " in lines[0], lines
+        assert f"bytes_in={sum(SIZES) + 1} " in lines[0] and "reason=idle" in lines[0], lines
+
+
+@cells
+@family
+def test_the_same_client_port_towards_two_destinations(lab, proxy, family):
+    (port,) = fresh_ports(1)
+    jobs = [{"dst": L.NODE[family], "port": p, "src_port": port, "sizes": [100, 0]} for p in PORTS]
+    results = flows(lab, jobs)
+    assert all(r["ok"] and r["src"][1] == port for r in results), results
+    assert len({tuple(r["peer"]) for r in results}) == 2, results  # two upstream legs
+    lines = sessions_logged(proxy, L.CLIENT[family], port, count=2)
+    assert sorted(re.search(r"original_dst=\S+:(\d+) ", ln).group(1) for ln in lines) == [str(p) for p in PORTS]
+
+
+@pytest.mark.parametrize("proxy", [udp_config("nftables")], indirect=True, ids=["nftables"])
+def test_idle_sessions_expire_and_a_new_datagram_opens_a_new_one(lab, proxy):
+    (port,) = fresh_ports(1)
+    job = {"dst": L.NODE[4], "port": PORTS[0], "src_port": port, "sizes": [10]}
+    first = flows(lab, [job])[0]
+    assert first["ok"], first
+    assert any(f":{first['peer'][1]} " in ln for ln in node_udp_sockets(lab, L.CLIENT[4]))
+    assert len(sessions_logged(proxy, L.CLIENT[4], port)) == 1  # ended: udp_idle_timeout = 2
+    assert not node_udp_sockets(lab, L.CLIENT[4]), "the expired session's socket is still open"
+    assert metric(lab, "tproxy_udp_sessions_open") == 0
+    second = flows(lab, [job])[0]
+    assert second["ok"] and second["peer"] != first["peer"], (first, second)
+    lines = sessions_logged(proxy, L.CLIENT[4], port, count=2)
+    assert len(lines) == 2 and all("reason=idle" in ln for ln in lines), lines
+    assert metric(lab, "tproxy_udp_sessions_total") == 2
+
+
+@pytest.mark.parametrize(
+    "proxy", [udp_config("iptables", udp_max_sessions=2, udp_idle_timeout=60)], indirect=True, ids=["iptables"]
+)
+def test_max_sessions_drops_new_flows_and_keeps_the_live_ones(lab, proxy):
+    ports = fresh_ports(3)
+    job = {"dst": L.NODE[4], "port": PORTS[0], "sizes": [10]}
+    live = flows(lab, [{**job, "src_port": p} for p in ports[:2]])
+    assert all(r["ok"] for r in live), live
+    refused = flows(lab, [{**job, "src_port": ports[2], "timeout": 0.5, "retries": 1}])[0]
+    assert not refused["ok"] and refused["peer"] is None, refused
+    assert metric(lab, 'tproxy_udp_dropped_total{reason="max_sessions"}') == 2
+    # the live sessions were not evicted: they still answer, from the same upstream legs
+    again = flows(lab, [{**job, "src_port": p} for p in ports[:2]])
+    assert [r["peer"] for r in again] == [r["peer"] for r in live], (live, again)
+    assert metric(lab, "tproxy_udp_sessions_open") == 2 and metric(lab, "tproxy_udp_sessions_total") == 2
+
+
+def test_sigterm_ends_sessions_at_once_and_leaves_no_socket_and_no_rule(lab):
+    before = lab.snapshot()
+    proxy = lab.start_proxy(udp_config("nftables", udp_idle_timeout=600, shutdown_grace=30))
+    try:
+        results = flows(lab, [{"dst": L.NODE[f], "port": p, "sizes": [1]} for f in (4, 6) for p in PORTS])
+        assert all(r["ok"] for r in results), results
+        assert len(node_udp_sockets(lab, L.CLIENT[4]) + node_udp_sockets(lab, L.CLIENT[6])) == 4
+        t0 = time.monotonic()
+        assert proxy.stop(signal.SIGTERM) == 0, proxy.log()
+        assert time.monotonic() - t0 < 5, "UDP sessions held the shutdown up (nothing to drain)"
+    finally:
+        proxy.stop(signal.SIGKILL)
+    assert proxy.log().count("reason=shutdown") == 4, proxy.log()
+    assert not node_udp_sockets(lab, L.CLIENT[4]) and not node_udp_sockets(lab, L.CLIENT[6])
+    assert lab.snapshot() == before
+
+
+@pytest.mark.parametrize("proxy", [udp_config("nftables", upstream="loopback")], indirect=True, ids=["loopback"])
+@family
+def test_loopback_upstream_keeps_the_client_port(lab, proxy, family):
+    results = flows(lab, [{"dst": L.NODE[family], "port": PORTS[1], "sizes": [0, 1472]}])
+    assert all(r["ok"] and r["peer"] == r["src"] for r in results), results
+    assert sessions_logged(proxy, *results[0]["src"]), proxy.log()
