@@ -192,3 +192,37 @@ def test_loopback_upstream_keeps_the_client_port(lab, proxy, family):
     results = flows(lab, [{"dst": L.NODE[family], "port": PORTS[1], "sizes": [0, 1472]}])
     assert all(r["ok"] and r["peer"] == r["src"] for r in results), results
     assert sessions_logged(proxy, *results[0]["src"]), proxy.log()
+
+
+def test_reload_turns_udp_on_and_off(lab):
+    """Started without ``udp_ports``, a SIGHUP that adds them binds the UDP listeners before the rules point at them
+    (iptables: a TPROXY rule without a listener drops the datagram); one that removes them closes the listeners."""
+    plain = L.proxy_config("tproxy", "iptables")
+    proxy = lab.start_proxy(plain)
+    try:
+        job = {"dst": L.NODE[4], "port": PORTS[0], "sizes": [5]}
+        direct = flows(lab, [job])[0]
+        assert direct["ok"] and direct["peer"] == direct["src"], direct  # not intercepted yet
+
+        def reload(text: str) -> None:
+            n = proxy.log().count(" reloaded ")
+            proxy.config_path.write_text(text)
+            proxy.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while proxy.log().count(" reloaded ") == n:
+                assert time.monotonic() < deadline, proxy.log()
+                time.sleep(0.05)
+
+        reload(udp_config("iptables"))
+        for f in (4, 6):
+            r = flows(lab, [{**job, "dst": L.NODE[f]}])[0]
+            assert r["ok"] and r["peer"][0] == r["src"][0] and r["peer"][1] != r["src"][1], r
+            assert sessions_logged(proxy, *r["src"]), proxy.log()
+        assert ":4143 " in lab.node.run(["ss", "-uanH", "sport", "= :4143"]).stdout
+        reload(plain)
+        assert not lab.node.run(["ss", "-uanH", "sport", "= :4143"]).stdout.strip()
+        again = flows(lab, [job])[0]
+        assert again["ok"] and again["peer"] == again["src"], again
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop(signal.SIGKILL)

@@ -160,9 +160,11 @@ class Reloader:
         *,
         owns_rules: bool,
         overrides: dict[str, Any] | None = None,
+        udp_listeners: list[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.sockets = dict(zip(reload.listener_key(config), listeners, strict=True))
+        self.udp_sockets = dict(zip(_udp_keys(config), udp_listeners or [], strict=True))
         self.state = state
         self.owns_rules = owns_rules
         self.overrides = overrides or {}
@@ -217,6 +219,11 @@ class Reloader:
                     s.close()
             await server.retire_listeners([s for s in fresh.values() if s in server.listeners])
             return self._failed(e)
+        try:
+            udp_fresh = await self._bind_udp(server, plan.config)
+        except (TproxyError, OSError, RuntimeError) as e:
+            await server.retire_listeners(list(fresh.values()))
+            return self._failed(e)
         # 2. the rules: in force together with the config they belong to, even if a stop signal comes meanwhile
         with trio.CancelScope(shield=True):
             if plan.rules and self.owns_rules:
@@ -224,6 +231,7 @@ class Reloader:
                     summary = await trio.to_thread.run_sync(reload.install, old, plan)
                 except Exception as e:  # noqa: BLE001 - the host is as it was; one line, keep running
                     await server.retire_listeners(list(fresh.values()))
+                    self._retire_udp(server, udp_fresh)
                     return self._failed(e)
                 log.event("reload_rules", installed=summary)
             elif plan.rules:
@@ -240,6 +248,8 @@ class Reloader:
         else:  # the rules move when a privileged step says so: keep accepting on the old port until the next reload
             self.lingering = replaced
         await server.retire_listeners(retire)
+        if self.owns_rules:  # (otherwise the rules move later: the old UDP listeners stay until the next reload)
+            self._retire_udp(server, {k: s for k, s in self.udp_sockets.items() if k not in _udp_keys(plan.config)})
         server.apply_settings(plan.config)
         if (old.log.level, old.log.format) != (plan.config.log.level, plan.config.log.format):
             log.setup(plan.config.log.level, plan.config.log.format)
@@ -254,6 +264,38 @@ class Reloader:
             duration_ms=round((trio.current_time() - t0) * 1000, 1),
         )
         return True
+
+    async def _bind_udp(self, server, config: Config) -> dict[tuple, socket.socket]:
+        """The UDP listeners ``config`` needs and we do not have yet, bound and receiving (before any rule points at
+        them). Raises TproxyError / OSError / RuntimeError with nothing left bound."""
+        fresh: dict[tuple, socket.socket] = {}
+        if server.udp is None:
+            return fresh
+        try:
+            for key in _udp_keys(config):
+                if key not in self.udp_sockets:
+                    family, address, port, _transparent = key
+                    fresh[key] = sockets.udp_listener(family, address, port)
+            await server.udp.adopt(list(fresh.values()))
+        except BaseException:
+            for s in fresh.values():
+                s.close()
+            raise
+        self.udp_sockets.update(fresh)
+        return fresh
+
+    def _retire_udp(self, server, socks: dict[tuple, socket.socket]) -> None:
+        for key in socks:
+            self.udp_sockets.pop(key, None)
+        if server.udp is not None:
+            server.udp.retire(list(socks.values()))
+
+
+def _udp_keys(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
+    """The UDP listeners ``config`` needs, keyed like the TCP ones: none without ``intercept.udp_ports``."""
+    if config.mode != "tproxy" or not config.intercept.udp_ports:
+        return ()
+    return reload.listener_key(config)
 
 
 async def _main(
@@ -363,7 +405,14 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
                 installed=summary,
                 nofile=soft,
             )
-            reloader = Reloader(config, listeners, state, owns_rules=installed is not None, overrides=overrides)
+            reloader = Reloader(
+                config,
+                listeners,
+                state,
+                owns_rules=installed is not None,
+                overrides=overrides,
+                udp_listeners=udp_listeners,
+            )
             gc.freeze()  # what start-up allocated stays out of every later collection (shorter full collections)
             try:
                 trio.run(_main, config, listeners, stats, state, early, reloader, udp_listeners)
@@ -377,6 +426,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             if reloader is not None:
                 config = reloader.config  # the rules in force are the last reload's
                 listeners = [*listeners, *reloader.sockets.values(), *reloader.lingering.values()]
+                udp_listeners = [*udp_listeners, *reloader.udp_sockets.values()]
             for s in listeners + udp_listeners:
                 s.close()
             with logs:  # (the writer thread ends after the last line, however this ends)
