@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +229,75 @@ def test_reload_turns_udp_on_and_off(lab):
         assert proxy.stop() == 0
     finally:
         proxy.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[tuple[list[str], dict[str, str]]]:
+    from tests.test_privileges_netns import runtime_argv
+
+    workdir = Path(tempfile.mkdtemp(prefix="tpx-udp-priv-"))
+    try:
+        yield runtime_argv(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_dnsmasq_sees_the_client_through_a_proxy_running_as_nobody_with_net_raw_only(runtime):
+    """A real DNS server on port 53 (dnsmasq, on the wildcard address) behind the proxy, whose serving process is
+    uid 65534 with CAP_NET_RAW only (privileged parent): ``kdig`` in the client namespace gets its answer from the
+    address it asked, and dnsmasq's query log names the client's address."""
+    from tests.test_privileges_netns import NET_RAW_ONLY, NOBODY, serving_child, start
+    from tproxy.privileges import ProcessCredentials
+
+    argv, env = runtime
+    with L.Lab.up(app=False) as lab:
+        lab.workdir.chmod(0o755)
+        dns_log = lab.workdir / "dnsmasq.log"
+        with open(dns_log, "wb") as out:
+            dnsmasq = lab.node.popen(
+                [
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    "--log-facility=-",
+                    "--log-queries",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--pid-file=",
+                    "--port=53",
+                    "--user=root",
+                    "--address=/tproxy.test/198.18.0.99",
+                    "--address=/tproxy.test/fd00::99",
+                ],  # fmt: skip
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 10
+            while ":53 " not in lab.node.run(["ss", "-uanH", "sport", "= :53"]).stdout:
+                assert time.monotonic() < deadline and dnsmasq.poll() is None, dns_log.read_text()
+                time.sleep(0.05)
+            text = L.proxy_config("tproxy", "nftables").replace(
+                f'ports = ["{L.INTERCEPT_PORTS}"]', f'ports = ["{L.INTERCEPT_PORTS}"]\nudp_ports = [53]'
+            )
+            config = lab.write_config(text + '\n[privileges]\nuser = "nobody"\n')
+            parent = start(lab, [*argv, "run", "-c", str(config)], env, config)
+            creds = ProcessCredentials.of(serving_child(parent.pid))
+            assert creds.uids == (NOBODY,) * 4 and creds.effective == creds.permitted == NET_RAW_ONLY
+            for fam, qtype, answer in ((4, "A", "198.18.0.99"), (6, "AAAA", "fd00::99")):
+                r = lab.client.run(
+                    ["kdig", f"@{L.NODE[fam]}", "tproxy.test", qtype, "+short", "+timeout=2", "+retry=2"], check=False
+                )
+                assert r.stdout.strip() == answer, (r.stdout, r.stderr, parent.log(), dns_log.read_text())
+                assert f"query[{qtype}] tproxy.test from {L.CLIENT[fam]}" in dns_log.read_text()
+            assert parent.stop(signal.SIGTERM) == 0, parent.log()
+            log = parent.log()
+            for fam in (4, 6):
+                node = f"[{L.NODE[6]}]" if fam == 6 else L.NODE[4]
+                assert re.search(
+                    rf" udp_session client=\[?{re.escape(L.CLIENT[fam])}\]?:\d+ original_dst={re.escape(node)}:53 ", log
+                ), log
+        finally:
+            dnsmasq.kill()
+            dnsmasq.wait()
