@@ -1,12 +1,13 @@
 """The UDP peers of the end-to-end tests, run inside the lab's namespaces (``python -m tests.udp_peers app|client``).
 
 - ``app PORT...``: a UDP application on each port, IPv4 and IPv6, bound to the wildcard address *without*
-  SO_REUSEADDR (as most UDP services are). A datagram ``?`` is answered with the source it saw (``198.18.0.1 34567``);
-  any other datagram is echoed unchanged. Prints ``UDP APP READY`` once bound.
+  SO_REUSEADDR (as most UDP services are). The datagram :data:`PROBE` is answered with the source it saw
+  (``198.18.0.1 34567``); any other datagram is echoed unchanged. Prints ``UDP APP READY`` once bound.
 - ``client``: reads a JSON list of flows on stdin and runs them all at once; each flow is one *connected* UDP socket
-  (so only answers from the address it wrote to are accepted), asks ``?`` first, then sends its ``sizes`` one at a time
-  (lock-step: one datagram in flight, ``retries`` more tries each after ``timeout`` seconds) and checks every echo.
-  Prints one JSON result per flow: ``src``, ``peer`` (what the application saw), ``ok``, ``retries``, ``error``.
+  (so only answers from the address it wrote to are accepted), asks for its peer first, then sends its ``sizes``
+  (or ``count`` sizes drawn from ``choose``) one at a time: lock-step, one datagram in flight, ``retries`` more tries
+  each after ``timeout`` seconds; every echo is checked. Prints one JSON result per flow: ``src``, ``peer`` (what the
+  application saw), ``ok``, ``retries``, ``error``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ import trio
 
 READY = "UDP APP READY"
 MAX = 65507
+PROBE = b"tproxy-udp-peer?"  # (no test payload has its length)
+
+
+def raise_rcvbuf(s, size: int) -> None:
+    """Past net.core.rmem_max when we may (root in the lab): many flows' large datagrams wait here at once."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, 33, size)  # SO_RCVBUFFORCE
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 async def _app(ports: list[int]) -> None:
@@ -30,7 +40,7 @@ async def _app(ports: list[int]) -> None:
             s = trio.socket.socket(fam, socket.SOCK_DGRAM)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            raise_rcvbuf(s, 16 << 20)
             await s.bind((host, port))
             socks.append(s)
     print(READY, flush=True)
@@ -38,7 +48,7 @@ async def _app(ports: list[int]) -> None:
     async def serve(s) -> None:
         while True:
             data, peer = await s.recvfrom(MAX + 1)
-            reply = f"{peer[0]} {peer[1]}".encode() if data == b"?" else data
+            reply = f"{peer[0]} {peer[1]}".encode() if data == PROBE else data
             try:
                 await s.sendto(reply, peer)
             except OSError:
@@ -56,15 +66,16 @@ async def _flow(flow: dict[str, Any], i: int) -> dict[str, Any]:
     res: dict[str, Any] = {"i": i, "src": None, "peer": None, "ok": False, "retries": 0, "error": None}
     s = trio.socket.socket(fam, socket.SOCK_DGRAM)
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        raise_rcvbuf(s, 1 << 20)
         if flow.get("src_port"):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             await s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", flow["src_port"]))
         await s.connect((dst, port))
         res["src"] = list(s.getsockname()[:2])
         rng = random.Random(flow.get("seed", 0) * 1_000_003 + i)
-        for n, size in enumerate([None, *flow.get("sizes", [])]):
-            data = b"?" if size is None else rng.randbytes(size)
+        sizes = flow.get("sizes") or [rng.choice(flow["choose"]) for _ in range(flow.get("count", 1))]
+        for n, size in enumerate([None, *sizes]):
+            data = PROBE if size is None else rng.randbytes(size)
             for _attempt in range(retries + 1):
                 await s.send(data)
                 with trio.move_on_after(timeout):

@@ -40,7 +40,7 @@ IPV6_RECVORIGDSTADDR = 74  # (IPV6_ORIGDSTADDR)
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
 UDP_MAX_PAYLOAD = 65507  # the largest IPv4 UDP payload (65535 - 20 - 8); IPv6 takes the same
-UDP_RCVBUF = 8 << 20  # the UDP listener's receive buffer when it can be forced (root, before a privilege drop)
+UDP_RCVBUF = 32 << 20  # the UDP listener's receive buffer when it can be forced (root, before a privilege drop)
 ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)  # room for a sockaddr_in6
 
 # Upstream source ports chosen for ``proxy.upstream = "original"``: below the ranges clients use for their own
@@ -357,6 +357,7 @@ def raw_udp_socket(family: int) -> socket.socket:
         program = ctypes.create_string_buffer(_DROP_ALL)
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # (the kernel's minimum)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_RCVBUF)  # (capped at net.core.wmem_max)
         return sock
     except BaseException:
         sock.close()
