@@ -1,8 +1,9 @@
 """iptables: ``iptables-restore --noflush`` / ``ip6tables-restore --noflush`` files with chains of our own.
 
-Our chains (``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle, ``TPROXY_NAT`` in nat) are jumped to
-from the built-in chains exactly once: declaring a chain in a ``--noflush`` file flushes it, and :meth:`apply` leaves
-out the jump lines that are already in place, so re-applying replaces our rules without a second jump.
+Our chains (``TPROXY_RAW`` in raw, ``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle,
+``TPROXY_NAT`` in nat) are jumped to from the built-in chains exactly once: declaring a chain in a ``--noflush``
+file flushes it, and :meth:`apply` leaves out the jump lines that are already in place, so re-applying replaces our
+rules without a second jump.
 
 Variant: the host's ``iptables`` is either the nf_tables or the legacy variant (``iptables --version``); we use the
 same one and refuse to run when the *other* variant holds rules, since mixing the two breaks both.
@@ -39,7 +40,8 @@ PREROUTING = "TPROXY_PREROUTING"
 DIVERT = "TPROXY_DIVERT"
 OUTPUT = "TPROXY_OUTPUT"
 NAT = "TPROXY_NAT"
-OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,)}
+RAW = "TPROXY_RAW"
+OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,), "raw": (RAW,)}
 PREFIX = {4: "iptables", 6: "ip6tables"}
 HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
 MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
@@ -85,18 +87,19 @@ def _exclusions(config: Config, family: int, chain: str) -> list[str]:
     return out
 
 
-def _udp_rules(config: Config, family: int, target: str) -> list[str]:
-    """UDP (tproxy mode): datagrams to intercepted ports go to the listener port (``target``: the TCP rules' TPROXY),
-    same interfaces, local destinations only; excluded ports return first (excluded sources already have)."""
+def _udp_rules(config: Config, target: str, *, chain: str = PREROUTING, what: str = "intercept-udp") -> list[str]:
+    """UDP (tproxy mode), as the TCP rules of ``chain``: datagrams to intercepted ports get ``target`` (the TCP
+    rules' TPROXY to the same listener port; in the raw table, CT --notrack), same interfaces, local destinations
+    only; excluded ports return first (excluded sources already have)."""
     if not config.intercept.udp_ports:
         return []
     out = [
-        f"-A {PREROUTING} -p udp -m multiport --dports {group} {_c('exclude-ports-udp')} -j RETURN"
+        f"-A {chain} -p udp -m multiport --dports {group} {_c('exclude-ports-udp')} -j RETURN"
         for group in (_port_groups(config.intercept.exclude_ports) if config.intercept.exclude_ports else [])
     ]
     for iif in _iifs(config):
         for group in _port_groups(config.intercept.udp_ports):
-            out.append(f"-A {PREROUTING} {iif} -p udp -m multiport --dports {group} {_c('intercept-udp')} {target}")
+            out.append(f"-A {chain} {iif} -p udp -m multiport --dports {group} {_c(what)} {target}")
     return out
 
 
@@ -105,16 +108,36 @@ def _jump(builtin: str, chain: str) -> str:
 
 
 def render_family(config: Config, family: int) -> str:
-    """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6)."""
+    """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6).
+
+    Reply routing as in the nftables backend: the upstream mark saved into the connection mark in OUTPUT, the reply
+    mark set only on packets in the reply direction of such a connection (OUTPUT and PREROUTING), and in tproxy mode
+    the intercepted client leg kept out of conntrack in the raw table."""
     mark, mask = mark_hex(config.routing.mark), mark_hex(config.routing.mask)
+    upstream = mark_hex(config.routing.upstream_mark)
+    reply = (
+        f"-m conntrack --ctdir REPLY -m connmark --mark {upstream}/{mask} {_c('reply-mark')} "
+        f"-j MARK --set-xmark {mark}/{mask}"
+    )
     mangle_chains: list[str] = []
     mangle_rules: list[str] = []
     jumps: list[str] = []
+    lines = [HEADER[family]]
+
+    if config.mode == "tproxy":
+        raw = [f":{RAW} - [0:0]", _jump("PREROUTING", RAW), *_exclusions(config, family, RAW)]
+        for iif in _iifs(config):
+            for group in _port_groups(config.intercept.ports):
+                raw.append(f"-A {RAW} {iif} -p tcp -m multiport --dports {group} {_c('notrack')} -j CT --notrack")
+        raw += _udp_rules(config, "-j CT --notrack", chain=RAW, what="notrack-udp")
+        lines += ["*raw", *raw, "COMMIT"]
 
     pre: list[str] = []
     if family == 4 and loopback_guard(config):
         # to or from 127.0.0.0/8 on anything but lo (route_localnet=1 lifts the kernel's own check; CVE-2020-8558)
         pre += [f"-A {PREROUTING} {d} 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP" for d in ("-d", "-s")]
+    if config.needs_routing:
+        pre.append(f"-A {PREROUTING} {reply}")
     if config.mode == "tproxy":
         pre.append(f"-A {PREROUTING} -p tcp ! --syn -m socket --transparent {_c('divert')} -j {DIVERT}")
         pre += _exclusions(config, family, PREROUTING)
@@ -125,9 +148,7 @@ def render_family(config: Config, family: int) -> str:
                     f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
                     f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
                 )
-        pre += _udp_rules(
-            config, family, f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
-        )
+        pre += _udp_rules(config, f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}")
     if pre:
         mangle_chains.append(PREROUTING)
         jumps.append(_jump("PREROUTING", PREROUTING))
@@ -142,13 +163,11 @@ def render_family(config: Config, family: int) -> str:
         mangle_chains.append(OUTPUT)
         jumps.append(_jump("OUTPUT", OUTPUT))
         mangle_rules += [
-            f"-A {OUTPUT} -m connmark --mark {mark}/{mask} {_c('restore-mark')} "
-            f"-j CONNMARK --restore-mark --nfmask {mask} --ctmask {mask}",
-            f"-A {OUTPUT} -m mark --mark {mark}/{mask} {_c('save-mark')} "
-            f"-j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}",
+            f"-A {OUTPUT} -m mark --mark {upstream}/{mask} {_c('upstream-mark')} "
+            f"-j CONNMARK --set-xmark {upstream}/{mask}",
+            f"-A {OUTPUT} {reply}",
         ]
 
-    lines = [HEADER[family]]
     if mangle_chains:
         lines += ["*mangle", *(f":{c} - [0:0]" for c in mangle_chains), *jumps, *mangle_rules, "COMMIT"]
     if config.mode == "nat":

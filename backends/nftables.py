@@ -80,10 +80,11 @@ def _exclusions(config: Config, family: int) -> list[str]:
     return out
 
 
-def _udp_rules(config: Config, family: int, setmark: str) -> list[str]:
-    """UDP (tproxy mode): every datagram to an intercepted port goes to the listener port, on the same interfaces, for
-    local destinations only, with the same mark; excluded ports return first (excluded sources already have). No
-    divert rule: the proxy never holds a socket a client's datagram could match."""
+def _udp_rules(config: Config, family: int, action: str, what: str = "intercept-udp") -> list[str]:
+    """UDP (tproxy mode), as the TCP rules of its chain: every datagram to an intercepted port gets ``action`` (the
+    TCP rules' tproxy to the listener port with the same mark; in raw prerouting, notrack), on the same interfaces,
+    for local destinations only; excluded ports return first (excluded sources already have). No divert rule: the
+    proxy never holds a socket a client's datagram could match."""
     if not config.intercept.udp_ports:
         return []
     fam = f"meta nfproto {NFPROTO[family]}"
@@ -92,10 +93,7 @@ def _udp_rules(config: Config, family: int, setmark: str) -> list[str]:
         ports = _set(port_ranges(config.intercept.exclude_ports, "-"))
         out.append(f"{fam} udp dport {ports} return {_comment('exclude-ports-udp')}")
     udp_ports = _set(port_ranges(config.intercept.udp_ports, "-"))
-    out.append(
-        f"{fam} {_iif(config)} udp dport {udp_ports} {_tproxy_to(config, family)} {setmark} accept "
-        f"{_comment('intercept-udp')}"
-    )
+    out.append(f"{fam} {_iif(config)} udp dport {udp_ports} {action} {_comment(what)}")
     return out
 
 
@@ -140,13 +138,30 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def render(self, config: Config) -> str:
+        """The table for ``config``; reply routing as in README, "What the rules do" (DESIGN.md, "Reply routing,
+        revised"): the upstream sockets' own mark is saved into the connection mark (output), and only packets in
+        the reply direction of such a connection get the routed reply mark (output and prerouting); in tproxy mode
+        the intercepted client leg is kept out of conntrack (raw prerouting), so no NAT of the host applies to it."""
         mark, mask, keep = mark_hex(config.routing.mark), mark_hex(config.routing.mask), keep_mask(config)
+        upstream = mark_hex(config.routing.upstream_mark)
         setmark = f"meta mark set meta mark & {keep} | {mark}"
+        reply = f"ct direction reply ct mark & {mask} == {upstream} {setmark} {_comment('reply-mark')}"
         chains: list[list[str]] = []
+
+        if config.mode == "tproxy":
+            raw: list[str] = []
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                raw += _exclusions(config, f)
+                raw.append(f"{fam} {_iif(config)} tcp dport {_ports(config)} notrack {_comment('notrack')}")
+                raw += _udp_rules(config, f, "notrack", "notrack-udp")
+            chains.append(_chain("raw_prerouting", "type filter hook prerouting priority raw; policy accept;", raw))
 
         prerouting: list[str] = []
         if loopback_guard(config):
             prerouting += _guard()
+        if config.needs_routing:
+            prerouting += [f"meta nfproto {NFPROTO[f]} {reply}" for f in config.families]
         if config.mode == "tproxy":
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
@@ -160,7 +175,7 @@ class NftablesBackend(Backend):
                     f"{fam} {_iif(config)} tcp dport {_ports(config)} tcp flags & (syn | ack) == syn "
                     f"{_tproxy_to(config, f)} {setmark} accept {_comment('intercept')}"
                 )
-                prerouting += _udp_rules(config, f, setmark)
+                prerouting += _udp_rules(config, f, f"{_tproxy_to(config, f)} {setmark} accept")
         if prerouting:
             chains.append(
                 _chain("prerouting", "type filter hook prerouting priority mangle; policy accept;", prerouting)
@@ -170,10 +185,11 @@ class NftablesBackend(Backend):
             output = []
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
-                output.append(f"{fam} ct mark & {mask} == {mark} {setmark} {_comment('restore-mark')}")
                 output.append(
-                    f"{fam} meta mark & {mask} == {mark} ct mark set ct mark & {keep} | {mark} {_comment('save-mark')}"
+                    f"{fam} meta mark & {mask} == {upstream} ct mark set ct mark & {keep} | {upstream} "
+                    f"{_comment('upstream-mark')}"
                 )
+                output.append(f"{fam} {reply}")
             chains.append(_chain("output", "type route hook output priority mangle; policy accept;", output))
 
         if config.mode == "nat":
@@ -184,11 +200,13 @@ class NftablesBackend(Backend):
                 nat.append(
                     f"{fam} {_iif(config)} tcp dport {_ports(config)} {_redirect_to(config, f)} {_comment('intercept')}"
                 )
-            chains.append(_chain("nat_prerouting", "type nat hook prerouting priority dstnat; policy accept;", nat))
+            # before the host's own DNAT (a published port's): the proxy's upstream connection meets that one
+            hook = "type nat hook prerouting priority dstnat - 10; policy accept;"
+            chains.append(_chain("nat_prerouting", hook, nat))
 
         families = ",".join(f"ipv{f}" for f in config.families)
         lines = [
-            f"# tproxy: mode={config.mode} families={families} mark={mark}/{mask} "
+            f"# tproxy: mode={config.mode} families={families} mark={mark} upstream_mark={upstream} mask={mask} "
             "(nft -f FILE replaces the table atomically)",
             f"table {FAMILY} {TABLE} {{",
             "}",

@@ -397,7 +397,7 @@ def test_rules_divert_and_route_replies(pair, tmp_path, case, sees, backend):
     r = cli(srv, "apply", "-c", conf)
     assert r.returncode == 0, r.stderr
     probe = srv.popen(
-        [PYTHON, "-m", "tests.rules_probe", cfg.mode, cfg.proxy.upstream, str(cfg.routing.mark),
+        [PYTHON, "-m", "tests.rules_probe", cfg.mode, cfg.proxy.upstream, str(cfg.routing.upstream_mark),
          str(cfg.listener.port), "8080", "1" if cfg.preserve_source else "0"],
         cwd=str(Path(__file__).parent.parent), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
