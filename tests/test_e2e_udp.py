@@ -30,14 +30,15 @@ from tproxy import lab as L
 
 pytestmark = pytest.mark.root
 
-PORTS = (5353, 5354)
+PORTS = (5353, 5354)  # the application's
+DOWN = 5355  # intercepted, nothing listens
 SIZES = [0, 1, 1472, 8000, 65507]
 
 
 def udp_config(backend: str, *, upstream: str = "original", **proxy: object) -> str:
     text = L.proxy_config("tproxy", backend, upstream=upstream)
     text = text.replace(
-        f'ports = ["{L.INTERCEPT_PORTS}"]', f'ports = ["{L.INTERCEPT_PORTS}"]\nudp_ports = ["{PORTS[0]}-{PORTS[1]}"]'
+        f'ports = ["{L.INTERCEPT_PORTS}"]', f'ports = ["{L.INTERCEPT_PORTS}"]\nudp_ports = ["{PORTS[0]}-{DOWN}"]'
     )
     settings = {"udp_idle_timeout": 2, **proxy}
     for key in settings:
@@ -331,3 +332,15 @@ def dropped(lab: L.Lab) -> dict[str, float]:
         m.group(1): float(m.group(2))
         for m in re.finditer(r'^tproxy_udp_dropped_total\{reason="(\w+)"\} (\S+)$', text, re.M)
     }
+
+
+@pytest.mark.parametrize("proxy", [udp_config("nftables")], indirect=True, ids=["nftables"])
+def test_a_session_to_a_closed_port_ends_refused(lab, proxy):
+    """Nothing listens on the application's port: its ICMP port unreachable ends the session (``refused``) at once,
+    not after the idle timeout, and the client gets no answer."""
+    (port,) = fresh_ports(1)
+    r = flows(lab, [{"dst": L.NODE[4], "port": DOWN, "src_port": port, "sizes": [], "timeout": 0.5, "retries": 0}])[0]
+    assert not r["ok"] and r["peer"] is None, r
+    (line,) = sessions_logged(proxy, L.CLIENT[4], port)
+    assert "reason=refused" in line and "datagrams_out=0 " in line, line
+    assert float(re.search(r"duration_ms=(\S+)", line).group(1)) < 1000, line

@@ -6,6 +6,7 @@ checksum is wrong, so those tests fail on a bad header too)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import socket
 import struct
@@ -146,3 +147,105 @@ def test_the_raw_reply_socket_receives_nothing():
     finally:
         for s in (ours, plain, rx, tx):
             s.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The relay in-process, over loopback (root: the raw reply socket). The datagrams are handed to it as the listener
+# would (client address, original destination in the ancillary data); the replies travel for real, through the raw
+# socket with our header and the destination's address as source, to a client socket connected to the application.
+
+
+def relay_config(**proxy):
+    from tproxy.config import Config
+
+    return Config.from_dict({"intercept": {"ports": [8080], "udp_ports": [53]}, "proxy": proxy})
+
+
+async def start_echo(nursery):
+    import trio
+
+    app = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await app.bind(("127.0.0.1", 0))
+
+    async def serve():
+        while True:
+            data, peer = await app.recvfrom(65536)
+            await app.sendto(f"{peer[1]} ".encode() + data, peer)
+
+    nursery.start_soon(serve)
+    return app.getsockname()
+
+
+def hand_over(relay, client, dst, data):
+    relay._datagram(4, data, [(sockets.SOL_IP, sockets.IP_RECVORIGDSTADDR, sockaddr_in(*dst))], client)
+
+
+@pytest.mark.root
+async def test_relay_round_trip_from_a_chosen_port_with_the_destination_as_source():
+    import trio
+
+    from tproxy.stats import Stats
+    from tproxy.udp import UdpRelay
+
+    stats = Stats()
+    async with trio.open_nursery() as outer:
+        dst = await start_echo(outer)
+        relay = UdpRelay(relay_config(), [], stats, mark=0, port_start=1024)
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accepts:
+                await relay.start(accepts, conns)
+                client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                await client.bind(("127.0.0.1", 0))
+                await client.connect(dst)  # accepts only what comes from the application's address
+                caddr = client.getsockname()
+                for payload in (b"", b"x", os.urandom(8000)):
+                    hand_over(relay, caddr, dst, payload)
+                    with trio.fail_after(5):
+                        reply = await client.recv(65536)
+                    port, _, echoed = reply.partition(b" ")
+                    assert echoed == payload
+                    assert int(port) != caddr[1] and 1024 <= int(port) <= 32767  # never the client's own port
+                assert len(relay.sessions) == 1 and stats.udp_sessions == 1
+                assert (stats.udp_datagrams_in, stats.udp_datagrams_out) == (3, 3)
+                assert stats.udp_bytes_in == 8001 and stats.udp_bytes_out == 8001 + 3 * len(port + b" ")
+                accepts.cancel_scope.cancel()
+            relay.close()
+        assert stats.udp_sessions_open == 0 and not relay.sessions
+        outer.cancel_scope.cancel()
+
+
+@pytest.mark.root
+async def test_relay_max_sessions_idle_expiry_and_loopback_ports():
+    import trio
+
+    from tproxy.stats import Stats
+    from tproxy.udp import UdpRelay
+
+    stats = Stats()
+    async with trio.open_nursery() as outer:
+        app = await start_echo(outer)
+        # the client asked 127.0.0.3 (any local address); the loopback target is 127.0.0.1, where the application is
+        dst = ("127.0.0.3", app[1])
+        config = relay_config(udp_max_sessions=2, udp_idle_timeout=0.3, upstream="loopback")
+        relay = UdpRelay(config, [], stats, mark=0, port_start=1024)
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accepts:
+                await relay.start(accepts, conns)
+                hand_over(relay, ("127.0.0.2", 40001), dst, b"a")
+                hand_over(relay, ("127.0.0.2", 500), dst, b"b")
+                hand_over(relay, ("127.0.0.2", 40002), dst, b"c")  # a third flow: dropped, the two live ones kept
+                assert stats.udp_dropped["max_sessions"] == 1 and len(relay.sessions) == 2
+                ports = {client[1]: s.usrc[1] for (client, _dst), s in relay.sessions.items()}
+                assert ports[40001] == 40001  # loopback: the client's own port
+                assert ports[500] != 500 and ports[500] >= 1024  # below ip_unprivileged_port_start: a chosen one
+                hand_over(relay, ("127.0.0.2", 40001), dst, b"again")  # the same session
+                assert stats.udp_sessions == 2
+                with trio.fail_after(5):
+                    while relay.sessions:
+                        await trio.sleep(0.05)
+                assert stats.udp_sessions_open == 0
+                hand_over(relay, ("127.0.0.2", 40002), dst, b"c")  # room again: a new session
+                assert stats.udp_sessions == 3 and len(relay.sessions) == 1
+                accepts.cancel_scope.cancel()
+            relay.close()
+        outer.cancel_scope.cancel()

@@ -73,7 +73,7 @@ async def _flow(flow: dict[str, Any], i: int) -> dict[str, Any]:
         await s.connect((dst, port))
         res["src"] = list(s.getsockname()[:2])
         rng = random.Random(flow.get("seed", 0) * 1_000_003 + i)
-        sizes = flow.get("sizes") or [rng.choice(flow["choose"]) for _ in range(flow.get("count", 1))]
+        sizes = flow["sizes"] if "sizes" in flow else [rng.choice(flow["choose"]) for _ in range(flow.get("count", 1))]
         for n, size in enumerate([None, *sizes]):
             data = PROBE if size is None else rng.randbytes(size)
             for _attempt in range(retries + 1):

@@ -185,6 +185,8 @@ class UdpRelay:
                 scope.cancel()
             if lsock in self.listeners:
                 self.listeners.remove(lsock)
+            if lsock.fileno() >= 0:
+                trio.lowlevel.notify_closing(lsock)  # (its receive loop may still wait on it)
             lsock.close()
 
     def stop(self) -> None:
@@ -225,7 +227,10 @@ class UdpRelay:
                     data, anc, _flags, addr = recvmsg(size, space)
                 except BlockingIOError:
                     batch = 0
-                    await _wait_readable(lsock)
+                    try:
+                        await _wait_readable(lsock)
+                    except trio.ClosedResourceError:  # retire() closed it
+                        return
                     continue
                 except OSError as e:
                     if e.errno in _TRANSIENT:
