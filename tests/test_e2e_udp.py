@@ -1,5 +1,5 @@
 """UDP end to end (root): the real ``tproxy run`` in the lab's node namespace, a UDP application there that answers
-with the source address it saw (tests/udp_peers.py), clients with *connected* UDP sockets in the client namespace (a
+with the source address it saw (tproxy/lab_udp.py), clients with *connected* UDP sockets in the client namespace (a
 connected socket accepts answers only from the address it wrote to: an answer from anywhere else is lost, and the
 flow fails).
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from tests.lab_fixtures import fresh_ports
-from tests.udp_peers import PROBE
 from tproxy import lab as L
+from tproxy.lab_udp import PROBE
 
 pytestmark = pytest.mark.root
 
@@ -50,7 +50,7 @@ def udp_config(backend: str, *, upstream: str = "original", **proxy: object) -> 
 def lab() -> Iterator[L.Lab]:
     with L.Lab.up(app=False) as lab:
         app = lab.node.popen(
-            [sys.executable, "-m", "tests.udp_peers", "app", *map(str, PORTS)],
+            [sys.executable, "-m", "tproxy.lab_udp", "app", *map(str, PORTS)],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -76,7 +76,7 @@ def proxy(lab, request) -> Iterator[L.Proxy]:
 
 def flows(lab: L.Lab, jobs: list[dict], timeout: float = 120) -> list[dict]:
     r = lab.client.run(
-        [sys.executable, "-m", "tests.udp_peers", "client"], input=json.dumps(jobs), timeout=timeout, check=False
+        [sys.executable, "-m", "tproxy.lab_udp", "client"], input=json.dumps(jobs), timeout=timeout, check=False
     )
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]

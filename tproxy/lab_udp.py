@@ -1,4 +1,5 @@
-"""The UDP peers of the end-to-end tests, run inside the lab's namespaces (``python -m tests.udp_peers app|client``).
+"""The UDP peers of the lab (the end-to-end tests and ``tproxy demo``), run inside the lab's namespaces
+(``python -m tproxy.lab_udp app|client``).
 
 - ``app PORT...``: a UDP application on each port, IPv4 and IPv6, bound to the wildcard address *without*
   SO_REUSEADDR (as most UDP services are). The datagram :data:`PROBE` is answered with the source it saw
