@@ -193,3 +193,46 @@ def test_ipv6_needs_no_loopback_guard_the_kernel_drops_1_from_the_wire(guard_lab
         (name, int(n)) for n, name in re.findall(r'counter packets (\d+) bytes \d+ comment "([\w-]+)"', listing)
     )
     assert counts == {"to-loopback": 0, "from-loopback": 0, "control": 3}, listing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cost of notrack, and the rule tproxy check names for it
+
+_STATEFUL_FIREWALL = """
+table inet filter {
+    chain input {
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iif "lo" accept
+        meta l4proto ipv6-icmp accept
+        tcp dport { 8080-8090 } ct state new accept
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("backend", ("nftables", "iptables"))
+def test_a_tracked_only_input_policy_drops_intercepted_packets_until_the_checks_rule_is_added(guard_lab, backend):
+    """README, "The cost of notrack": tproxy mode keeps the client leg out of conntrack, so a firewall accepting the
+    intercepted ports only as ``ct state new`` drops them (the client times out); ``tproxy check`` warns and names a
+    rule, and with that rule in place the connection goes through the proxy."""
+    lab = guard_lab
+    lab.node.run(["nft", "-f", "-"], input=_STATEFUL_FIREWALL)
+    cell = Cell("tproxy", None, backend)
+    with running(lab, cell) as proxy:
+        check = lab.tproxy("check", "-c", str(proxy.config_path), check=False).stdout
+        (warn,) = [ln for ln in check.splitlines() if ln.startswith("WARN input policy")]
+        fix = warn.split(" \u2014 fix: ")[1]
+        assert fix.startswith("nft insert rule inet filter input tcp dport { 8080-8090 } ct state untracked accept")
+        job = {"dst": L.NODE[4], "port": L.ECHO_PORT, "sizes": [10], "timeout": 3}
+        (dropped,) = lab.connect(job)
+        assert not dropped["ok"] and dropped["error"] == "timeout", dropped
+        lab.node.run(fix.split())
+        (through,) = lab.connect(job)
+        assert through["ok"] and through["peer"][0] == L.CLIENT[4] and through["peer"][1] != through["src"][1]
+        for _ in range(50):
+            if L.proxy_log_names_result(proxy.log(), "tproxy", through):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"not logged: {through}\n{proxy.log()[-2000:]}")
