@@ -16,25 +16,24 @@ table stays. Documented, not hidden.)
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import attrs
 
 from tproxy.backends.base import (
+    COMMENT,
     Backend,
-    drop_state,
-    load_state,
     loopback_guard,
     mark_hex,
     port_ranges,
     require_net_admin,
     run,
-    save_state,
-    state_path,
 )
 from tproxy.backends.nftables import nft_json
 from tproxy.config import Config
 from tproxy.errors import MissingBinaryError, RulesError
+from tproxy.state import drop_state, load_state, save_state, state_path
 
 PREROUTING = "TPROXY_PREROUTING"
 DIVERT = "TPROXY_DIVERT"
@@ -274,6 +273,16 @@ def parse_rule(line: str) -> SavedRule:
     return SavedRule(chain=chain, spec=spec, args=split_args(spec), insert=op == "-I")
 
 
+def _saved_tags(fam: int, text: str) -> Counter[tuple[str, str]]:
+    """(where, tag) of every tproxy-tagged rule in an iptables-save output or a restore file of family ``fam``."""
+    return Counter(
+        (f"{PREFIX[fam]} -t {table}", rule.comment)
+        for table, content in parse_save(text).items()
+        for rule in content.rules
+        if rule.comment and rule.comment.startswith(COMMENT)
+    )
+
+
 def parse_save(text: str) -> dict[str, SavedTable]:
     """``iptables-save`` output (either variant, IPv4 or IPv6) or an ``iptables-restore`` file -> its tables.
 
@@ -437,6 +446,18 @@ class IptablesBackend(Backend):
                 if any(chain in OUR_CHAINS.get(name, ()) for chain in table.chains):
                     return True
         return False
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam, body in split(text).items():
+            out.update(_saved_tags(fam, body))
+        return out
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam in (4, 6):
+            out.update(_saved_tags(fam, self._save(fam)))
+        return out
 
     # -- helpers
 

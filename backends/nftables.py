@@ -8,8 +8,18 @@ keyword, hence the table's name.) Removal deletes the table; nothing outside it 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
-from tproxy.backends.base import Backend, keep_mask, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+from tproxy.backends.base import (
+    Backend,
+    keep_mask,
+    loopback_guard,
+    mark_hex,
+    port_ranges,
+    require_net_admin,
+    run,
+    tags,
+)
 from tproxy.config import Config
 from tproxy.errors import RulesError
 
@@ -235,3 +245,11 @@ class NftablesBackend(Backend):
     def installed(self) -> bool:
         tables = nft_json(["list", "tables", FAMILY], "table") or []
         return any(t.get("family") == FAMILY and t.get("name") == TABLE for t in tables)
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        where = f"nft {FAMILY} {TABLE}"
+        return Counter((where, t) for line in text.splitlines() if not line.startswith("#") for t in tags(line))
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        r = run(["nft", "list", "table", FAMILY, TABLE], check=False)
+        return self.rule_tags(r.stdout) if r.returncode == 0 else Counter()

@@ -290,7 +290,7 @@ def test_nft_json_our_table_has_every_rule_with_its_comment():
     rules = nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "rule")
     assert rules and all(r["table"] == nftables.TABLE and r["comment"].startswith("tproxy/") for r in rules)
     chains = {c["name"]: c for c in nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "chain")}
-    assert set(chains) == {"raw_prerouting", "prerouting", "output"} and chains["prerouting"]["hook"] == "prerouting"
+    assert set(chains) == {"prerouting", "output", "raw_prerouting"} and chains["prerouting"]["hook"] == "prerouting"
 
 
 def test_iptables_nft_objects_and_empty_base_chains():

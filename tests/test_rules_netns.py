@@ -495,6 +495,40 @@ def _strip_save(text: str) -> str:
     return re.sub(r"\[\d+:\d+\]", "[:]", text)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# route_localnet never outlives its guard: a sysctl that cannot be restored is an error, and nothing comes out
+
+
+def _remove_with_read_only_proc_sys(ns: Netns, conf: Path) -> subprocess.CompletedProcess:
+    """`tproxy rules remove` in a private mount namespace where /proc/sys is read-only (as in a container)."""
+    script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+    script += f"exec {TPROXY} rules remove -c {conf}"
+    return ns.run(["unshare", "-m", "sh", "-c", script], check=False)
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_a_sysctl_that_cannot_be_restored_keeps_the_guard_and_the_state(ns, tmp_path, backend):
+    conf = write_config(tmp_path, "tproxy-loopback", backend)
+    before = snapshot(ns)
+    assert "net.ipv4.conf.all.route_localnet = 0" in before["sysctl"]
+    r = cli(ns, "apply", "-c", str(conf))
+    assert r.returncode == 0, r.stderr
+    installed = snapshot(ns)
+    assert "net.ipv4.conf.all.route_localnet = 1" in installed["sysctl"]
+    assert "tproxy/loopback-guard" in installed["nft" if backend == "nftables" else "iptables"]
+
+    r = _remove_with_read_only_proc_sys(ns, conf)
+    assert r.returncode == 1, r
+    assert r.stderr.startswith("tproxy: cannot restore net.ipv4.conf.all.route_localnet = 0 (it is 1): ")
+    assert "Read-only file system" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert snapshot(ns) == installed  # the guard (and everything else) stays while route_localnet is 1
+
+    r = cli(ns, "remove", "-c", str(conf))  # once it can be written, a later removal finishes
+    assert r.returncode == 0, r.stderr
+    assert "net.ipv4.conf.all.route_localnet" in r.stdout
+    assert snapshot(ns) == before
+
+
 _APPLY_WITH_WAIT = """
 import sys
 from tproxy.backends import iptables

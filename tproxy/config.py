@@ -110,6 +110,8 @@ class Routing:
     upstream_mark: int = 0x2000
     mask: int = attrs.field()
     table: int = 100
+    check_interval: float = 5.0  # seconds between the rule watcher's checks (and on SIGHUP)
+    reinstall: bool = True  # the watcher puts missing rules back (never after `tproxy rules remove`)
 
     @mask.default
     def _mask_default(self) -> int:
@@ -235,6 +237,8 @@ class Config:
             "routing.upstream_mark": self.routing.upstream_mark,
             "routing.mask": self.routing.mask,
             "routing.table": self.routing.table,
+            "routing.check_interval": self.routing.check_interval,
+            "routing.reinstall": self.routing.reinstall,
             "proxy.preserve_source": self.preserve_source,  # effective: the mode's default when not set
             "proxy.upstream": self.proxy.upstream,
             "proxy.connect_timeout": self.proxy.connect_timeout,
@@ -312,7 +316,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
     "listener": ("address", "port"),
     "intercept": ("ports", "udp_ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
-    "routing": ("mark", "upstream_mark", "mask", "table"),
+    "routing": ("mark", "upstream_mark", "mask", "table", "check_interval", "reinstall"),
     "proxy": (
         "preserve_source",
         "upstream",
@@ -541,6 +545,10 @@ class _Loader:
             table=self.ranged_int(
                 t, "table", "routing.table", 1, 2**31 - 1, defaults.table.default, "a routing table id"
             ),
+            check_interval=self.positive(
+                t, "check_interval", "routing.check_interval", defaults.check_interval.default
+            ),
+            reinstall=self.typed(t, "reinstall", "routing.reinstall", bool, defaults.reinstall.default),
         )
         if routing.table in (253, 254, 255):
             raise self.error("routing.table", f"{routing.table} is a kernel table (default/main/local); pick another")
