@@ -378,3 +378,42 @@ def test_routing_objects_check_their_own_marks():
 
     with pytest.raises(ValueError, match="outside routing.mask"):
         Routing(mark=1, mask=2, upstream_mark=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UDP
+
+INTERCEPT = "[intercept]\nports = [8080]\n"
+
+
+def test_udp_defaults(tmp_path):
+    c = load(tmp_path, MINIMAL)
+    assert c.intercept.udp_ports == ()
+    assert c.proxy.udp_idle_timeout == 60.0 and c.proxy.udp_max_sessions == 10000
+    assert c.settings()["intercept.udp_ports"] == [] and c.settings()["proxy.udp_max_sessions"] == 10000
+
+
+def test_udp_keys_load(tmp_path):
+    c = load(
+        tmp_path, INTERCEPT + 'udp_ports = [53, "5000-5010"]\n[proxy]\nudp_idle_timeout = 5\nudp_max_sessions = 3\n'
+    )
+    assert c.intercept.udp_ports == (PortRange(lo=53, hi=53), PortRange(lo=5000, hi=5010))
+    assert c.proxy.udp_idle_timeout == 5.0 and c.proxy.udp_max_sessions == 3
+    assert c.intercept.intercepts_udp(5005) and not c.intercept.intercepts_udp(8080)
+    assert c.settings()["intercept.udp_ports"] == [53, "5000-5010"]
+
+
+def test_udp_bad_values(tmp_path):
+    assert "intercept.udp_ports[0]: 0 is not a port" in error(tmp_path, INTERCEPT + "udp_ports = [0]\n")
+    assert "proxy.udp_idle_timeout" in error(tmp_path, MINIMAL + "[proxy]\nudp_idle_timeout = 0\n")
+    assert "proxy.udp_max_sessions" in error(tmp_path, MINIMAL + "[proxy]\nudp_max_sessions = 0\n")
+    assert "intercept.udp_ports: 4143 is listener.port" in error(tmp_path, INTERCEPT + "udp_ports = [4143]\n")
+
+
+def test_udp_needs_tproxy_mode(tmp_path):
+    msg = error(tmp_path, 'mode = "nat"\n' + INTERCEPT + "udp_ports = [53]\n")
+    assert 'intercept.udp_ports: UDP needs mode = "tproxy"' in msg
+    assert "intercept.udp_ports" in error(tmp_path, INTERCEPT + "udp_ports = [53]\n", mode="nat")
+    c = load(tmp_path, INTERCEPT + "udp_ports = [53]\n")
+    with pytest.raises(ConfigError, match="intercept.udp_ports"):
+        c.with_overrides(mode="nat")

@@ -349,3 +349,13 @@ async def test_proxy_protocol_keys_apply_to_the_next_connection(tmp_path):
             await server.stopped.wait()
             nursery.cancel_scope.cancel()  # the application
     assert not server.stats.proxy_protocol_errors
+
+
+def test_udp_ports_change_the_rules_and_udp_settings_apply_live():
+    base = {"mode": "tproxy", "proxy__preserve_source": True}
+    p = reload.plan(cfg(**base), cfg(**base, intercept__udp_ports=[53]))
+    assert [c.line() for c in p.applied] == ["intercept.udp_ports [] -> [53]"]
+    assert p.rules and not p.listeners and p.config.intercept.udp_ports
+    p = reload.plan(cfg(**base), cfg(**base, proxy__udp_idle_timeout=5, proxy__udp_max_sessions=7))
+    assert [c.key for c in p.applied] == ["proxy.udp_idle_timeout", "proxy.udp_max_sessions"]
+    assert p.settings and not p.rules and p.config.proxy.udp_max_sessions == 7

@@ -85,6 +85,7 @@ class Listener:
 @attrs.frozen(kw_only=True)
 class Intercept:
     ports: tuple[PortRange, ...]
+    udp_ports: tuple[PortRange, ...] = ()  # UDP destination ports (tproxy mode only)
     interfaces: tuple[str, ...] = ()
     exclude_ports: tuple[PortRange, ...] = ()
     exclude_cidrs: tuple[IPNetwork, ...] = ()
@@ -102,6 +103,10 @@ class Intercept:
     def intercepts(self, port: int) -> bool:
         """Whether a connection to destination ``port`` is diverted (exclusions win)."""
         return any(port in r for r in self.ports) and not any(port in r for r in self.exclude_ports)
+
+    def intercepts_udp(self, port: int) -> bool:
+        """Whether a datagram to destination ``port`` is diverted (exclusions win)."""
+        return any(port in r for r in self.udp_ports) and not any(port in r for r in self.exclude_ports)
 
 
 @attrs.frozen(kw_only=True)
@@ -164,6 +169,8 @@ class Proxy:
     # PROXY protocol out: a header with the client's address and the original destination, before any client byte
     send_proxy_protocol: str = attrs.field(default="off", validator=attrs.validators.in_(PROXY_PROTOCOL_OUT))
     relay: str = attrs.field(default="shared", validator=attrs.validators.in_(RELAYS))
+    udp_idle_timeout: float = 60.0  # a UDP session with no datagram either way for this long ends
+    udp_max_sessions: int = 10000  # beyond it new UDP flows are dropped (and counted); live ones are never evicted
 
 
 @attrs.frozen(kw_only=True)
@@ -241,6 +248,7 @@ class Config:
             "listener.proxy_protocol_from": [str(n) for n in self.listener.proxy_protocol_from],
             "listener.proxy_protocol_timeout": self.listener.proxy_protocol_timeout,
             "intercept.ports": [_port_doc(r) for r in self.intercept.ports],
+            "intercept.udp_ports": [_port_doc(r) for r in self.intercept.udp_ports],
             "intercept.interfaces": list(self.intercept.interfaces),
             "intercept.exclude_ports": [_port_doc(r) for r in self.intercept.exclude_ports],
             "intercept.exclude_cidrs": [str(n) for n in self.intercept.exclude_cidrs],
@@ -261,6 +269,8 @@ class Config:
             "proxy.upstream_ports": str(self.proxy.upstream_ports),
             "proxy.relay": self.proxy.relay,
             "proxy.send_proxy_protocol": self.proxy.send_proxy_protocol,
+            "proxy.udp_idle_timeout": self.proxy.udp_idle_timeout,
+            "proxy.udp_max_sessions": self.proxy.udp_max_sessions,
             "admin.address": f"{admin}:{self.admin.port}" if self.admin.enabled else "",
             "log.level": self.log.level,
             "log.format": self.log.format,
@@ -307,6 +317,10 @@ class Config:
             raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if backend is not None and backend not in BACKENDS:
             raise ConfigError("--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})")
+        if mode == "nat" and self.intercept.udp_ports:
+            raise ConfigError(
+                self.source, "intercept.udp_ports", 'UDP needs mode = "tproxy" (--mode nat cannot intercept datagrams)'
+            )
         flags = {k: "flag" for k, v in (("mode", mode), ("backend", backend)) if v is not None}
         return attrs.evolve(
             self, mode=mode or self.mode, backend=backend or self.backend, origins={**self.origins, **flags}
@@ -323,7 +337,7 @@ def _port_doc(r: PortRange) -> int | str:
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
     "listener": ("address", "port", "proxy_protocol", "proxy_protocol_from", "proxy_protocol_timeout"),
-    "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
+    "intercept": ("ports", "udp_ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
     "routing": ("mark", "upstream_mark", "mask", "table", "check_interval", "reinstall"),
     "proxy": (
         "preserve_source",
@@ -335,6 +349,8 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "upstream_ports",
         "send_proxy_protocol",
         "relay",
+        "udp_idle_timeout",
+        "udp_max_sessions",
     ),
     "admin": ("address",),
     "log": ("level", "format"),
@@ -504,6 +520,7 @@ class _Loader:
             raise self.error("intercept.ports", "must name at least one port or range")
         intercept = Intercept(
             ports=ports,
+            udp_ports=self.list_of(t, "udp_ports", "intercept.udp_ports", self.port_value),
             interfaces=self.list_of(t, "interfaces", "intercept.interfaces", self.interface),
             exclude_ports=self.list_of(t, "exclude_ports", "intercept.exclude_ports", self.port_value),
             exclude_cidrs=self.list_of(t, "exclude_cidrs", "intercept.exclude_cidrs", self.cidr),
@@ -516,6 +533,16 @@ class _Loader:
             raise self.error(
                 "listener.port",
                 f"{listener.port} is inside intercept.ports: the proxy would intercept its own listener",
+            )
+        if intercept.intercepts_udp(listener.port):
+            raise self.error(
+                "intercept.udp_ports",
+                f"{listener.port} is listener.port: the proxy would intercept its own UDP listener",
+            )
+        if intercept.udp_ports and mode_v == "nat":
+            raise self.error(
+                "intercept.udp_ports",
+                'UDP needs mode = "tproxy" (REDIRECT rewrites the destination, which a datagram cannot recover)',
             )
         if not listener.is_wildcard:
             other = 6 if listener.address.version == 4 else 4
@@ -574,6 +601,10 @@ class _Loader:
                 _default(Proxy, "send_proxy_protocol"),
             ),
             relay=self.choice(t, "relay", "proxy.relay", RELAYS, "shared"),
+            udp_idle_timeout=self.positive(t, "udp_idle_timeout", "proxy.udp_idle_timeout", 60.0),
+            udp_max_sessions=self.ranged_int(
+                t, "udp_max_sessions", "proxy.udp_max_sessions", 1, 10_000_000, 10000, "a session count"
+            ),
         )
 
         t = self.table(top, "admin")

@@ -47,6 +47,7 @@ from tproxy.config import Config
 from tproxy.proxy_protocol import ProxyProtocolError, build, read_header, same_family
 from tproxy.relay import LOST, PIPES, Engine, Flow, PipePool, make_engine, reap_idle
 from tproxy.stats import State, Stats
+from tproxy.udp import UdpRelay
 
 # Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -99,6 +100,7 @@ class Server:
         original_dst: OriginalDst | None = None,
         use_splice: bool = True,
         pipes: PipePool = PIPES,
+        udp_listeners: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
         self.listeners = list(listeners)
@@ -133,6 +135,9 @@ class Server:
         self._listening: dict[socket.socket, tuple[trio.CancelScope, trio.Event]] = {}  # reload: accept loops
         self._reaper: trio.CancelScope | None = None  # reload: the idle check, restarted when idle_timeout changes
         self.engine: Engine | None = None  # moves the bytes of every connection (proxy.relay)
+        self.udp: UdpRelay | None = None  # the UDP sessions (tproxy mode): tproxy/udp.py
+        if config.mode == "tproxy":
+            self.udp = UdpRelay(config, udp_listeners, stats, mark=self.mark, is_loop=self._is_loop)
 
     # -- lifecycle
 
@@ -154,12 +159,16 @@ class Server:
                     self._accepts = accepts
                     for lsock in self.listeners:
                         await accepts.start(self._listen, lsock)
+                    if self.udp is not None:
+                        await self.udp.start(accepts, conns)
                     accepts.start_soon(self._reap)  # (the grace bounds a drain)
                     self.state.listening = True
                     task_status.started(self)
                     if self._stopping:
                         accepts.cancel_scope.cancel()
                 self._close_listeners()
+                if self.udp is not None:
+                    self.udp.stop()  # UDP has nothing to drain: its sessions end now
                 self.state.draining = True
                 self.engine.close_when_empty()  # the shared relay task ends with the last connection
                 if self._skip_grace:
@@ -170,6 +179,8 @@ class Server:
                         log.event("draining", open=self.stats.open, grace_s=self.grace)
         finally:
             self._close_listeners()
+            if self.udp is not None:
+                self.udp.close()
             if self.engine is not None:
                 self.engine.close()
             log.release(flusher)
@@ -554,6 +565,8 @@ class Server:
         self.connect_timeout = config.proxy.connect_timeout
         self.max_connections = config.proxy.max_connections
         self.grace = config.proxy.shutdown_grace
+        if self.udp is not None:
+            self.udp.apply_settings(config)
         if config.proxy.idle_timeout != self.idle_timeout:
             self.idle_timeout = config.proxy.idle_timeout
             if self._reaper is not None:
