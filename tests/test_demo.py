@@ -32,6 +32,20 @@ def namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+def processes_naming(text: str, but: list[int]) -> list[str]:
+    """Command lines of running processes (other than ``but``) that mention ``text``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) not in but and int(d.name) != os.getpid():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
 def lab_names(out: str) -> tuple[str, str]:
     m = re.search(r"client (tpx-cli-\w+) .* node (tpx-node-\w+) ", out)
     assert m, out
@@ -107,6 +121,8 @@ def test_demo_keep_leaves_a_working_lab_and_says_how_to_delete_it():
         assert r.returncode == 0, r.stdout + r.stderr
         assert m, r.stdout
         assert {client, node} <= set(namespaces().split())
+        workdir = re.search(r"rm -r (/\S+)", r.stdout).group(1)
+        assert not processes_naming(workdir, but=pids), "a process the demo started outlives it, unlisted"
         say = subprocess.run(
             ["ip", "netns", "exec", client, sys.executable, "-m", "tproxy.lab", "say", L.NODE[4], str(L.ECHO_PORT)],
             capture_output=True,

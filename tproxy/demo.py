@@ -174,6 +174,8 @@ def _proxy_protocol_rows(lab: Lab, backend: str, rows: list, problems: list[str]
             client = r.get("header_src") or r["src"]
             shown = _addr(client) + (" via HAProxy" if haproxy else f" (header from {r['src'][0]})")
             rows.append((PP_IN, backend, shown, _addr(r["peer"]), _verdict_in(r, client, log)))
+    finally:
+        lab.stop_helpers()
     print(f"  tproxy run: {PP_OUT} v2 to port {PP_APP_PORT}, backend {backend} ...", file=out, flush=True)
     out_config = proxy_config("nat", backend, preserve_source=False, send_proxy_protocol="v2")
     jobs = [{"dst": NODE[f], "port": PP_APP_PORT, "sizes": [1024]} for f in (4, 6)]

@@ -263,10 +263,7 @@ class Lab:
         for p in self.proxies:
             with contextlib.suppress(Exception):
                 p.stop(signal.SIGKILL, timeout=10)
-        for h in self.helpers:
-            if h.poll() is None:
-                h.kill()
-                h.wait()
+        self.stop_helpers()
         self.stop_app()
         for ns in (self.client, self.node):
             ns.delete()
@@ -357,6 +354,14 @@ class Lab:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"HAProxy did not start: {log_path.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
+
+    def stop_helpers(self) -> None:
+        """Kill (by PID) the other processes the lab started: a deleted namespace does not end its processes."""
+        for h in self.helpers:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+        self.helpers.clear()
 
     # -- the proxy
 
