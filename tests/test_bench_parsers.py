@@ -111,3 +111,71 @@ def test_summary_ratios_and_targets():
 )
 def test_figures_are_printed_with_sensible_precision(value, unit, text):
     assert report.fmt(value, unit) == text
+
+
+def test_the_proxy_protocol_subjects_are_compared_with_plain_tproxy_of_the_same_rounds():
+    runs = {
+        "lb-tproxy": {"nc_cps": [3_000, 2_000, 3_000, 3_000]},
+        "lb-tproxy-pp-in": {"nc_cps": [2_850, 2_000, None, 2_400]},  # round 3 failed: left out
+        "tproxy-original": {"nc_cps": [5_000, 5_000, 4_000, 4_000]},
+        "tproxy-original-pp-out": {"nc_cps": [4_900, 4_500, 3_900, 3_600]},
+    }
+    by = {c["subject"]: c for c in report.baseline_checks(runs)}
+    pp_in = by["lb-tproxy-pp-in"]
+    assert pp_in["baseline"] == "lb-tproxy" and pp_in["rounds"] == 3
+    assert pp_in["ratio"] == pytest.approx(0.95)  # median of 0.95, 1.0, 0.8
+    assert pp_in["median"] == 2_400 and pp_in["baseline_median"] == 3_000
+    assert pp_in["target"] == "met"  # >= 0.9
+    out = by["tproxy-original-pp-out"]
+    assert out["ratio"] == pytest.approx((0.9 + 0.975) / 2)  # median of 0.98, 0.9, 0.975, 0.9
+    assert out["target"] == "missed"  # >= 0.95
+
+
+def test_a_proxy_protocol_subject_without_its_baseline_or_a_paired_round_has_no_verdict():
+    assert report.baseline_checks({"lb-tproxy-pp-in": {"nc_cps": [1]}, "tproxy-original": {"nc_cps": [1]}}) == []
+    (c,) = report.baseline_checks({"lb-tproxy-pp-in": {"nc_cps": [1, None]}, "lb-tproxy": {"nc_cps": [None, 2]}})
+    assert c["ratio"] is None and c["target"] is None and c["rounds"] == 0
+
+
+def test_the_baseline_table_names_both_subjects_the_ratio_and_an_invalid_side():
+    runs = {"lb-tproxy": {"nc_cps": [3_000]}, "lb-tproxy-pp-in": {"nc_cps": [2_400]}}
+    text = report.baseline_table(report.baseline_checks(runs), {"lb-tproxy": "the proxy exited"})
+    row = text.splitlines()[-1]
+    assert "| lb-tproxy-pp-in | 2,400 | lb-tproxy (INVALID) | 3,000 | 0.80 | 1 | ? (>= 0.9× lb-tproxy) |" in row
+
+
+def test_the_proxy_protocol_subjects_are_opt_in():
+    from tests.bench.run import make_subjects
+
+    pp = {"lb-tproxy", "lb-tproxy-pp-in", "tproxy-original-pp-out"}
+    default = {s.name for s in make_subjects(None)[0]}
+    assert "tproxy-original" in default and not default & pp
+    assert {s.name for s in make_subjects(None, proxy_protocol=True)[0]} == default | pp
+    picked = make_subjects(["tproxy-original", "lb-tproxy-pp-in"])[0]
+    assert [s.name for s in picked] == ["tproxy-original", "lb-tproxy-pp-in"]
+
+
+def test_the_proxy_protocol_subjects_configs_are_valid_and_differ_from_their_baselines_only_by_the_header():
+    import tomllib
+
+    from tests.bench import subjects as S
+    from tests.bench import topology as T
+    from tproxy.config import Config
+
+    def doc(subject):
+        return tomllib.loads(subject.config_text(None))
+
+    plain, pp_in = doc(S.LbTproxy(header=False)), doc(S.LbTproxy(header=True))
+    assert pp_in["listener"].pop("proxy_protocol") == "v2"
+    assert pp_in["listener"].pop("proxy_protocol_from") == [f"{T.LB_IP}/32"]
+    assert pp_in == plain
+    base, out = doc(S.Tproxy("tproxy", "original")), doc(S.Tproxy("tproxy", "original", send_proxy_protocol="v2"))
+    assert out["proxy"].pop("send_proxy_protocol") == "v2"
+    assert out["intercept"].pop("ports") == [T.PP_HTTP_PORT]  # only nginx's proxy_protocol port: not iperf3's
+    base["intercept"].pop("ports")
+    assert out == base
+    for text in (
+        S.LbTproxy(header=True).config_text(None),
+        S.Tproxy("tproxy", "original", send_proxy_protocol="v2").config_text(None),
+    ):
+        Config.from_dict(tomllib.loads(text))  # raises on a bad key or value

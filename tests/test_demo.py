@@ -8,10 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tproxy import lab as L
+from tproxy.demo import PP_IN, PP_OUT
 
 pytestmark = pytest.mark.root
 
@@ -30,6 +32,20 @@ def namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+def processes_naming(text: str, but: list[int]) -> list[str]:
+    """Command lines of running processes (other than ``but``) that mention ``text``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) not in but and int(d.name) != os.getpid():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
 def lab_names(out: str) -> tuple[str, str]:
     m = re.search(r"client (tpx-cli-\w+) .* node (tpx-node-\w+) ", out)
     assert m, out
@@ -42,16 +58,62 @@ def test_demo_shows_every_mode_right_and_cleans_up(backend):
     r = demo(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith(("tproxy ", "nat "))]
-    assert len(rows) == 3 * 2 * 2, r.stdout  # 3 modes x 2 families x 2 connections
+    assert len(rows) == 3 * 2 * 2 + 2 + 2, r.stdout  # 3 modes x 2 families x 2 connections, PROXY in and out
     assert all(backend in row and " ok: " in row for row in rows), r.stdout
-    client_ip = [row for row in rows if row.startswith("tproxy ")]
+    client_ip = [row for row in rows if row.startswith("tproxy ") and PP_IN not in row]
     assert all(row.count(L.CLIENT[4]) == 2 or row.count(L.CLIENT[6]) == 2 for row in client_ip), r.stdout
     udp = [ln for ln in r.stdout.splitlines() if ln.startswith("tproxy/udp ")]
     assert len(udp) == 2 * 2, r.stdout  # 2 families x 2 flows, each the client's own address, logged by the proxy
     assert all(backend in row and " ok: the client's address" in row for row in udp), r.stdout
     assert all(row.count(L.CLIENT[4]) == 2 or row.count(L.CLIENT[6]) == 2 for row in udp), r.stdout
+    assert_proxy_protocol_rows(rows, {4: "via HAProxy", 6: "via HAProxy"}, r.stdout)
     assert "every row is right" in r.stdout
     assert not set(lab_names(r.stdout)) & set(namespaces().split())
+
+
+def assert_proxy_protocol_rows(rows: list[str], sent_by: dict[int, str], out: str) -> None:
+    """In: the application saw the client (twice in the row: the client, what the application saw), never the load
+    balancer's address; out: it saw the client's address and port exactly (the header), its TCP peer the node."""
+    pp_in = [row for row in rows if row.startswith(PP_IN)]
+    assert len(pp_in) == 2 and all("from the header" in row for row in pp_in), out
+    for row, fam in zip(pp_in, (4, 6), strict=True):
+        assert sent_by[fam] in row, out
+        assert row.count(L.CLIENT[fam]) == 2 and f"{L.LB[fam]}:" not in row, out
+    pp_out = [row for row in rows if row.startswith(PP_OUT)]
+    assert len(pp_out) == 2 and all("from our header" in row for row in pp_out), out
+    for row, fam in zip(pp_out, (4, 6), strict=True):
+        client, seen = re.findall(r"(\S+:\d+)", row)[:2]
+        assert client == seen and L.CLIENT[fam] in client and f"TCP peer {L.NODE[fam]})" in row, out
+
+
+def test_without_haproxy_the_lab_client_sends_the_header_itself(tmp_path):
+    """No haproxy on PATH (every other command of its directories is): the "in" rows still run, with a v2 header
+    the lab client sends from the load balancer's address."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    path = []
+    for d in os.environ["PATH"].split(os.pathsep):
+        if (Path(d) / "haproxy").exists():
+            for f in Path(d).iterdir():
+                if f.name != "haproxy" and not (shims / f.name).exists():
+                    (shims / f.name).symlink_to(f)
+            d = str(shims)
+        if d not in path:
+            path.append(d)
+    env = {**os.environ, "PATH": os.pathsep.join(path)}
+    assert shutil.which("haproxy", path=env["PATH"]) is None
+    r = subprocess.run(
+        [sys.executable, "-m", "tproxy", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith((PP_IN, PP_OUT))]
+    assert_proxy_protocol_rows(rows, {f: f"(header from {L.LB[f]})" for f in (4, 6)}, r.stdout)
+    assert "no haproxy installed" in r.stdout and "every row is right" in r.stdout
 
 
 def test_demo_keep_leaves_a_working_lab_and_says_how_to_delete_it():
@@ -63,6 +125,8 @@ def test_demo_keep_leaves_a_working_lab_and_says_how_to_delete_it():
         assert r.returncode == 0, r.stdout + r.stderr
         assert m, r.stdout
         assert {client, node} <= set(namespaces().split())
+        workdir = re.search(r"rm -r (/\S+)", r.stdout).group(1)
+        assert not processes_naming(workdir, but=pids), "a process the demo started outlives it, unlisted"
         say = subprocess.run(
             ["ip", "netns", "exec", client, sys.executable, "-m", "tproxy.lab", "say", L.NODE[4], str(L.ECHO_PORT)],
             capture_output=True,

@@ -2,13 +2,20 @@
 
 Builds the lab (:mod:`tproxy.lab`: a client and a node joined by a veth pair, an application on the node that answers
 each connection with the peer address it saw), runs the real ``tproxy run`` in tproxy mode, then nat mode, then nat
-with ``preserve_source``, makes a few IPv4 and IPv6 connections through each, and prints what the application saw;
+with ``preserve_source``, makes a few IPv4 and IPv6 connections through each, and prints what the application saw.
+Then the PROXY protocol, one run per direction: *in*, the client behind a load balancer (HAProxy with
+``send-proxy-v2`` in the client namespace, connecting from an address of its own; without HAProxy installed, the lab
+client itself sends a v2 header from that address) and tproxy mode reading the header: the application sees the
+client the header names, not the load balancer; *out*, nat mode without ``preserve_source`` (no capability needed)
+and ``send_proxy_protocol = "v2"`` towards a port where the application reads a header: it learns the client from it
+while its TCP peer is the node;
 then tproxy mode with ``intercept.udp_ports``: connected UDP clients ask a UDP application whom it saw
 (:mod:`tproxy.lab_udp`).
 
 A row is right only if the application saw the expected address (the client's, or the node's own in plain nat mode)
-*and* the connection really went through the proxy (its log names the client's address and port): in tproxy mode a
-dead proxy fails open, so "the application answered" alone would prove nothing.
+*and* the connection really went through the proxy (its log names the client's address and port; behind the load
+balancer also the balancer as ``peer``): in tproxy mode a dead proxy fails open, so "the application answered" alone
+would prove nothing.
 
 Resource handling: the namespaces, the application and every proxy are removed when the demo ends, by error or
 Ctrl-C too; with ``keep`` they stay up (a tproxy-mode proxy running) and the demo prints how to enter and delete them.
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -26,21 +34,28 @@ import sys
 from tproxy import lab_udp
 from tproxy.errors import MissingBinaryError, PrivilegeError, TproxyError
 from tproxy.lab import (
+    APP_PORTS,
     CLIENT,
     ECHO_PORT,
     INTERCEPT_PORTS,
+    LB,
+    LB_PORT,
     NODE,
+    PP_APP_PORT,
     Lab,
     expected_peer_ip,
     proxy_config,
     proxy_log_names,
     proxy_log_names_result,
+    proxy_log_names_upstream,
 )
 
 RUNS = (("tproxy", None), ("nat", None), ("nat", True))
 CONNECTIONS_PER_FAMILY = 2
 UDP_PORT = 5353
 UDP_LABEL = "tproxy/udp"
+PP_IN = "tproxy + proxy_protocol in"
+PP_OUT = "nat + send_proxy_protocol"
 _BINARIES = {"ip": "iproute2", "nft": "nftables", "iptables-restore": "iptables", "ip6tables-restore": "iptables"}
 
 
@@ -83,7 +98,9 @@ def demo(backend: str = "nftables", keep: bool = False) -> int:
     problems: list[str] = []
     with contextlib.ExitStack() as stack:
         try:
-            lab = stack.enter_context(Lab.up(keep=keep))
+            lab = stack.enter_context(Lab.up(app=False, keep=keep))
+            lab.start_app({**APP_PORTS, PP_APP_PORT: "pp"})
+            lab.add_client_addresses(LB)
         except (RuntimeError, subprocess.SubprocessError, OSError) as e:
             detail = getattr(e, "stderr", None) or str(e)
             raise TproxyError(f"cannot build the demo lab: {_one_line(detail)}") from None
@@ -118,6 +135,7 @@ def demo(backend: str = "nftables", keep: bool = False) -> int:
                 problems.append(f"{label}: tproxy run exited with status {status} after SIGTERM\n{log}")
             for r in results:
                 rows.append((label, backend, _addr(r["src"]), _addr(r["peer"]), _verdict(r, mode, preserve, log)))
+        _proxy_protocol_rows(lab, backend, rows, problems, out)
         rows += _udp_rows(lab, backend, problems, out)
         _print_table(rows, out)
         ok = not problems and all(row[-1].startswith("ok") for row in rows)
@@ -194,6 +212,95 @@ def _udp_verdict(r: dict, log: str) -> str:
     return "ok: the client's address"
 
 
+def _proxy_protocol_rows(lab: Lab, backend: str, rows: list, problems: list[str], out) -> None:
+    """The two PROXY protocol runs: in (behind HAProxy, or the client's own v2 header without it) and out."""
+    haproxy = shutil.which("haproxy") is not None
+    sender = "HAProxy send-proxy-v2" if haproxy else "a v2 header sent by the lab client (no haproxy installed)"
+    print(f"  tproxy run: {PP_IN} from {LB[4]}, {LB[6]} ({sender}), backend {backend} ...", file=out, flush=True)
+    in_config = proxy_config(
+        "tproxy", backend, proxy_protocol="v2", proxy_protocol_from=[f"{LB[4]}/32", f"{LB[6]}/128"]
+    )
+    if haproxy:
+        jobs = [{"dst": CLIENT[f], "port": LB_PORT, "sizes": [1024]} for f in (4, 6)]
+    else:  # a second client address speaks for the client, as a load balancer would
+        ports = random.sample(range(40000, 60000), 2)
+        jobs = [
+            {"dst": NODE[f], "port": ECHO_PORT, "src": LB[f], "proxy_v2_source": [CLIENT[f], p], "sizes": [1024]}
+            for f, p in zip((4, 6), ports, strict=True)
+        ]
+    try:
+        if haproxy:
+            lab.start_haproxy(send="send-proxy-v2", port=ECHO_PORT)
+    except RuntimeError as e:
+        rows.append((PP_IN, backend, "-", "-", "FAILED: HAProxy did not start"))
+        problems.append(f"{PP_IN}: {e}")
+    else:
+        for r, log in _run(lab, PP_IN, backend, in_config, jobs, rows, problems):
+            client = r.get("header_src") or r["src"]
+            shown = _addr(client) + (" via HAProxy" if haproxy else f" (header from {r['src'][0]})")
+            rows.append((PP_IN, backend, shown, _addr(r["peer"]), _verdict_in(r, client, log)))
+    finally:
+        lab.stop_helpers()
+    print(f"  tproxy run: {PP_OUT} v2 to port {PP_APP_PORT}, backend {backend} ...", file=out, flush=True)
+    out_config = proxy_config("nat", backend, preserve_source=False, send_proxy_protocol="v2")
+    jobs = [{"dst": NODE[f], "port": PP_APP_PORT, "sizes": [1024]} for f in (4, 6)]
+    for r, log in _run(lab, PP_OUT, backend, out_config, jobs, rows, problems):
+        seen = _addr(r["peer"]) + (f" (TCP peer {r['tcp_peer'][0]})" if r.get("tcp_peer") else "")
+        rows.append((PP_OUT, backend, _addr(r["src"]), seen, _verdict_out(r, log)))
+
+
+def _run(lab: Lab, label: str, backend: str, config: str, jobs: list, rows: list, problems: list[str]):
+    """Start the proxy, run the client's ``jobs``, stop it: [(result, the proxy's log)]; failures become a row."""
+    try:
+        proxy = lab.start_proxy(config)
+    except RuntimeError as e:
+        rows.append((label, backend, "-", "-", "FAILED: the proxy did not start"))
+        problems.append(f"{label}: {e}")
+        return []
+    try:
+        results = lab.connect(jobs, timeout=60)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        results = []
+        rows.append((label, backend, "-", "-", "FAILED: the client did not run"))
+        problems.append(f"{label}: {e}")
+    finally:
+        status = proxy.stop()
+    log = proxy.log()
+    if status != 0:
+        problems.append(f"{label}: tproxy run exited with status {status} after SIGTERM\n{log}")
+    return [(r, log) for r in results]
+
+
+def _verdict_in(r: dict, client: list, log: str) -> str:
+    """Behind the load balancer: the application saw the header's client, and the proxy logged that client with
+    the load balancer as ``peer`` and the application's view as ``upstream_src``."""
+    if not r["ok"]:
+        return f"FAILED: {r['error'] or 'wrong echo'}"
+    fam = 6 if ":" in client[0] else 4
+    if r["peer"][0] != CLIENT[fam]:
+        return f"WRONG: expected {CLIENT[fam]} (the load balancer is {LB[fam]})"
+    lb = f"[{LB[fam]}]" if fam == 6 else LB[fam]
+    lines = [ln for ln in proxy_log_names_upstream(log, client[0], r["peer"]) if proxy_log_names(ln, *client)]
+    if not any(f"peer={lb}:" in ln or f'"peer": "{lb}:' in ln or f'"peer":"{lb}:' in ln for ln in lines):
+        return "WRONG: the proxy's log does not name this client behind the load balancer (bypassed?)"
+    return "ok: the client's address, from the header"
+
+
+def _verdict_out(r: dict, log: str) -> str:
+    """Out: the application read our header naming the client, its TCP peer is the node (nat, no preserve_source),
+    and the proxy logged the client the header names."""
+    if not r["ok"]:
+        return f"FAILED: {r['error'] or 'wrong echo'}"
+    fam = 6 if ":" in r["src"][0] else 4
+    if r["peer"][0] != CLIENT[fam]:
+        return f"WRONG: the header named {r['peer'][0]}, expected {CLIENT[fam]}"
+    if (r.get("tcp_peer") or [None])[0] != NODE[fam]:
+        return f"WRONG: the TCP peer was {r.get('tcp_peer')}, expected the node's {NODE[fam]}"
+    if not proxy_log_names(log, *r["peer"]):  # (conntrack may rewrite a reused client port: the header says so)
+        return "WRONG: the proxy's log does not name this client (bypassed?)"
+    return "ok: the client's address, from our header"
+
+
 def _verdict(r: dict, mode: str, preserve: bool | None, log: str) -> str:
     if not r["ok"]:
         return f"FAILED: {r['error'] or 'wrong echo'}"
@@ -217,6 +324,8 @@ def _print_table(rows: list[tuple[str, ...]], out) -> None:
     print(
         "\nok = the application saw the expected address and the proxy's log names the connection (in tproxy mode a\n"
         "dead proxy fails open, so an answer alone would prove nothing); the application sees another source port\n"
-        "than the client's because the proxy picks one that cannot collide with the client's own connection.",
+        "than the client's because the proxy picks one that cannot collide with the client's own connection.\n"
+        f"PROXY protocol: in, the load balancer connects from {LB[4]} / {LB[6]} and the application still sees the\n"
+        "client its header names; out, the application's TCP peer is the node and our header names the client.",
         file=out,
     )

@@ -8,7 +8,9 @@ Used by ``tproxy demo`` and by the end-to-end tests. Three pieces:
 - The application (``python -m tproxy.lab app``) listens on a few TCP ports, IPv4 and IPv6. On every connection it
   first writes one line naming the peer it saw (``PEER 198.18.0.1 34567\\n``), then behaves as the port's *kind* says:
   ``echo`` echoes until EOF; ``eof`` reads until EOF and only then answers (the echo of everything it read);
-  ``close`` closes at once, so the server side closes first.
+  ``close`` closes at once, so the server side closes first; ``pp`` first reads a PROXY header (v1 or v2) and names
+  the header's client instead (``PEER 198.18.0.1 34567 via 198.18.0.2 40420\\n``: ``via`` is the TCP peer), then
+  echoes (a malformed header: the connection is closed without an answer).
 - The client (``python -m tproxy.lab client``) runs inside the client namespace, reads a JSON job description on stdin
   (many connections per process: the tests open thousands), and prints one JSON result per connection.
 
@@ -47,6 +49,10 @@ NODE = {4: "198.18.0.2", 6: "fd00:18::2"}
 # A second client address, listed in intercept.exclude_cidrs of lab configs: connections from it are never diverted.
 EXCLUDED_CLIENT = {4: "198.18.0.11", 6: "fd00:18::11"}
 PREFIX = {4: 24, 6: 64}
+# A load balancer's address in the client namespace (added by :meth:`Lab.add_client_addresses`), the source of
+# HAProxy's connections towards the node: the peer trusted with PROXY headers in lab configs that read them.
+LB = {4: "198.18.0.21", 6: "fd00:18::21"}
+LB_PORT = 7002  # HAProxy's frontend (:meth:`Lab.start_haproxy`), on the client's own addresses
 
 LISTENER_PORT = 4143
 ADMIN = ("127.0.0.1", 4191)
@@ -58,6 +64,9 @@ DOWN_PORT = 8083
 EXCLUDED_PORT = 8090
 DIRECT_PORT = 9090
 APP_PORTS = {ECHO_PORT: "echo", EOF_PORT: "eof", CLOSE_PORT: "close", EXCLUDED_PORT: "echo", DIRECT_PORT: "echo"}
+# A port of kind "pp" (not in APP_PORTS: the demo adds it): the application reads a PROXY header first (v1 or v2) and
+# names the header's client in its PEER line, then echoes like "echo".
+PP_APP_PORT = 8086
 INTERCEPT_PORTS = "8080-8090"
 
 _READY_LINE = "APP READY"
@@ -176,6 +185,7 @@ class Lab:
     workdir: Path
     app: subprocess.Popen | None = None
     proxies: list[Proxy] = attrs.Factory(list)
+    helpers: list[subprocess.Popen] = attrs.Factory(list)  # other processes the lab started (HAProxy)
 
     # -- building and tearing down
 
@@ -253,6 +263,7 @@ class Lab:
         for p in self.proxies:
             with contextlib.suppress(Exception):
                 p.stop(signal.SIGKILL, timeout=10)
+        self.stop_helpers()
         self.stop_app()
         for ns in (self.client, self.node):
             ns.delete()
@@ -289,6 +300,68 @@ class Lab:
             self.app.kill()
             self.app.wait()
         self.app = None
+
+    # -- a load balancer in front (PROXY protocol in)
+
+    def add_client_addresses(self, addrs: dict[int, str] = LB) -> None:
+        """Add ``addrs`` (one per family, :data:`LB` by default) to the client's veth (IPv6 deprecated, like the
+        excluded client's: used only when bound explicitly)."""
+        for fam, a in addrs.items():
+            cmd = ["ip", "addr", "add", f"{a}/{PREFIX[fam]}", "dev", "veth0"]
+            self.client.run(cmd + (["nodad", "preferred_lft", "0"] if fam == 6 else []))
+
+    def start_haproxy(self, *, send: str = "send-proxy-v2", port: int = ECHO_PORT, timeout: float = 15) -> None:
+        """HAProxy (Debian's) in the client namespace, a load balancer in front of the node's ``port``: it listens on
+        the client's addresses at :data:`LB_PORT` and connects from :data:`LB` (call :meth:`add_client_addresses`
+        first) with ``send`` (``send-proxy-v2``, ``send-proxy`` or "" for none) on the server line. Returns once it
+        listens; it is killed by PID when the lab is destroyed.
+
+        Error handling: raises RuntimeError with HAProxy's output if it exits or does not listen in time.
+        """
+        cfg = [
+            "global",
+            f"    pidfile {self.workdir}/haproxy.pid",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 5s",
+            "    timeout client 30s",
+            "    timeout server 30s",
+        ]
+        for fam in (4, 6):  # (HAProxy reads an IPv6 address bare: up to the last colon)
+            cfg += [
+                f"listen lb_{fam}",
+                f"    bind {CLIENT[fam]}:{LB_PORT}",
+                f"    source {LB[fam]}:0",
+                f"    server app {NODE[fam]}:{port} {send}".rstrip(),
+            ]
+        path = self.workdir / "haproxy.cfg"
+        path.write_text("\n".join(cfg) + "\n")
+        log_path = self.workdir / "haproxy.log"
+        with open(log_path, "ab") as log:
+            proc = self.client.popen(
+                ["haproxy", "-db", "-f", str(path)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.helpers.append(proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.client.run(["ss", "-Htln", f"sport = :{LB_PORT}"]).stdout
+            if len(out.strip().splitlines()) >= 2:  # IPv4 and IPv6
+                return
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"HAProxy did not start: {log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+
+    def stop_helpers(self) -> None:
+        """Kill (by PID) the other processes the lab started: a deleted namespace does not end its processes."""
+        for h in self.helpers:
+            if h.poll() is None:
+                h.kill()
+                h.wait()
+        self.helpers.clear()
 
     # -- the proxy
 
@@ -453,8 +526,24 @@ def proxy_log_names_result(log: str, mode: str, result: dict[str, Any]) -> list[
 # The application (runs inside the node namespace)
 
 
+async def _read_proxy_header(stream) -> tuple[Any, bytes]:
+    """A PROXY header (v1 or v2) off the start of ``stream``: the :class:`~tproxy.proxy_protocol.Header` and the bytes
+    after it that came with it. Raises EOFError when the connection ends first, ProxyProtocolError when malformed."""
+    from tproxy import proxy_protocol as pp
+
+    buf = b""
+    while (header := pp.parse(buf, allow="any")) is None:
+        data = await stream.receive_some(65536)
+        if not data:
+            raise EOFError("the connection ended before a complete PROXY header")
+        buf += data
+    return header, buf[header.length :]
+
+
 async def _app(ports: dict[int, str], log_path: str | None) -> None:
     import trio
+
+    from tproxy.errors import ProxyProtocolError
 
     log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115
 
@@ -465,6 +554,12 @@ async def _app(ports: dict[int, str], log_path: str | None) -> None:
             if log:
                 log.write(f"{peer[0]} {peer[1]} {local[0]} {local[1]}\n")
             head = f"PEER {peer[0]} {peer[1]}\n".encode()
+            if kind == "pp":
+                header, rest = await _read_proxy_header(stream)
+                src = header.source or peer[:2]
+                await stream.send_all(f"PEER {src[0]} {src[1]} via {peer[0]} {peer[1]}\n".encode() + rest)
+                kind = "echo"
+                head = b""
             if kind == "echo":
                 await stream.send_all(head)
                 while data := await stream.receive_some(65536):
@@ -480,7 +575,7 @@ async def _app(ports: dict[int, str], log_path: str | None) -> None:
             else:  # close: the server closes first
                 await stream.send_all(head)
                 await stream.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError, ProxyProtocolError):
             pass
         finally:
             with contextlib.suppress(Exception):
@@ -530,9 +625,11 @@ async def _client(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     EOF) or ``reset`` (expect the connection to be reset); ``count`` connections, ``concurrency`` at a time;
     ``sizes``: a payload size per connection, or ``max_size`` with ``seed`` for random sizes up to it; ``src_ports``:
     a source port per connection, or ``reuse_ports`` + ``repeat``: each of these ports ``repeat`` times in a row,
-    the ports in parallel; ``timeout`` per connection (seconds).
+    the ports in parallel; ``timeout`` per connection (seconds); ``proxy_v2_source`` [ip, port]: send a PROXY v2
+    header naming that client (and ``dst``:``port``) before the payload, as a load balancer would.
     A result: ``src`` [ip, port], ``peer`` [ip, port] as the application reported it (or null), ``ok``,
-    ``error`` (an errno name, "timeout", or a description), ``digest_ok`` (echo), ``rebinds`` (reuse).
+    ``error`` (an errno name, "timeout", or a description), ``digest_ok`` (echo), ``rebinds`` (reuse); with a
+    ``pp`` application ``tcp_peer`` (its ``via``), with ``proxy_v2_source`` ``header_src``.
     """
     import trio
 
@@ -575,6 +672,11 @@ async def _client(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 stream = trio.SocketStream(sock)
                 data = payload(job.get("seed", 0) * 1_000_003 + i, size) if kind == "echo" else b""
                 got = bytearray()
+                if job.get("proxy_v2_source"):
+                    from tproxy import proxy_protocol as pp
+
+                    res["header_src"] = list(job["proxy_v2_source"])
+                    await stream.send_all(pp.build("v2", tuple(job["proxy_v2_source"]), (dst, port)))
 
                 async def sender() -> None:
                     if data:
@@ -595,8 +697,10 @@ async def _client(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         n.start_soon(receiver)
                 head, nl, rest = bytes(got).partition(b"\n")
                 if nl and head.startswith(b"PEER "):
-                    ip, p = head.decode().split()[1:3]
-                    res["peer"] = [ip, int(p)]
+                    words = head.decode().split()
+                    res["peer"] = [words[1], int(words[2])]
+                    if words[3:4] == ["via"]:
+                        res["tcp_peer"] = [words[4], int(words[5])]
                 if kind == "echo":
                     res["size"] = size
                     res["digest_ok"] = hashlib.sha256(rest).digest() == hashlib.sha256(data).digest()
@@ -683,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tproxy.lab", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("app", help="the application: PEER line, then echo / answer after EOF / close first")
-    a.add_argument("--port", action="append", required=True, help="PORT:KIND, KIND one of echo, eof, close")
+    a.add_argument("--port", action="append", required=True, help="PORT:KIND, KIND one of echo, eof, close, pp")
     a.add_argument("--log", help="append a line per connection: peer ip, port, local ip, port")
     sub.add_parser("client", help="batch client: JSON jobs on stdin, a JSON line per connection on stdout")
     w = sub.add_parser("wait-ready", help="poll the admin endpoint's /ready while the proxy PID lives")
@@ -699,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ports = {}
         for spec in args.port:
             p, _, kind = spec.partition(":")
-            if kind not in ("echo", "eof", "close"):
+            if kind not in ("echo", "eof", "close", "pp"):
                 parser.error(f"bad --port {spec!r}")
             ports[int(p)] = kind
         with contextlib.suppress(KeyboardInterrupt):

@@ -68,25 +68,39 @@ def iperf(topo: T.Topology, streams: int, duration: float) -> dict:
     return parse_iperf(doc)
 
 
-def wrk(topo: T.Topology, duration: float, *, close: bool, connections: int = 32) -> dict:
+def wrk(
+    topo: T.Topology,
+    duration: float,
+    *,
+    close: bool,
+    connections: int = 32,
+    target: tuple[str, int] = (T.NODE_IP, T.HTTP_PORT),
+) -> dict:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{T.NODE_IP}:{T.HTTP_PORT}/1k")
+    argv.append(f"http://{target[0]}:{target[1]}/1k")
     r = topo.client.run(argv, check=False, timeout=duration + 30)
     if r.returncode != 0:
         raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr.strip()}")
     return parse_wrk(r.stdout)
 
 
-def whoami(topo: T.Topology, count: int = 3) -> dict:
-    """What the application sees: its ``/ip`` answer and its access log, for ``count`` fresh connections."""
+def whoami(
+    topo: T.Topology,
+    count: int = 3,
+    *,
+    target: tuple[str, int] = (T.NODE_IP, T.HTTP_PORT),
+    expect: str = T.CLIENT_IP,
+) -> dict:
+    """What the application sees: its ``/ip`` answer and its access log, for ``count`` fresh connections to
+    ``target``; ``ok`` when both name ``expect`` every time."""
     log = topo.access_log
     before = log.stat().st_size if log.exists() else 0
     script = (
         "import http.client,sys\n"
         f"for _ in range({count}):\n"
-        f"    c=http.client.HTTPConnection('{T.NODE_IP}',{T.HTTP_PORT},timeout=5);c.request('GET','/ip')\n"
+        f"    c=http.client.HTTPConnection('{target[0]}',{target[1]},timeout=5);c.request('GET','/ip')\n"
         "    print(c.getresponse().read().decode().strip());c.close()\n"
     )
     r = topo.client.run([sys.executable, "-c", script], check=False, timeout=30)
@@ -101,7 +115,7 @@ def whoami(topo: T.Topology, count: int = 3) -> dict:
         if len(logged) >= len(answers):
             break
         time.sleep(0.05)
-    ok = len(answers) == count and all(a == T.CLIENT_IP for a in answers + logged) and len(logged) == count
+    ok = len(answers) == count and all(a == expect for a in answers + logged) and len(logged) == count
     return {"ok": ok, "answers": answers, "logged": logged, "error": r.stderr.strip()[-300:] if not answers else ""}
 
 

@@ -26,6 +26,14 @@ METRICS: dict[str, tuple[str, str, bool, tuple[str, float] | None]] = {
 }
 
 
+# Subjects compared with a plain-tproxy subject of the same run instead of HAProxy (the PROXY protocol issue):
+# subject -> (baseline subject, metric, minimum ratio, what the pair isolates)
+BASELINES: dict[str, tuple[str, str, float, str]] = {
+    "lb-tproxy-pp-in": ("lb-tproxy", "nc_cps", 0.9, "header in: HAProxy in front of both, only the header differs"),
+    "tproxy-original-pp-out": ("tproxy-original", "nc_cps", 0.95, "header out: send_proxy_protocol v2 to nginx"),
+}
+
+
 def median(values: list[float]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -67,6 +75,53 @@ def check_target(metric: str, value: float | None, x_haproxy: float | None) -> s
         return None
     ok = x_haproxy >= limit if op == ">=" else x_haproxy <= limit
     return "met" if ok else "missed"
+
+
+def baseline_checks(runs: dict[str, dict[str, list]]) -> list[dict]:
+    """For each subject of :data:`BASELINES` measured with its baseline: both medians, the median of the per-round
+    ratios (:func:`paired_ratio`) and whether it meets the minimum ("met", "missed", or None without a paired
+    round)."""
+    out = []
+    for subj, (base, metric, limit, what) in BASELINES.items():
+        if subj not in runs or base not in runs:
+            continue
+        values, refs = runs[subj].get(metric, []), runs[base].get(metric, [])
+        ratio = paired_ratio(values, refs)
+        out.append(
+            {
+                "subject": subj,
+                "baseline": base,
+                "metric": metric,
+                "what": what,
+                "median": median(values),
+                "baseline_median": median(refs),
+                "ratio": ratio,
+                "rounds": sum(1 for v, r in zip(values, refs, strict=False) if v is not None and r),
+                "limit": limit,
+                "target": None if ratio is None else ("met" if ratio >= limit else "missed"),
+            }
+        )
+    return out
+
+
+def baseline_table(checks: list[dict], invalid: dict[str, str]) -> str:
+    """Markdown: one row per :func:`baseline_checks` entry."""
+    lines = [
+        "| against plain tproxy | subject | median | baseline | median | × baseline | rounds | target |",
+        "|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for c in checks:
+        label, unit = METRICS[c["metric"]][:2]
+        bad = any(s in invalid for s in (c["subject"], c["baseline"]))
+        name = c["subject"] + (" (INVALID)" if c["subject"] in invalid else "")
+        base = c["baseline"] + (" (INVALID)" if c["baseline"] in invalid else "")
+        ratio = "—" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        target = f"{'?' if bad else c['target'] or '?'} (>= {c['limit']}× {c['baseline']})"
+        lines.append(
+            f"| {label} ({unit}): {c['what']} | {name} | {fmt(c['median'], unit)} | {base} |"
+            f" {fmt(c['baseline_median'], unit)} | {ratio} | {c['rounds']} | {target} |"
+        )
+    return "\n".join(lines)
 
 
 def fmt(v: float | None, unit: str = "") -> str:
@@ -113,3 +168,7 @@ if __name__ == "__main__":
     doc = json.load(open(sys.argv[1]))
     runs = {s: {m: [r.get(m) for r in rounds] for m in METRICS} for s, rounds in doc["rounds"].items()}
     print(table(summarize(runs), list(doc["rounds"]), doc.get("invalid", {})))
+    checks = baseline_checks(runs)
+    if checks:
+        print()
+        print(baseline_table(checks, doc.get("invalid", {})))

@@ -25,15 +25,20 @@ from pathlib import Path
 
 from tests.bench import loads, profile, report
 from tests.bench import topology as T
-from tests.bench.subjects import REPO, Direct, HAProxy, Subject, Tproxy
+from tests.bench.subjects import REPO, Direct, HAProxy, LbTproxy, Subject, Tproxy
 
 HOT_PATH = ("relay.py", "server.py", "sockets.py", "log.py", "runner.py", "stats.py")
 SETTLE = 0.5  # seconds between loads, for sockets of the previous load to drain
 
 
-def make_subjects(names: list[str] | None, experiments: bool = False) -> tuple[list[Subject], list[str]]:
+def make_subjects(
+    names: list[str] | None, experiments: bool = False, proxy_protocol: bool = False
+) -> tuple[list[Subject], list[str]]:
+    """The subjects of the run: the default ones, plus the PROXY protocol ones with ``proxy_protocol``; ``names``
+    picks among all of them (the opt-in ones included), in the default order."""
     notes: list[str] = []
     subjects: list[Subject] = [Direct(), HAProxy()]
+    opt_in: list[Subject] = []
     if (REPO / "tproxy" / "runner.py").exists():
         subjects += [
             Tproxy("tproxy", "original"),
@@ -49,10 +54,14 @@ def make_subjects(names: list[str] | None, experiments: bool = False) -> tuple[l
                 Tproxy("tproxy", "original", gc="threshold=50000,freeze=2", label="gc"),
                 Tproxy("tproxy", "original", log_level="warning", label="nolog"),
             ]
+        # PROXY protocol (issue 14): header in behind the same load balancer with and without it; header out
+        opt_in = [LbTproxy(header=False), LbTproxy(header=True), Tproxy("tproxy", "original", send_proxy_protocol="v2")]
     else:
         notes.append("tproxy subjects skipped: tproxy/runner.py has not landed (`tproxy run` does not work yet)")
     if names:
-        subjects = [s for s in subjects if s.name in names]
+        subjects = [s for s in subjects + opt_in if s.name in names]
+    elif proxy_protocol:
+        subjects += opt_in
     return subjects, notes
 
 
@@ -159,18 +168,21 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
     invalid = None
     subj.start(topo)
     try:
-        who = loads.whoami(topo)
+        who = loads.whoami(topo, target=subj.target, expect=subj.sees)
         figs["whoami"] = who
         if not who["ok"]:
-            invalid = f"the application did not see the client's address: answers {who['answers']} log {who['logged']}"
+            invalid = f"the application did not see {subj.sees}: answers {who['answers']} log {who['logged']}"
         d = args.duration
-        b1, c1 = profiled(subj, args, "bulk1", loads.iperf, topo, 1, d)
+        none = ({"gbps": None, "bytes": 0, "machine_busy": None, "cpu_user_s": None, "cpu_sys_s": None}, 0.0)
+        b1, c1 = b4, c4 = none
+        if "bulk" in subj.loads:
+            b1, c1 = profiled(subj, args, "bulk1", loads.iperf, topo, 1, d)
+            time.sleep(SETTLE)
+            b4, c4 = profiled(subj, args, "bulk4", loads.iperf, topo, 4, d)
+            time.sleep(SETTLE)
+        ka, cka = profiled(subj, args, "keepalive", loads.wrk, topo, d, close=False, target=subj.target)
         time.sleep(SETTLE)
-        b4, c4 = profiled(subj, args, "bulk4", loads.iperf, topo, 4, d)
-        time.sleep(SETTLE)
-        ka, cka = profiled(subj, args, "keepalive", loads.wrk, topo, d, close=False)
-        time.sleep(SETTLE)
-        nc, cnc = profiled(subj, args, "newconn", loads.wrk, topo, d, close=True)
+        nc, cnc = profiled(subj, args, "newconn", loads.wrk, topo, d, close=True, target=subj.target)
         time.sleep(SETTLE)
         figs.update(
             bulk1_gbps=b1["gbps"],
@@ -193,7 +205,8 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             if r["non2xx"] or bad > 0.01 * (r["requests"] or 0):
                 invalid = invalid or f"{load} load: {r['non2xx']} non-2xx answers, {r['socket_errors']} socket errors"
         if subj.is_proxy:
-            figs["cpu_s_per_gb"] = (c1 + c4) / ((b1["bytes"] + b4["bytes"]) / 1e9)
+            bulk_bytes = b1["bytes"] + b4["bytes"]
+            figs["cpu_s_per_gb"] = (c1 + c4) / (bulk_bytes / 1e9) if bulk_bytes else None
             figs["cpu_us_per_req"] = cka / ka["requests"] * 1e6 if ka["requests"] else None
             figs["cpu_us_per_conn"] = cnc / nc["requests"] * 1e6 if nc["requests"] else None
             figs["cpu_user_us_per_req"] = ka["cpu_user_s"] / ka["requests"] * 1e6 if ka["requests"] else None
@@ -204,7 +217,7 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
             }
             if not figs["cpu_us_per_req"] or figs["cpu_us_per_req"] < 1.0:
                 invalid = invalid or "the keep-alive load did not go through the proxy (it spent no CPU)"
-        if args.idle:
+        if args.idle and "idle" in subj.loads:
             idle, cidle = profiled(subj, args, "idle", loads.idle, topo, subj, args.idle, args.hold, busy=args.duration)
             figs["machine_busy"]["idle"] = idle.pop("machine_busy", None)
             if cidle is not None:
@@ -255,6 +268,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tracemalloc in the tproxy subjects (slows them: figures are not comparable) and a census of Python"
         " objects per idle connection",
     )
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="add the PROXY protocol subjects: lb-tproxy, lb-tproxy-pp-in (HAProxy in front, without and with"
+        " send-proxy-v2), tproxy-original-pp-out (send_proxy_protocol to nginx); keep-alive and new-conn loads only",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 4)
@@ -288,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"idle connections capped at {args.idle:,}: the hard RLIMIT_NOFILE is {hard:,} (no CAP_SYS_RESOURCE "
                 "to raise it) and a proxy holds two sockets per connection"
             )
-    subjects, more = make_subjects(args.subjects.split(",") if args.subjects else None, args.experiments)
+    subjects, more = make_subjects(
+        args.subjects.split(",") if args.subjects else None, args.experiments, args.proxy_protocol
+    )
     if args.census:
         notes.append("--census: tracemalloc runs in the tproxy subjects, their figures are not comparable")
         for s in subjects:
@@ -346,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarize(runs)
     names = [s.name for s in subjects]
     text = report.table(summary, names, invalid)
+    checks = report.baseline_checks(runs)
+    if checks:
+        text += "\n\n" + report.baseline_table(checks, invalid)
     finished = dt.datetime.now(dt.UTC)
     versions = sorted({r.get("code", "?") for rs in details.values() for r in rs})
     print()
@@ -408,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "invalid": invalid,
         "failed_rounds": failed,
         "summary": summary,
+        "baselines": checks,
         "rounds": details,
         "table": text,
         "finished": finished.isoformat(timespec="seconds"),

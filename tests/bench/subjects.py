@@ -1,5 +1,11 @@
 """The subjects measured side by side: direct (no interception), HAProxy in transparent mode, and tproxy.
 
+The PROXY protocol subjects (opt-in: ``--proxy-protocol`` or ``--subjects``) run only the keep-alive and
+new-connection loads, against their own target: ``lb-tproxy`` and ``lb-tproxy-pp-in`` put the same HAProxy in front
+of tproxy (in the client namespace, connecting from the load balancer's address), the second with ``send-proxy-v2``
+and tproxy reading the header; ``tproxy-pp-out`` is ``tproxy-original`` with ``send_proxy_protocol = "v2"`` towards
+nginx's ``proxy_protocol`` port.
+
 Each subject sets itself up in the node namespace (process, rules, sysctls), tells which PIDs to measure, and tears
 everything down again, so the next subject starts from the same clean namespace. Rules the harness installs (HAProxy's)
 are installed only inside the benchmark's own node namespace.
@@ -64,10 +70,16 @@ COMMIT
 """
 
 
+ALL_LOADS = ("bulk", "keepalive", "newconn", "idle")
+
+
 class Subject:
     name = "?"
     is_proxy = True
     node_ports = T.NODE_PORTS_DEFAULT
+    target = (T.NODE_IP, T.HTTP_PORT)  # where the HTTP loads connect (from the client namespace)
+    sees = T.CLIENT_IP  # the client address the application must see
+    loads = ALL_LOADS
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
@@ -150,8 +162,13 @@ class Tproxy(Subject):
         label: str = "",
         relay: str = "shared",
         src: str = "",
+        send_proxy_protocol: str = "off",
+        proxy_protocol_from: str = "",
     ) -> None:
         super().__init__()
+        self.send_proxy_protocol = send_proxy_protocol
+        self.proxy_protocol_from = proxy_protocol_from  # a CIDR: listener.proxy_protocol = "v2" from it
+        self.ports = T.INTERCEPTED
         self.relay = relay
         self.src = src  # another checkout's tree to run instead of this one (an A/B run against a baseline)
         self.mode = mode
@@ -171,6 +188,11 @@ class Tproxy(Subject):
             self.name += "@base"
         if label:
             self.name += f"+{label}"
+        if send_proxy_protocol != "off":  # towards nginx's proxy_protocol port only: iperf3 would not read a header
+            self.name += "-pp-out"
+            self.ports = (T.PP_HTTP_PORT,)
+            self.target = (T.NODE_IP, T.PP_HTTP_PORT)
+            self.loads = ("keepalive", "newconn")
 
     def describe(self) -> str:
         src = "preserve_source = true" if self.mode == "nat" else "client IP kept"
@@ -179,6 +201,10 @@ class Tproxy(Subject):
             f" log level {self.log_level}; node ephemeral ports {self.node_ports} (overlapping the client's: no"
             " disjoint-range crutch)"
         )
+        if self.send_proxy_protocol != "off":
+            text += f"; send_proxy_protocol = {self.send_proxy_protocol} to nginx :{T.PP_HTTP_PORT} (proxy_protocol)"
+        if self.proxy_protocol_from:
+            text += f"; proxy_protocol = v2 from {self.proxy_protocol_from}"
         if self.gc:
             text += f"; EXPERIMENT: garbage collector {self.gc} (set by the benchmark's probe, not by tproxy)"
         return text
@@ -189,8 +215,12 @@ class Tproxy(Subject):
             f'backend = "{self.backend}"',
             "[listener]",
             f"port = {T.PROXY_PORT}",
+        ]
+        if self.proxy_protocol_from:
+            lines += ['proxy_protocol = "v2"', f'proxy_protocol_from = ["{self.proxy_protocol_from}"]']
+        lines += [
             "[intercept]",
-            f"ports = [{', '.join(map(str, T.INTERCEPTED))}]",
+            f"ports = [{', '.join(map(str, self.ports))}]",
             f'interfaces = ["{T.NODE_IF}"]',
             "ipv6 = false",
             "[proxy]",
@@ -200,6 +230,8 @@ class Tproxy(Subject):
         ]
         if self.relay != "shared":
             lines.append(f'relay = "{self.relay}"')
+        if self.send_proxy_protocol != "off":
+            lines.append(f'send_proxy_protocol = "{self.send_proxy_protocol}"')
         if self.mode == "nat":
             lines.append("preserve_source = true")
         lines += ["[admin]", 'address = "127.0.0.1:4191"', "[log]", f'level = "{self.log_level}"']
@@ -238,6 +270,77 @@ class Tproxy(Subject):
             except (OSError, ValueError):
                 self.probe = None
         self.proc = None
+
+
+LB_HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn {maxconn}
+    pidfile {dir}/lb-haproxy.pid
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+listen lb
+    bind {client}:{port}
+    maxconn {maxconn}
+    source {source}:0
+    server app {node}:{app_port} {send}
+"""
+
+
+class LbTproxy(Tproxy):
+    """tproxy-original behind a load balancer: HAProxy in the client namespace, 1 thread, connecting from
+    :data:`~tests.bench.topology.LB_IP` to nginx's port, which tproxy intercepts. With ``header``, HAProxy sends a
+    PROXY v2 header and tproxy reads it (``proxy_protocol_from`` the load balancer), so the application sees the
+    client; without, it sees the load balancer. The two differ only by the header: the pair measures reading it."""
+
+    target = (T.CLIENT_IP, T.LB_PORT)
+    loads = ("keepalive", "newconn")
+
+    def __init__(self, header: bool) -> None:
+        super().__init__("tproxy", "original", proxy_protocol_from=f"{T.LB_IP}/32" if header else "")
+        self.header = header
+        self.name = "lb-tproxy-pp-in" if header else "lb-tproxy"
+        self.sees = T.CLIENT_IP if header else T.LB_IP
+        self.lb: subprocess.Popen | None = None
+
+    def describe(self) -> str:
+        send = "send-proxy-v2" if self.header else "no header"
+        return f"HAProxy (1 thread, client namespace, from {T.LB_IP}, {send}) in front of: " + super().describe()
+
+    def start(self, topo: T.Topology) -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        cfg = topo.workdir / "lb-haproxy.cfg"
+        cfg.write_text(
+            LB_HAPROXY_CFG.format(
+                dir=topo.workdir,
+                maxconn=(hard - 20) // 2,
+                client=T.CLIENT_IP,
+                port=T.LB_PORT,
+                source=T.LB_IP,
+                node=T.NODE_IP,
+                app_port=T.HTTP_PORT,
+                send="send-proxy-v2" if self.header else "",
+            )
+        )
+        log = open(topo.workdir / "lb-haproxy.log", "ab")  # noqa: SIM115
+        self.lb = topo.client.popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=log)
+        try:
+            T.wait_listening(topo.client, T.LB_PORT, proc=self.lb)
+            super().start(topo)
+        except BaseException:
+            self.stop(topo)
+            raise
+
+    def stop(self, topo: T.Topology) -> None:
+        try:
+            super().stop(topo)
+        finally:
+            if self.lb is not None:
+                T.stop_process(self.lb)
+                self.lb = None
 
 
 def take_census(subject: Subject, timeout: float = 20.0) -> dict | None:

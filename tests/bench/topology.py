@@ -4,7 +4,11 @@ The namespaces and the veth pair are the lab's (:class:`tproxy.lab.Lab`, without
 runs its own applications in the node and measures over IPv4:
 
     client ns  veth0 198.18.0.1/24  <-- veth -->  veth0 198.18.0.2/24  node ns
-                                                    iperf3 -s :5201, nginx :8080 (/1k: 1 KiB file, /ip: who am I)
+                 198.18.0.21/24 (LB)                iperf3 -s :5201, nginx :8080 (/1k: 1 KiB file, /ip: who am I)
+                                                    nginx :8081 the same behind `listen ... proxy_protocol`
+
+The second client address is a load balancer's (the PROXY protocol subjects run HAProxy in the client namespace,
+connecting from it); nginx's port 8081 wants a PROXY header first and answers /ip with the client the header names.
 
 Resource handling: :func:`topology` starts the applications and ends them (by PID), and the lab deletes both
 namespaces (and any proxy it started) when the block ends, however it ends.
@@ -19,14 +23,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tproxy.lab import CLIENT, NODE, Lab
+from tproxy.lab import CLIENT, LB, NODE, Lab
 from tproxy.netns import Netns
 
 CLIENT_IP = CLIENT[4]
 NODE_IP = NODE[4]
+LB_IP = LB[4]
 NODE_IF = "veth0"
 IPERF_PORT = 5201
 HTTP_PORT = 8080
+PP_HTTP_PORT = 8081  # nginx with `listen ... proxy_protocol`: a PROXY header first (tproxy's send_proxy_protocol)
+LB_PORT = 7080  # HAProxy in the client namespace (the PROXY protocol subjects), on the client's address
 PROXY_PORT = 4143
 INTERCEPTED = (IPERF_PORT, HTTP_PORT)
 
@@ -64,6 +71,18 @@ http {{
             return 200 "$remote_addr $remote_port\\n";
         }}
     }}
+    log_format whopp '$proxy_protocol_addr $proxy_protocol_port $server_addr:$server_port';
+    server {{
+        listen {pp_port} proxy_protocol reuseport backlog=8192;
+        root {dir}/www;
+        location = /1k {{ }}
+        location = /idle {{ return 204; }}
+        location = /ip {{
+            access_log {dir}/access.log whopp;
+            default_type text/plain;
+            return 200 "$proxy_protocol_addr $proxy_protocol_port\\n";
+        }}
+    }}
 }}
 """
 
@@ -89,11 +108,12 @@ class Topology:
         www.mkdir(parents=True, exist_ok=True)
         (www / "1k").write_bytes(b"x" * 1023 + b"\n")
         conf = self.workdir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=self.workdir, port=HTTP_PORT))
+        conf.write_text(NGINX_CONF.format(dir=self.workdir, port=HTTP_PORT, pp_port=PP_HTTP_PORT))
         out = open(self.workdir / "apps.log", "ab")  # noqa: SIM115 - kept for the processes' lifetime
         self.procs.append(self.node.popen(["nginx", "-c", str(conf), "-p", str(self.workdir)], stdout=out, stderr=out))
         self.procs.append(self.node.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=out, stderr=out))
         wait_listening(self.node, HTTP_PORT)
+        wait_listening(self.node, PP_HTTP_PORT)
         wait_listening(self.node, IPERF_PORT)
 
     def stop_apps(self) -> None:
@@ -138,6 +158,7 @@ def topology(workdir: Path) -> Iterator[Topology]:
             " && sysctl -qw net.core.somaxconn=8192"
         )
         lab.node.sh("sysctl -qw net.core.somaxconn=8192 && sysctl -qw net.ipv4.tcp_max_syn_backlog=8192")
+        lab.add_client_addresses({4: LB_IP})
         topo = Topology(lab, workdir)
         topo.set_node_ports(NODE_PORTS_DEFAULT)
         try:
