@@ -8,6 +8,7 @@ validators guard the invariants of the objects themselves; the messages an opera
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import tomllib
 import types
@@ -52,6 +53,16 @@ class PortRange:
         return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _trusted(ip: str, nets: tuple[IPNetwork, ...]) -> bool:
+    """``ip`` in one of ``nets`` (an IPv4-mapped IPv6 address as its IPv4 address); cached: load balancers are few,
+    and it is asked once per connection."""
+    address = ipaddress.ip_address(ip)
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in nets)
+
+
 @attrs.frozen(kw_only=True)
 class Listener:
     address: IPAddress = attrs.field(default=ipaddress.IPv4Address("0.0.0.0"), converter=ipaddress.ip_address)
@@ -76,10 +87,7 @@ class Listener:
         IPv4-mapped IPv6 address counts as its IPv4 address). False whenever ``proxy_protocol`` is "off"."""
         if self.proxy_protocol == "off":
             return False
-        address = ipaddress.ip_address(ip)
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.proxy_protocol_from)
+        return _trusted(str(ip), self.proxy_protocol_from)
 
 
 @attrs.frozen(kw_only=True)

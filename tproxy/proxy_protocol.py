@@ -346,17 +346,32 @@ async def read_header(sock: socket.socket, *, allow: str, timeout: float) -> Hea
     complete header ("eof"), and when none is complete within ``timeout`` seconds ("timeout"). The bytes of a
     malformed header are left unread; the caller resets the connection.
     """
+    try:  # the usual case: the whole header came with the first segment (no cancel scope, no wait)
+        first: bytes | None = sock.recv(MAX_HEADER, socket.MSG_PEEK)
+    except BlockingIOError:
+        first = None
+    except OSError as e:
+        raise ProxyProtocolError("eof", e.strerror or str(e)) from None
+    if first:
+        header = parse(first, allow=allow)
+        if header is not None:
+            _consume(sock, header.length)
+            return header
+    peeked = True  # (the loop's first look is the peek above)
     lowat = 1
     seen = -1
     try:
         with trio.move_on_after(timeout):
             while True:
-                try:
-                    data = sock.recv(MAX_HEADER, socket.MSG_PEEK)
-                except BlockingIOError:
-                    data = None
-                except OSError as e:
-                    raise ProxyProtocolError("eof", e.strerror or str(e)) from None
+                if peeked:
+                    data, peeked = first, False
+                else:
+                    try:
+                        data = sock.recv(MAX_HEADER, socket.MSG_PEEK)
+                    except BlockingIOError:
+                        data = None
+                    except OSError as e:
+                        raise ProxyProtocolError("eof", e.strerror or str(e)) from None
                 if data is not None:
                     if not data:
                         raise ProxyProtocolError("eof", f"after {max(seen, 0)} bytes")
