@@ -376,6 +376,12 @@ def _type_name(value: Any) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
+def _default_admin_address() -> str:
+    """``admin.address`` as the file would spell the :class:`Admin` defaults."""
+    admin = Admin()
+    return f"{admin.host}:{admin.port}"
+
+
 def _default(cls: type, name: str) -> Any:
     """The attrs default of ``cls.name``: the classes are the one place defaults are written."""
     return attrs.fields_dict(cls)[name].default
@@ -493,8 +499,8 @@ class _Loader:
 
     def load(self, doc: dict[str, Any], *, mode: str | None, backend: str | None) -> Config:
         top = self.table(doc, "")
-        mode_v = self.choice(top, "mode", "mode", MODES, "tproxy")
-        backend_v = self.choice(top, "backend", "backend", BACKENDS, "nftables")
+        mode_v = self.choice(top, "mode", "mode", MODES, _default(Config, "mode"))
+        backend_v = self.choice(top, "backend", "backend", BACKENDS, _default(Config, "backend"))
         if mode is not None:
             if mode not in MODES:
                 raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
@@ -509,14 +515,14 @@ class _Loader:
             self.origins["backend"] = "flag"
 
         t = self.table(top, "listener")
-        address_s = self.typed(t, "address", "listener.address", str, "0.0.0.0")
+        address_s = self.typed(t, "address", "listener.address", str, str(_default(Listener, "address")))
         try:
             address = ipaddress.ip_address(address_s)
         except ValueError:
             raise self.error("listener.address", f"{address_s!r} is not an IP address") from None
         listener = Listener(
             address=address,
-            port=self.ranged_int(t, "port", "listener.port", 1, 65535, 4143, "a port"),
+            port=self.ranged_int(t, "port", "listener.port", 1, 65535, _default(Listener, "port"), "a port"),
             **self.proxy_protocol_in(t),
         )
 
@@ -593,13 +599,23 @@ class _Loader:
         t = self.table(top, "proxy")
         proxy = Proxy(
             preserve_source=self.typed(t, "preserve_source", "proxy.preserve_source", bool, None),
-            upstream=self.choice(t, "upstream", "proxy.upstream", UPSTREAMS, "original"),
-            connect_timeout=self.positive(t, "connect_timeout", "proxy.connect_timeout", 5.0),
-            idle_timeout=self.positive(t, "idle_timeout", "proxy.idle_timeout", 3600.0),
-            max_connections=self.ranged_int(
-                t, "max_connections", "proxy.max_connections", 1, 10_000_000, 10000, "a connection count"
+            upstream=self.choice(t, "upstream", "proxy.upstream", UPSTREAMS, _default(Proxy, "upstream")),
+            connect_timeout=self.positive(
+                t, "connect_timeout", "proxy.connect_timeout", _default(Proxy, "connect_timeout")
             ),
-            shutdown_grace=self.positive(t, "shutdown_grace", "proxy.shutdown_grace", 30.0),
+            idle_timeout=self.positive(t, "idle_timeout", "proxy.idle_timeout", _default(Proxy, "idle_timeout")),
+            max_connections=self.ranged_int(
+                t,
+                "max_connections",
+                "proxy.max_connections",
+                1,
+                10_000_000,
+                _default(Proxy, "max_connections"),
+                "a connection count",
+            ),
+            shutdown_grace=self.positive(
+                t, "shutdown_grace", "proxy.shutdown_grace", _default(Proxy, "shutdown_grace")
+            ),
             upstream_ports=self.upstream_ports(t),
             send_proxy_protocol=self.choice(
                 t,
@@ -608,20 +624,28 @@ class _Loader:
                 PROXY_PROTOCOL_OUT,
                 _default(Proxy, "send_proxy_protocol"),
             ),
-            relay=self.choice(t, "relay", "proxy.relay", RELAYS, "shared"),
-            udp_idle_timeout=self.positive(t, "udp_idle_timeout", "proxy.udp_idle_timeout", 60.0),
+            relay=self.choice(t, "relay", "proxy.relay", RELAYS, _default(Proxy, "relay")),
+            udp_idle_timeout=self.positive(
+                t, "udp_idle_timeout", "proxy.udp_idle_timeout", _default(Proxy, "udp_idle_timeout")
+            ),
             udp_max_sessions=self.ranged_int(
-                t, "udp_max_sessions", "proxy.udp_max_sessions", 1, 10_000_000, 10000, "a session count"
+                t,
+                "udp_max_sessions",
+                "proxy.udp_max_sessions",
+                1,
+                10_000_000,
+                _default(Proxy, "udp_max_sessions"),
+                "a session count",
             ),
         )
 
         t = self.table(top, "admin")
-        admin = self.admin_address(self.typed(t, "address", "admin.address", str, "127.0.0.1:4191"))
+        admin = self.admin_address(self.typed(t, "address", "admin.address", str, _default_admin_address()))
 
         t = self.table(top, "log")
         log = Log(
-            level=self.choice(t, "level", "log.level", LOG_LEVELS, "info"),
-            format=self.choice(t, "format", "log.format", LOG_FORMATS, "text"),
+            level=self.choice(t, "level", "log.level", LOG_LEVELS, _default(Log, "level")),
+            format=self.choice(t, "format", "log.format", LOG_FORMATS, _default(Log, "format")),
         )
 
         t = self.table(top, "privileges")
@@ -669,7 +693,7 @@ class _Loader:
     def upstream_ports(self, table: dict[str, Any]) -> PortRange:
         path = "proxy.upstream_ports"
         if "upstream_ports" not in table:
-            return PortRange(lo=1024, hi=32767)
+            return _default(Proxy, "upstream_ports")
         value = table["upstream_ports"]
         if not isinstance(value, str):
             raise self.error(path, f'expected a "lo-hi" string, got {_type_name(value)} {value!r}')
