@@ -20,6 +20,7 @@ deps:
     command -v nginx >/dev/null || need+=(nginx-light)
     command -v dnsmasq >/dev/null || need+=(dnsmasq-base)  # the UDP tests' DNS server (the binary, no service)
     command -v kdig >/dev/null || need+=(knot-dnsutils)
+    command -v conntrack >/dev/null || need+=(conntrack)  # the tests read the node namespace's conntrack table
     if [ ${#need[@]} -gt 0 ]; then
       if [ "$(id -u)" -ne 0 ]; then echo "just deps: need root to install: ${need[*]}" >&2; exit 1; fi
       apt-get update -qq

@@ -1,9 +1,9 @@
 """iptables: ``iptables-restore --noflush`` / ``ip6tables-restore --noflush`` files with chains of our own.
 
-Our chains (``TPROXY_RAW`` in raw, ``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle,
-``TPROXY_NAT`` in nat) are jumped to from the built-in chains exactly once: declaring a chain in a ``--noflush``
-file flushes it, and :meth:`apply` leaves out the jump lines that are already in place, so re-applying replaces our
-rules without a second jump.
+Our chains (``TPROXY_RAW`` and ``TPROXY_RAW_OUTPUT`` in raw, ``TPROXY_PREROUTING``, ``TPROXY_DIVERT``,
+``TPROXY_OUTPUT`` in mangle, ``TPROXY_NAT`` in nat) are jumped to from the built-in chains exactly once: declaring a
+chain in a ``--noflush`` file flushes it, and :meth:`apply` leaves out the jump lines that are already in place, so
+re-applying replaces our rules without a second jump.
 
 Variant: the host's ``iptables`` is either the nf_tables or the legacy variant (``iptables --version``); we use the
 same one and refuse to run when the *other* variant holds rules, since mixing the two breaks both.
@@ -40,7 +40,8 @@ DIVERT = "TPROXY_DIVERT"
 OUTPUT = "TPROXY_OUTPUT"
 NAT = "TPROXY_NAT"
 RAW = "TPROXY_RAW"
-OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,), "raw": (RAW,)}
+RAW_OUTPUT = "TPROXY_RAW_OUTPUT"
+OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,), "raw": (RAW, RAW_OUTPUT)}
 PREFIX = {4: "iptables", 6: "ip6tables"}
 HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
 MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
@@ -111,7 +112,8 @@ def render_family(config: Config, family: int) -> str:
 
     Reply routing as in the nftables backend: the upstream mark saved into the connection mark in OUTPUT, the reply
     mark set only on packets in the reply direction of such a connection (OUTPUT and PREROUTING), and in tproxy mode
-    the intercepted client leg kept out of conntrack in the raw table."""
+    the intercepted client leg kept out of conntrack in the raw table (PREROUTING, and OUTPUT for the proxy's own
+    packets on it)."""
     mark, mask = mark_hex(config.routing.mark), mark_hex(config.routing.mask)
     upstream = mark_hex(config.routing.upstream_mark)
     reply = (
@@ -124,11 +126,18 @@ def render_family(config: Config, family: int) -> str:
     lines = [HEADER[family]]
 
     if config.mode == "tproxy":
-        raw = [f":{RAW} - [0:0]", _jump("PREROUTING", RAW), *_exclusions(config, family, RAW)]
+        raw = [f":{RAW} - [0:0]", f":{RAW_OUTPUT} - [0:0]", _jump("PREROUTING", RAW), _jump("OUTPUT", RAW_OUTPUT)]
+        raw += _exclusions(config, family, RAW)
         for iif in _iifs(config):
             for group in _port_groups(config.intercept.ports):
                 raw.append(f"-A {RAW} {iif} -p tcp -m multiport --dports {group} {_c('notrack')} -j CT --notrack")
         raw += _udp_rules(config, "-j CT --notrack", chain=RAW, what="notrack-udp")
+        # the client leg's own outgoing packets: the listener's mark, from an address of this host (the upstream legs
+        # carry the same mark from the client's address and stay tracked)
+        raw.append(
+            f"-A {RAW_OUTPUT} -m mark --mark {upstream}/{mask} -m addrtype --src-type LOCAL {_c('notrack-out')} "
+            "-j CT --notrack"
+        )
         lines += ["*raw", *raw, "COMMIT"]
 
     pre: list[str] = []

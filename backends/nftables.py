@@ -151,7 +151,9 @@ class NftablesBackend(Backend):
         """The table for ``config``; reply routing as in README, "What the rules do" (DESIGN.md, "Reply routing,
         revised"): the upstream sockets' own mark is saved into the connection mark (output), and only packets in
         the reply direction of such a connection get the routed reply mark (output and prerouting); in tproxy mode
-        the intercepted client leg is kept out of conntrack (raw prerouting), so no NAT of the host applies to it."""
+        the intercepted client leg is kept out of conntrack (raw prerouting for its incoming packets, raw output for
+        the proxy's, which carry the upstream mark from an address of this host), so no NAT of the host applies to it
+        and no conntrack entry outlives it."""
         mark, mask, keep = mark_hex(config.routing.mark), mark_hex(config.routing.mask), keep_mask(config)
         upstream = mark_hex(config.routing.upstream_mark)
         setmark = f"meta mark set meta mark & {keep} | {mark}"
@@ -166,6 +168,14 @@ class NftablesBackend(Backend):
                 raw.append(f"{fam} {_iif(config)} tcp dport {_ports(config)} notrack {_comment('notrack')}")
                 raw += _udp_rules(config, f, "notrack", "notrack-udp")
             chains.append(_chain("raw_prerouting", "type filter hook prerouting priority raw; policy accept;", raw))
+            # the client leg's own outgoing packets (the listener's mark, from an address of this host; the upstream
+            # legs carry the same mark from the client's address and stay tracked)
+            out = [
+                f"meta nfproto {NFPROTO[f]} meta mark & {mask} == {upstream} fib saddr type local notrack "
+                f"{_comment('notrack-out')}"
+                for f in config.families
+            ]
+            chains.append(_chain("raw_output", "type filter hook output priority raw; policy accept;", out))
 
         prerouting: list[str] = []
         if loopback_guard(config):

@@ -6,7 +6,9 @@ The tests themselves are in tests/test_e2e*.py; the lab (namespaces, application
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
+import re
 import time
 from collections.abc import Iterator
 
@@ -153,3 +155,31 @@ def explain(proxy: L.Proxy, bad: list[dict], limit: int = 5) -> str:
         if r.get("peer") and r.get("src") and r["peer"][1] != r["src"][1]:
             out += [f"    proxy, upstream: {ln}" for ln in L.proxy_log_names(log, *r["peer"])]
     return "\n".join(out)
+
+
+_CT_TUPLE = re.compile(r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)")
+
+
+def node_conntrack(lab: L.Lab, proto: str) -> list[tuple[tuple[str, int, str, int], ...]]:
+    """The node namespace's conntrack entries of ``proto`` ("tcp", "udp"), each as its (original, reply) tuples of
+    (src, sport, dst, dport), addresses normalized (``conntrack -L``, both families)."""
+    out = []
+    for family in ("ipv4", "ipv6"):
+        text = lab.node.run(["conntrack", "-L", "-p", proto, "-f", family], check=False).stdout
+        for line in text.splitlines():
+            tuples = _CT_TUPLE.findall(line)
+            if tuples:
+                out.append(
+                    tuple(
+                        (str(ipaddress.ip_address(s)), int(sp), str(ipaddress.ip_address(d)), int(dp))
+                        for s, d, sp, dp in tuples[:2]
+                    )
+                )
+    return out
+
+
+def entries_of(entries: list[tuple[tuple[str, int, str, int], ...]], a: tuple[str, int], b: tuple[str, int]):
+    """The entries of the flow between ``a`` and ``b`` (ip, port), in either orientation."""
+    ab = (str(ipaddress.ip_address(a[0])), a[1], str(ipaddress.ip_address(b[0])), b[1])
+    ba = (ab[2], ab[3], ab[0], ab[1])
+    return [e for e in entries if ab in e or ba in e]

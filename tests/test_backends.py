@@ -290,7 +290,8 @@ def test_nft_json_our_table_has_every_rule_with_its_comment():
     rules = nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "rule")
     assert rules and all(r["table"] == nftables.TABLE and r["comment"].startswith("tproxy/") for r in rules)
     chains = {c["name"]: c for c in nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "chain")}
-    assert set(chains) == {"prerouting", "output", "raw_prerouting"} and chains["prerouting"]["hook"] == "prerouting"
+    assert set(chains) == {"prerouting", "output", "raw_prerouting", "raw_output"}
+    assert chains["prerouting"]["hook"] == "prerouting" and chains["raw_output"]["hook"] == "output"
 
 
 def test_iptables_nft_objects_and_empty_base_chains():
@@ -433,6 +434,31 @@ def test_the_intercepted_client_leg_is_untracked_in_tproxy_mode_only(case):
         assert "chain raw_prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;" in text
     else:
         assert "*raw\n:TPROXY_RAW - [0:0]\n" in text and "-j CT --notrack" in text
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=ids)
+def test_the_proxys_own_packets_on_the_client_leg_are_untracked_in_tproxy_mode_only(case):
+    """Raw output: the upstream mark from an address of this host (the listener's and the UDP reply socket's
+    packets), once per family; the upstream legs (same mark, the client's address) are not matched."""
+    name, backend = case
+    cfg = golden_gen.config(name, backend)
+    text = get_backend(backend).render(cfg)
+    out = [ln for ln in _rule_lines(text, backend) if '"tproxy/notrack-out"' in ln]
+    if cfg.mode != "tproxy":
+        assert out == [] and "notrack-out" not in text and "RAW_OUTPUT" not in text and "raw_output" not in text
+        return
+    assert len(out) == len(cfg.families)
+    up, mask = f"{cfg.routing.upstream_mark:#x}", f"{cfg.routing.mask:#x}"
+    for line in out:
+        if backend == "iptables":
+            assert line.startswith("-A TPROXY_RAW_OUTPUT ") and line.endswith("-j CT --notrack")
+            assert f"-m mark --mark {up}/{mask} -m addrtype --src-type LOCAL " in line
+        else:
+            assert f"meta mark & {mask} == {up} fib saddr type local notrack " in line
+    if backend == "nftables":
+        assert "chain raw_output {\n\t\ttype filter hook output priority raw; policy accept;" in text
+    else:
+        assert text.count('-I OUTPUT 1 -m comment --comment "tproxy/jump" -j TPROXY_RAW_OUTPUT') == len(cfg.families)
 
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)

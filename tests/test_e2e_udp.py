@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab_fixtures import fresh_ports
+from tests.lab_fixtures import entries_of, fresh_ports, node_conntrack
 from tproxy import lab as L
 from tproxy.lab_udp import PROBE
 
@@ -344,3 +344,19 @@ def test_a_session_to_a_closed_port_ends_refused(lab, proxy):
     (line,) = sessions_logged(proxy, L.CLIENT[4], port)
     assert "reason=refused" in line and "datagrams_out=0 " in line, line
     assert float(re.search(r"duration_ms=(\S+)", line).group(1)) < 1000, line
+
+
+@cells
+@family
+def test_no_conntrack_entry_for_the_client_leg_and_the_upstream_leg_tracked(lab, proxy, family):
+    """The client's datagrams are notracked in raw prerouting, the replies from the raw socket (the listener's mark,
+    the original destination as source) in raw output: no entry in either orientation (README, "What the rules
+    do"). The upstream leg keeps its entry (its connection mark routes the application's answers)."""
+    ports = fresh_ports(4)
+    results = flows(lab, [{"dst": L.NODE[family], "port": PORTS[0], "src_port": p, "sizes": [10, 0]} for p in ports])
+    assert all(r["ok"] and r["peer"][1] != r["src"][1] for r in results), results
+    entries = node_conntrack(lab, "udp")
+    server = (L.NODE[family], PORTS[0])
+    client_legs = [e for r in results for e in entries_of(entries, tuple(r["src"]), server)]
+    assert client_legs == [], client_legs
+    assert all(entries_of(entries, tuple(r["peer"]), server) for r in results), (results, entries)

@@ -67,7 +67,11 @@ def bind_listeners(config: Config) -> list[socket.socket]:
         for family in config.families:
             out.append(
                 sockets.listener(
-                    family, config.listener.address_for(family), config.listener.port, transparent=transparent
+                    family,
+                    config.listener.address_for(family),
+                    config.listener.port,
+                    transparent=transparent,
+                    mark=sockets.listener_mark(config),
                 )
             )
     except BaseException:
@@ -217,7 +221,8 @@ class Reloader:
                     self.sockets[key] = self.lingering.pop(key)
                 elif key not in self.sockets:
                     family, address, port, transparent = key
-                    fresh[key] = sockets.listener(family, address, port, transparent=transparent)
+                    mark = sockets.listener_mark(plan.config)  # (mode and routing.* need a restart: as running)
+                    fresh[key] = sockets.listener(family, address, port, transparent=transparent, mark=mark)
             await server.adopt_listeners(list(fresh.values()))
         except (TproxyError, OSError, RuntimeError) as e:
             for s in fresh.values():

@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from tproxy.config import Config
 from tproxy.errors import PrivilegeError, TproxyError
 
 SOL_IP = 0  # socket.SOL_IP
@@ -86,12 +87,17 @@ def set_reset_on_close(sock: socket.socket) -> None:
         pass
 
 
-def listener(family: int, address: str, port: int, *, transparent: bool, backlog: int = BACKLOG) -> socket.socket:
+def listener(
+    family: int, address: str, port: int, *, transparent: bool, mark: int = 0, backlog: int = BACKLOG
+) -> socket.socket:
     """A bound, listening, non-blocking TCP socket for ``family`` (4 or 6).
 
     IPv6 listeners are V6ONLY (the IPv4 one, if any, is separate). ``transparent`` sets IP_TRANSPARENT /
     IPV6_TRANSPARENT, which TPROXY needs to hand connections to it and which a preserve-source upstream needs as well.
-    TCP_NODELAY is set on the listener: accepted sockets inherit it (one setsockopt per connection fewer).
+    TCP_NODELAY is set on the listener: accepted sockets inherit it (one setsockopt per connection fewer). A non-zero
+    ``mark`` is set as SO_MARK (needs CAP_NET_RAW or CAP_NET_ADMIN, as IP_TRANSPARENT does): the SYN-ACK, the accepted
+    sockets and their TIME_WAIT replies carry it too, so rules can tell the client leg's outgoing packets
+    (:func:`listener_mark`).
 
     Error handling: a missing capability raises :class:`PrivilegeError`; any other failure (address in use, no such
     address) raises :class:`TproxyError`. The socket is closed on failure.
@@ -113,6 +119,11 @@ def listener(family: int, address: str, port: int, *, transparent: bool, backlog
                     f"cannot listen on {where}: needs CAP_NET_RAW for {name} (run as root, or grant the capability "
                     "with AmbientCapabilities=CAP_NET_RAW)"
                 ) from None
+        if mark:
+            try:
+                set_mark(sock, mark)
+            except PermissionError:
+                raise PrivilegeError(f"cannot listen on {where}: needs CAP_NET_RAW for SO_MARK") from None
         try:
             sock.bind((address, port))
             sock.listen(backlog)
@@ -123,6 +134,14 @@ def listener(family: int, address: str, port: int, *, transparent: bool, backlog
     except BaseException:
         sock.close()
         raise
+
+
+def listener_mark(config: Config) -> int:
+    """The SO_MARK of the TCP listeners and of the UDP reply socket: in tproxy mode ``routing.upstream_mark``, so
+    that the client leg's outgoing packets (from an address of this host) are kept out of conntrack in raw output as
+    its incoming ones are in raw prerouting (README, "What the rules do"); 0 in nat mode, whose REDIRECT needs
+    conntrack on that leg."""
+    return config.routing.upstream_mark if config.mode == "tproxy" else 0
 
 
 def accepter(lsock: socket.socket) -> Callable[[], tuple[socket.socket, Any]]:
@@ -343,17 +362,20 @@ def _raise_rcvbuf(sock: socket.socket, size: int) -> None:
 _DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: "ret #0", accept nothing
 
 
-def raw_udp_socket(family: int) -> socket.socket:
+def raw_udp_socket(family: int, mark: int = 0) -> socket.socket:
     """A raw ``IPPROTO_UDP`` socket that sends UDP datagrams with a header we build (tproxy/udp.py) and a source given
     per datagram (``IP_PKTINFO`` / ``IPV6_PKTINFO``): replies to clients come from their original destination, with
     nothing bound to that address and port. ``IP_TRANSPARENT`` lets that source be any address. A raw socket would
-    also receive a copy of every UDP datagram of the host: a filter accepting nothing keeps its queue empty.
+    also receive a copy of every UDP datagram of the host: a filter accepting nothing keeps its queue empty. A
+    non-zero ``mark`` is set as SO_MARK (:func:`listener_mark`: the replies stay out of conntrack).
 
     Error handling: raises OSError (PermissionError without CAP_NET_RAW); closed on failure.
     """
     sock = socket.socket(FAMILIES[family], socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.IPPROTO_UDP)
     try:
         set_transparent(sock)
+        if mark:
+            set_mark(sock, mark)
         program = ctypes.create_string_buffer(_DROP_ALL)
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # (the kernel's minimum)

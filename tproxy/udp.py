@@ -139,6 +139,7 @@ class UdpRelay:
     ) -> None:
         self.stats = stats
         self.mark = mark
+        self.reply_mark = sockets.listener_mark(config)  # the raw reply sockets' (their datagrams stay untracked)
         self.is_loop = is_loop
         self.preserve = config.preserve_source
         self.loopback = config.proxy.upstream == "loopback"
@@ -287,7 +288,7 @@ class UdpRelay:
         af = _AF[family]
         try:
             if family not in self.raws:
-                self.raws[family] = sockets.raw_udp_socket(family)
+                self.raws[family] = sockets.raw_udp_socket(family, self.reply_mark)
             upstream, usrc, reserved, target = self._connect(af, client, dst)
         except OSError as e:
             self._drop("upstream_error")
