@@ -265,22 +265,22 @@ def resolve_identity(config: Config) -> Identity:
         pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
         if not user.isdigit():
-            raise ConfigError(config.source, "privileges.user", f"no such user {user!r}") from None
+            raise ConfigError(*config.where("privileges.user"), f"no such user {user!r}") from None
         uid, gid = int(user), None
     else:
         uid, gid = pw.pw_uid, pw.pw_gid
     if uid == 0:
-        raise ConfigError(config.source, "privileges.user", f"{user!r} is root: that drops nothing")
+        raise ConfigError(*config.where("privileges.user"), f"{user!r} is root: that drops nothing")
     if group is not None:
         try:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             if not group.isdigit():
-                raise ConfigError(config.source, "privileges.group", f"no such group {group!r}") from None
+                raise ConfigError(*config.where("privileges.group"), f"no such group {group!r}") from None
             gid = int(group)
     if gid is None:
         raise ConfigError(
-            config.source, "privileges.group", f"uid {uid} has no passwd entry: set privileges.group as well"
+            *config.where("privileges.group"), f"uid {uid} has no passwd entry: set privileges.group as well"
         )
     return Identity(user=user, uid=uid, gid=gid)
 

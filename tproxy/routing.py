@@ -299,9 +299,9 @@ def _read_sysctl(s: Sysctl, config: Config) -> str:
         return s.path.read_text().strip()
     except FileNotFoundError:
         iface = s.parts[3]
+        where = ": ".join(config.where("intercept.interfaces"))
         raise RulesError(
-            f"{config.source}: intercept.interfaces: interface {iface!r} does not exist "
-            f'(needed to set {s.key} for proxy.upstream = "loopback")'
+            f'{where}: interface {iface!r} does not exist (needed to set {s.key} for proxy.upstream = "loopback")'
         ) from None
     except OSError as e:
         raise RulesError(f"cannot read {s.path}: {e.strerror}") from None
