@@ -124,13 +124,16 @@ def run_checks(
 def check_capabilities(config: Config, config_path: object) -> Iterator[Result]:
     from tproxy.privileges import CAP_NET_ADMIN, ProcessCredentials, cap_name, cap_set, required_capabilities
 
-    have = cap_set(ProcessCredentials.of().effective)
+    creds = ProcessCredentials.of()
+    have, permitted = cap_set(creds.effective), cap_set(creds.permitted)
     need = {CAP_NET_ADMIN: "installing the interception rules and routes"}
     need.update(required_capabilities(config, binds_listener=True))
     for cap, why in need.items():
         name = cap_name(cap)
         if cap in have:
             yield passed(f"privilege {name}", why)
+        elif cap in permitted and cap != CAP_NET_ADMIN:  # (file capabilities: `tproxy run` raises it)
+            yield passed(f"privilege {name}", f"{why} (permitted; `tproxy run` makes it effective)")
         elif cap == CAP_NET_ADMIN:
             yield failed(
                 f"privilege {name}",
