@@ -15,21 +15,18 @@ carrying the tool's own message, and the host is left as it was.
 from __future__ import annotations
 
 import abc
-import contextlib
-import json
 import os
+import re
 import subprocess
+from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from tproxy.config import Config, PortRange
 from tproxy.errors import MissingBinaryError, RulesError
+from tproxy.privileges import has_net_admin
 
 NEEDS_ROOT = "needs CAP_NET_ADMIN (run as root)"
-STATE_DIR = Path("/run/tproxy")
 COMMENT = "tproxy/"
-CAP_NET_ADMIN = 12
 
 # The Debian package that provides each program we run.
 PACKAGES = {
@@ -46,6 +43,7 @@ PACKAGES = {
     "ip6tables-nft-save": "iptables",
 }
 
+_TAG = re.compile(r'comment "?(tproxy/[^"\s]+)')
 _PERMISSION_HINTS = ("Operation not permitted", "Permission denied", "you must be root")
 
 
@@ -78,6 +76,28 @@ class Backend(abc.ABC):
         """A short name for messages, e.g. ``nftables`` or ``iptables (nf_tables variant)``."""
         return self.name
 
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        """(where, tag) of every rule in ``text`` (pure): where is a table (and family), tag the rule's comment."""
+        raise NotImplementedError
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        """(where, tag) of every rule of ours installed now, counted as :meth:`rule_tags` counts them."""
+        raise NotImplementedError
+
+    def missing(self, text: str) -> list[str]:
+        """The rules of ``text`` that are not installed, one line each (empty: all there).
+
+        Every rule carries a ``tproxy/...`` comment, so rules are compared by table and tag, each as many times as
+        ``text`` has it: what an ``nft flush ruleset``, ``iptables -t mangle -F`` or a firewall reload took out shows.
+        """
+        want, have = self.rule_tags(text), self.installed_tags()
+        out = []
+        for (where, tag), n in sorted(want.items()):
+            short = n - have[where, tag]
+            if short > 0:
+                out.append(f"{where}: rule {tag} missing" + (f" ({short} of {n})" if n > 1 else ""))
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces of the selection shared by both dialects.
@@ -92,8 +112,18 @@ def loopback_guard(config: Config) -> bool:
     return config.proxy.upstream == "loopback" and config.preserve_source and 4 in config.families
 
 
+def tags(line: str) -> list[str]:
+    """The ``tproxy/...`` comments in one rule line (either dialect, quoted or not)."""
+    return _TAG.findall(line)
+
+
 def mark_hex(value: int) -> str:
     return f"{value:#x}"
+
+
+def keep_mask(config: Config) -> str:
+    """``~routing.mask`` (32 bits), for ``mark = (mark & ~mask) | ours``: the bits of other software are kept."""
+    return mark_hex(~config.routing.mask & 0xFFFFFFFF)
 
 
 def port_ranges(ranges: Sequence[PortRange], sep: str) -> list[str]:
@@ -102,17 +132,6 @@ def port_ranges(ranges: Sequence[PortRange], sep: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running tools.
-
-
-def has_net_admin() -> bool:
-    """Whether this process holds CAP_NET_ADMIN in its effective set."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return os.geteuid() == 0
 
 
 def require_net_admin() -> None:
@@ -147,36 +166,3 @@ def tool_error(argv: Sequence[str], r: subprocess.CompletedProcess) -> RulesErro
 
 def _one_line(msg: str) -> str:
     return " | ".join(line.rstrip() for line in msg.splitlines() if line.strip())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# State that must survive across processes (e.g. `tproxy rules remove` after `tproxy run` was killed).
-
-
-def netns_id() -> int:
-    """The identity of the current network namespace (inode of /proc/self/ns/net)."""
-    return os.stat("/proc/self/ns/net").st_ino
-
-
-def state_path(kind: str, *key: object) -> Path:
-    """``/run/tproxy/<kind>-netns<inode>[-<key>...].json``: one file per namespace (and config key)."""
-    return STATE_DIR / ("-".join([kind, f"netns{netns_id()}", *(str(k) for k in key)]) + ".json")
-
-
-def load_state(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def drop_state(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -1,8 +1,9 @@
 """iptables: ``iptables-restore --noflush`` / ``ip6tables-restore --noflush`` files with chains of our own.
 
-Our chains (``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle, ``TPROXY_NAT`` in nat) are jumped to
-from the built-in chains exactly once: declaring a chain in a ``--noflush`` file flushes it, and :meth:`apply` leaves
-out the jump lines that are already in place, so re-applying replaces our rules without a second jump.
+Our chains (``TPROXY_RAW`` in raw, ``TPROXY_PREROUTING``, ``TPROXY_DIVERT``, ``TPROXY_OUTPUT`` in mangle,
+``TPROXY_NAT`` in nat) are jumped to from the built-in chains exactly once: declaring a chain in a ``--noflush``
+file flushes it, and :meth:`apply` leaves out the jump lines that are already in place, so re-applying replaces our
+rules without a second jump.
 
 Variant: the host's ``iptables`` is either the nf_tables or the legacy variant (``iptables --version``); we use the
 same one and refuse to run when the *other* variant holds rules, since mixing the two breaks both.
@@ -15,34 +16,41 @@ table stays. Documented, not hidden.)
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import attrs
 
 from tproxy.backends.base import (
+    COMMENT,
     Backend,
-    drop_state,
-    load_state,
     loopback_guard,
     mark_hex,
     port_ranges,
     require_net_admin,
     run,
-    save_state,
-    state_path,
 )
 from tproxy.backends.nftables import nft_json
 from tproxy.config import Config
 from tproxy.errors import MissingBinaryError, RulesError
+from tproxy.state import drop_state, load_state, save_state, state_path
 
 PREROUTING = "TPROXY_PREROUTING"
 DIVERT = "TPROXY_DIVERT"
 OUTPUT = "TPROXY_OUTPUT"
 NAT = "TPROXY_NAT"
-OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,)}
+RAW = "TPROXY_RAW"
+OUR_CHAINS = {"mangle": (PREROUTING, DIVERT, OUTPUT), "nat": (NAT,), "raw": (RAW,)}
 PREFIX = {4: "iptables", 6: "ip6tables"}
 HEADER = {4: "# iptables-restore --noflush", 6: "# ip6tables-restore --noflush"}
 MULTIPORT_MAX = 15  # multiport takes at most 15 ports, a range counting as two
+# Wait (bounded) for the xtables lock that Docker, kube-proxy or firewalld may hold, instead of failing at once.
+LOCK_WAIT_SECONDS = 10
+
+
+def restore_argv(family: int, *args: str) -> list[str]:
+    """``iptables-restore -w 10 ARGS`` (``ip6tables-restore`` for 6): every restore we run waits for the lock."""
+    return [f"{PREFIX[family]}-restore", "-w", str(LOCK_WAIT_SECONDS), *args]
 
 
 def _c(what: str) -> str:
@@ -63,7 +71,10 @@ def _port_groups(ranges) -> list[str]:
 
 
 def _iifs(config: Config) -> list[str]:
-    return [f"-i {i}" for i in config.intercept.interfaces] or ["! -i lo"]
+    """One match per interface whose packets may be intercepted, each for packets addressed to this host only (on a
+    host that forwards, traffic passing through to another machine's port is not ours)."""
+    local = "-m addrtype --dst-type LOCAL"
+    return [f"-i {i} {local}" for i in config.intercept.interfaces] or [f"! -i lo {local}"]
 
 
 def _exclusions(config: Config, family: int, chain: str) -> list[str]:
@@ -80,15 +91,35 @@ def _jump(builtin: str, chain: str) -> str:
 
 
 def render_family(config: Config, family: int) -> str:
-    """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6)."""
-    mark = mark_hex(config.routing.mark)
+    """The restore file for one family (``iptables-restore --noflush`` for 4, ``ip6tables-restore`` for 6).
+
+    Reply routing as in the nftables backend: the upstream mark saved into the connection mark in OUTPUT, the reply
+    mark set only on packets in the reply direction of such a connection (OUTPUT and PREROUTING), and in tproxy mode
+    the intercepted client leg kept out of conntrack in the raw table."""
+    mark, mask = mark_hex(config.routing.mark), mark_hex(config.routing.mask)
+    upstream = mark_hex(config.routing.upstream_mark)
+    reply = (
+        f"-m conntrack --ctdir REPLY -m connmark --mark {upstream}/{mask} {_c('reply-mark')} "
+        f"-j MARK --set-xmark {mark}/{mask}"
+    )
     mangle_chains: list[str] = []
     mangle_rules: list[str] = []
     jumps: list[str] = []
+    lines = [HEADER[family]]
+
+    if config.mode == "tproxy":
+        raw = [f":{RAW} - [0:0]", _jump("PREROUTING", RAW), *_exclusions(config, family, RAW)]
+        for iif in _iifs(config):
+            for group in _port_groups(config.intercept.ports):
+                raw.append(f"-A {RAW} {iif} -p tcp -m multiport --dports {group} {_c('notrack')} -j CT --notrack")
+        lines += ["*raw", *raw, "COMMIT"]
 
     pre: list[str] = []
     if family == 4 and loopback_guard(config):
-        pre.append(f"-A {PREROUTING} -d 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP")
+        # to or from 127.0.0.0/8 on anything but lo (route_localnet=1 lifts the kernel's own check; CVE-2020-8558)
+        pre += [f"-A {PREROUTING} {d} 127.0.0.0/8 ! -i lo {_c('loopback-guard')} -j DROP" for d in ("-d", "-s")]
+    if config.needs_routing:
+        pre.append(f"-A {PREROUTING} {reply}")
     if config.mode == "tproxy":
         pre.append(f"-A {PREROUTING} -p tcp ! --syn -m socket --transparent {_c('divert')} -j {DIVERT}")
         pre += _exclusions(config, family, PREROUTING)
@@ -97,7 +128,7 @@ def render_family(config: Config, family: int) -> str:
             for group in _port_groups(config.intercept.ports):
                 pre.append(
                     f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
-                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mark}"
+                    f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
                 )
     if pre:
         mangle_chains.append(PREROUTING)
@@ -106,20 +137,18 @@ def render_family(config: Config, family: int) -> str:
     if config.mode == "tproxy":
         mangle_chains.append(DIVERT)
         mangle_rules += [
-            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mark}",
+            f"-A {DIVERT} {_c('divert')} -j MARK --set-xmark {mark}/{mask}",
             f"-A {DIVERT} {_c('divert')} -j ACCEPT",
         ]
     if config.needs_routing:
         mangle_chains.append(OUTPUT)
         jumps.append(_jump("OUTPUT", OUTPUT))
         mangle_rules += [
-            f"-A {OUTPUT} -m connmark --mark {mark}/{mark} {_c('restore-mark')} "
-            f"-j CONNMARK --restore-mark --nfmask {mark} --ctmask {mark}",
-            f"-A {OUTPUT} -m mark --mark {mark}/{mark} {_c('save-mark')} "
-            f"-j CONNMARK --save-mark --nfmask {mark} --ctmask {mark}",
+            f"-A {OUTPUT} -m mark --mark {upstream}/{mask} {_c('upstream-mark')} "
+            f"-j CONNMARK --set-xmark {upstream}/{mask}",
+            f"-A {OUTPUT} {reply}",
         ]
 
-    lines = [HEADER[family]]
     if mangle_chains:
         lines += ["*mangle", *(f":{c} - [0:0]" for c in mangle_chains), *jumps, *mangle_rules, "COMMIT"]
     if config.mode == "nat":
@@ -224,6 +253,16 @@ def parse_rule(line: str) -> SavedRule:
     if op == "-I" and position.isdigit():
         spec = after
     return SavedRule(chain=chain, spec=spec, args=split_args(spec), insert=op == "-I")
+
+
+def _saved_tags(fam: int, text: str) -> Counter[tuple[str, str]]:
+    """(where, tag) of every tproxy-tagged rule in an iptables-save output or a restore file of family ``fam``."""
+    return Counter(
+        (f"{PREFIX[fam]} -t {table}", rule.comment)
+        for table, content in parse_save(text).items()
+        for rule in content.rules
+        if rule.comment and rule.comment.startswith(COMMENT)
+    )
 
 
 def parse_save(text: str) -> dict[str, SavedTable]:
@@ -337,7 +376,7 @@ class IptablesBackend(Backend):
 
     def check(self, text: str) -> None:
         for fam, body in split(text).items():
-            run([f"{PREFIX[fam]}-restore", "--test", "--noflush"], input=body)
+            run(restore_argv(fam, "--test", "--noflush"), input=body)
 
     def apply(self, text: str) -> None:
         """Install both families' files; if the second is rejected, the first comes out again.
@@ -357,7 +396,7 @@ class IptablesBackend(Backend):
                 before_objs = self._nft_objects(fam)
                 before = self._save(fam)
                 try:
-                    run([f"{PREFIX[fam]}-restore", "--noflush"], input=self._without_existing_jumps(body, before))
+                    run(restore_argv(fam, "--noflush"), input=self._without_existing_jumps(body, before))
                 finally:
                     new = sorted(self._nft_objects(fam) - before_objs)
                     mine = created.setdefault(str(fam), [])
@@ -390,6 +429,18 @@ class IptablesBackend(Backend):
                     return True
         return False
 
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam, body in split(text).items():
+            out.update(_saved_tags(fam, body))
+        return out
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        out: Counter[tuple[str, str]] = Counter()
+        for fam in (4, 6):
+            out.update(_saved_tags(fam, self._save(fam)))
+        return out
+
     # -- helpers
 
     @staticmethod
@@ -420,7 +471,7 @@ class IptablesBackend(Backend):
             body += [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
             lines += [f"*{name}", *body, "COMMIT"]
         if lines:
-            run([f"{PREFIX[family]}-restore", "--noflush"], input="\n".join(lines) + "\n")
+            run(restore_argv(family, "--noflush"), input="\n".join(lines) + "\n")
 
     def _nft_objects(self, family: int) -> set[tuple[str, str]]:
         """The iptables-nft built-in tables ``(table, "")`` and chains ``(table, chain)`` present in nftables.

@@ -8,8 +8,18 @@ keyword, hence the table's name.) Removal deletes the table; nothing outside it 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
-from tproxy.backends.base import Backend, loopback_guard, mark_hex, port_ranges, require_net_admin, run
+from tproxy.backends.base import (
+    Backend,
+    keep_mask,
+    loopback_guard,
+    mark_hex,
+    port_ranges,
+    require_net_admin,
+    run,
+    tags,
+)
 from tproxy.config import Config
 from tproxy.errors import RulesError
 
@@ -59,10 +69,12 @@ def _set(items: list[str]) -> str:
 
 
 def _iif(config: Config) -> str:
+    """The interfaces whose packets may be intercepted, and only those addressed to this host: on a host that
+    forwards (Docker and CNI bridges, routers) traffic passing through to another machine's port is not ours."""
     ifaces = config.intercept.interfaces
     if not ifaces:
-        return 'iifname != "lo"'
-    return "iifname " + _set([f'"{i}"' for i in ifaces])
+        return 'iifname != "lo" fib daddr type local'
+    return "iifname " + _set([f'"{i}"' for i in ifaces]) + " fib daddr type local"
 
 
 def _exclusions(config: Config, family: int) -> list[str]:
@@ -82,8 +94,14 @@ def _ports(config: Config) -> str:
     return _set(port_ranges(config.intercept.ports, "-"))
 
 
-def _guard() -> str:
-    return f'iifname != "lo" meta nfproto ipv4 ip daddr 127.0.0.0/8 drop {_comment("loopback-guard")}'
+def _guard() -> list[str]:
+    """Drop 127.0.0.0/8 as destination *or* source on every interface but ``lo`` (CVE-2020-8558: with
+    ``route_localnet=1`` the kernel itself no longer does). IPv6 needs none: the kernel drops ``::1`` arriving on any
+    other interface whatever the settings."""
+    return [
+        f'iifname != "lo" meta nfproto ipv4 ip {d} 127.0.0.0/8 drop {_comment("loopback-guard")}'
+        for d in ("daddr", "saddr")
+    ]
 
 
 def _listener(config: Config, family: int) -> str:
@@ -113,13 +131,29 @@ class NftablesBackend(Backend):
     name = "nftables"
 
     def render(self, config: Config) -> str:
-        mark = mark_hex(config.routing.mark)
-        setmark = f"meta mark set meta mark | {mark}"
+        """The table for ``config``; reply routing as in README, "What the rules do" (DESIGN.md, "Reply routing,
+        revised"): the upstream sockets' own mark is saved into the connection mark (output), and only packets in
+        the reply direction of such a connection get the routed reply mark (output and prerouting); in tproxy mode
+        the intercepted client leg is kept out of conntrack (raw prerouting), so no NAT of the host applies to it."""
+        mark, mask, keep = mark_hex(config.routing.mark), mark_hex(config.routing.mask), keep_mask(config)
+        upstream = mark_hex(config.routing.upstream_mark)
+        setmark = f"meta mark set meta mark & {keep} | {mark}"
+        reply = f"ct direction reply ct mark & {mask} == {upstream} {setmark} {_comment('reply-mark')}"
         chains: list[list[str]] = []
+
+        if config.mode == "tproxy":
+            raw: list[str] = []
+            for f in config.families:
+                fam = f"meta nfproto {NFPROTO[f]}"
+                raw += _exclusions(config, f)
+                raw.append(f"{fam} {_iif(config)} tcp dport {_ports(config)} notrack {_comment('notrack')}")
+            chains.append(_chain("raw_prerouting", "type filter hook prerouting priority raw; policy accept;", raw))
 
         prerouting: list[str] = []
         if loopback_guard(config):
-            prerouting.append(_guard())
+            prerouting += _guard()
+        if config.needs_routing:
+            prerouting += [f"meta nfproto {NFPROTO[f]} {reply}" for f in config.families]
         if config.mode == "tproxy":
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
@@ -142,10 +176,11 @@ class NftablesBackend(Backend):
             output = []
             for f in config.families:
                 fam = f"meta nfproto {NFPROTO[f]}"
-                output.append(f"{fam} ct mark & {mark} == {mark} {setmark} {_comment('restore-mark')}")
                 output.append(
-                    f"{fam} meta mark & {mark} == {mark} ct mark set ct mark | {mark} {_comment('save-mark')}"
+                    f"{fam} meta mark & {mask} == {upstream} ct mark set ct mark & {keep} | {upstream} "
+                    f"{_comment('upstream-mark')}"
                 )
+                output.append(f"{fam} {reply}")
             chains.append(_chain("output", "type route hook output priority mangle; policy accept;", output))
 
         if config.mode == "nat":
@@ -156,11 +191,14 @@ class NftablesBackend(Backend):
                 nat.append(
                     f"{fam} {_iif(config)} tcp dport {_ports(config)} {_redirect_to(config, f)} {_comment('intercept')}"
                 )
-            chains.append(_chain("nat_prerouting", "type nat hook prerouting priority dstnat; policy accept;", nat))
+            # before the host's own DNAT (a published port's): the proxy's upstream connection meets that one
+            hook = "type nat hook prerouting priority dstnat - 10; policy accept;"
+            chains.append(_chain("nat_prerouting", hook, nat))
 
         families = ",".join(f"ipv{f}" for f in config.families)
         lines = [
-            f"# tproxy: mode={config.mode} families={families} mark={mark} (nft -f FILE replaces the table atomically)",
+            f"# tproxy: mode={config.mode} families={families} mark={mark} upstream_mark={upstream} mask={mask} "
+            "(nft -f FILE replaces the table atomically)",
             f"table {FAMILY} {TABLE} {{",
             "}",
             f"delete table {FAMILY} {TABLE}",
@@ -188,3 +226,11 @@ class NftablesBackend(Backend):
     def installed(self) -> bool:
         tables = nft_json(["list", "tables", FAMILY], "table") or []
         return any(t.get("family") == FAMILY and t.get("name") == TABLE for t in tables)
+
+    def rule_tags(self, text: str) -> Counter[tuple[str, str]]:
+        where = f"nft {FAMILY} {TABLE}"
+        return Counter((where, t) for line in text.splitlines() if not line.startswith("#") for t in tags(line))
+
+    def installed_tags(self) -> Counter[tuple[str, str]]:
+        r = run(["nft", "list", "table", FAMILY, TABLE], check=False)
+        return self.rule_tags(r.stdout) if r.returncode == 0 else Counter()

@@ -104,7 +104,17 @@ async def test_ready_flips_with_state(addr, state):
     assert status == 503 and body == b"not ready: starting (waiting for listeners)\n"
     state.listening = True
     status, _, body = await get(addr, "/ready")
+    assert status == 200 and body == b"ready (rules not verified: --no-rules)\n"  # nobody here watches the rules
+    state.rules_intact = True
+    status, _, body = await get(addr, "/ready")
     assert status == 200 and body == b"ready\n"
+    state.rules_intact, state.rules_note = False, "rules missing"
+    status, _, body = await get(addr, "/ready")
+    assert status == 503 and body == b"not ready: rules missing\n"
+    state.rules_note = "rules removed by the operator"
+    status, _, body = await get(addr, "/ready")
+    assert status == 503 and body == b"not ready: rules removed by the operator\n"
+    state.rules_intact = True
     state.draining = True
     status, _, body = await get(addr, "/ready")
     assert status == 503 and body == b"not ready: draining\n"

@@ -98,6 +98,8 @@ def test_interception_never_matches_lo_or_the_listener(case):
         else:
             assert "! -i lo" in line or 'iifname != "lo"' in line
         assert str(cfg.listener.port) not in re.findall(r"dports? (?:\{ )?([\d,: -]+)", line)[0]
+        # only packets addressed to this host: never traffic the host forwards to another machine
+        assert "fib daddr type local" in line or "-m addrtype --dst-type LOCAL" in line, line
     # the listener port is explicitly returned before any interception, in every family
     for fam in cfg.families:
         idx_return = next(i for i, ln in enumerate(lines) if '"tproxy/listener-port"' in ln and _fam(ln, fam, backend))
@@ -138,6 +140,19 @@ def test_loopback_guard_only_with_the_ipv4_loopback_upstream(backend):
 
     assert guarded("tproxy-loopback") and guarded("nat_preserve-loopback")
     assert not guarded("tproxy-both") and not guarded("nat-loopback")  # nat without preserve_source: no spoofing
+    # 127.0.0.0/8 as destination and as source, never on lo, always before anything else in prerouting
+    lines = _rule_lines(get_backend(backend).render(golden_gen.config("tproxy-loopback", backend)), backend)
+    guards = [ln for ln in lines if '"tproxy/loopback-guard"' in ln]
+    if backend == "iptables":
+        assert [g.split()[2:5] for g in guards] == [["-d", "127.0.0.0/8", "!"], ["-s", "127.0.0.0/8", "!"]], guards
+        assert all("! -i lo" in g and g.endswith("-j DROP") for g in guards)
+        assert [ln for ln in lines if ln.startswith("-A TPROXY_PREROUTING ")][:2] == guards  # first of the chain
+    else:
+        assert ["ip daddr 127.0.0.0/8" in g for g in guards] == [True, False] and "ip saddr 127.0.0.0/8" in guards[1]
+        assert all(g.startswith('iifname != "lo"') and " drop " in g for g in guards)
+        text = get_backend(backend).render(golden_gen.config("tproxy-loopback", backend))
+        chain = text.split("chain prerouting {")[1].splitlines()
+        assert [ln.strip() for ln in chain[2:4]] == guards  # first of the chain, after its hook line
 
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)
@@ -154,7 +169,7 @@ def test_iptables_split_and_headers():
     files = split(text)
     assert set(files) == {4, 6}
     assert files[4] == render_family(cfg, 4) and files[6] == render_family(cfg, 6)
-    assert files[4].startswith("# iptables-restore --noflush\n*mangle\n")
+    assert files[4].startswith("# iptables-restore --noflush\n*raw\n")
     with pytest.raises(RulesError, match="header"):
         split("*mangle\nCOMMIT\n")
 
@@ -167,8 +182,8 @@ def test_iptables_reapply_skips_existing_jumps():
         '-A PREROUTING -m comment --comment "tproxy/jump" -j TPROXY_PREROUTING\nCOMMIT\n'
     )
     out = IptablesBackend._without_existing_jumps(body, saved)
-    assert "-I PREROUTING 1" not in out and "-I OUTPUT 1" in out
-    assert out == "\n".join(ln for ln in body.splitlines() if "-I PREROUTING" not in ln) + "\n"
+    assert "-j TPROXY_PREROUTING" not in out and "-I OUTPUT 1" in out and "-j TPROXY_RAW" in out
+    assert out == "\n".join(ln for ln in body.splitlines() if "-j TPROXY_PREROUTING" not in ln) + "\n"
 
 
 def test_parse_save_and_has_rules():
@@ -195,7 +210,7 @@ def fixture(name: str) -> str:
 @pytest.mark.parametrize("name", SAVES)
 def test_parse_save_reads_real_outputs(name):
     tables = parse_save(fixture(name))
-    assert set(tables) == {"nat", "mangle", "filter"}
+    assert set(tables) == {"nat", "mangle", "filter", "raw"}
     for table, chains in OUR_CHAINS.items():
         assert set(chains) <= set(tables[table].chains)
         assert all(tables[table].chains[c] == "-" for c in chains)
@@ -275,7 +290,7 @@ def test_nft_json_our_table_has_every_rule_with_its_comment():
     rules = nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "rule")
     assert rules and all(r["table"] == nftables.TABLE and r["comment"].startswith("tproxy/") for r in rules)
     chains = {c["name"]: c for c in nftables.json_objects(fixture("nft-j-list-table-inet-tproxy_rules.json"), "chain")}
-    assert set(chains) == {"prerouting", "output"} and chains["prerouting"]["hook"] == "prerouting"
+    assert set(chains) == {"prerouting", "output", "raw_prerouting"} and chains["prerouting"]["hook"] == "prerouting"
 
 
 def test_iptables_nft_objects_and_empty_base_chains():
@@ -344,3 +359,65 @@ def test_the_tool_does_reject_a_broken_file(ns):
 def test_subprocess_is_real():
     # the tests above run the real binaries; make sure they exist here rather than silently skipping
     assert subprocess.run(["nft", "--version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=ids)
+def test_reply_routing_marks_only_replies_and_never_routes_the_upstream_mark(case):
+    """DESIGN.md, "Reply routing, revised": the upstream sockets' mark is saved into the connection mark; only packets
+    in the reply direction get the routed mark (output and prerouting); the fwmark rule routes the reply mark only."""
+    name, backend = case
+    cfg = golden_gen.config(name, backend)
+    r = cfg.routing
+    mark, up, mask = f"{r.mark:#x}", f"{r.upstream_mark:#x}", f"{r.mask:#x}"
+    lines = _rule_lines(get_backend(backend).render(cfg), backend)
+    replies = [ln for ln in lines if '"tproxy/reply-mark"' in ln]
+    saves = [ln for ln in lines if '"tproxy/upstream-mark"' in ln]
+    if not cfg.needs_routing:
+        assert replies == saves == []
+        return
+    per_family = len(cfg.families)  # (iptables: one restore file per family)
+    assert len(saves) == per_family and len(replies) == 2 * per_family
+    for line in replies:
+        if backend == "iptables":
+            assert f"--ctdir REPLY -m connmark --mark {up}/{mask}" in line and f"--set-xmark {mark}/{mask}" in line
+        else:
+            assert f"ct direction reply ct mark & {mask} == {up} meta mark set meta mark & " in line
+            assert line.split("comment")[0].rstrip().endswith(f"| {mark}")
+    for line in saves:
+        if backend == "iptables":
+            assert f"-m mark --mark {up}/{mask}" in line and f"CONNMARK --set-xmark {up}/{mask}" in line
+        else:
+            assert f"meta mark & {mask} == {up} ct mark set ct mark & " in line
+    routing = [ln for ln in rules.show(cfg).splitlines() if " rule add fwmark " in ln]
+    assert routing and all(f"fwmark {mark}/{mask} " in ln for ln in routing)
+    assert r.mark != r.upstream_mark and (r.mark | r.upstream_mark) & ~r.mask == 0
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=ids)
+def test_the_intercepted_client_leg_is_untracked_in_tproxy_mode_only(case):
+    name, backend = case
+    cfg = golden_gen.config(name, backend)
+    text = get_backend(backend).render(cfg)
+    notrack = [ln for ln in _rule_lines(text, backend) if '"tproxy/notrack"' in ln]
+    if cfg.mode != "tproxy":
+        assert notrack == [] and "notrack" not in text
+        return
+    intercept = [ln for ln in _rule_lines(text, backend) if '"tproxy/intercept"' in ln]
+    assert len(notrack) == len(intercept)
+    for line in notrack:
+        assert "fib daddr type local" in line or "-m addrtype --dst-type LOCAL" in line
+        assert ("! -i lo" in line or 'iifname != "lo"' in line) or cfg.intercept.interfaces
+        assert line.startswith("-A TPROXY_RAW ") if backend == "iptables" else " notrack " in line
+    if backend == "nftables":
+        assert "chain raw_prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;" in text
+    else:
+        assert "*raw\n:TPROXY_RAW - [0:0]\n" in text and "-j CT --notrack" in text
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_nat_redirect_runs_before_the_hosts_own_dnat(backend):
+    text = get_backend(backend).render(golden_gen.config("nat-both", backend))
+    if backend == "nftables":
+        assert "type nat hook prerouting priority dstnat - 10; policy accept;" in text
+    else:
+        assert '*nat\n:TPROXY_NAT - [0:0]\n-I PREROUTING 1 -m comment --comment "tproxy/jump" -j TPROXY_NAT\n' in text

@@ -48,8 +48,8 @@ def cfg_file():
 def lines_of(out: str) -> list[str]:
     lines = out.splitlines()
     for ln in lines:
-        assert ln.startswith(("PASS ", "FAIL ")), f"not a check line: {ln!r}"
-        if ln.startswith("FAIL "):
+        assert ln.startswith(("PASS ", "FAIL ", "WARN ")), f"not a check line: {ln!r}"
+        if ln.startswith(("FAIL ", "WARN ")):
             assert " \u2014 fix: " in ln, f"a failure without its fix: {ln!r}"
     return lines
 
@@ -267,8 +267,9 @@ def test_leftover_rules_of_an_earlier_run(cfg_file, backend):
         (fail,) = failures(r.stdout)
         what = "nftables" if backend == "nftables" else "iptables (nf_tables variant)"
         assert fail.startswith(
-            f"FAIL no leftover tproxy rules or routes: {what} rules of tproxy; IPv4 rule `fwmark 0x1/0x1 lookup 100`; "
-            "IPv4 routes in table 100 (1); IPv6 rule `fwmark 0x1/0x1 lookup 100`; "
+            f"FAIL no leftover tproxy rules or routes: {what} rules of tproxy; "
+            "IPv4 rule `fwmark 0x1000/0x3000 lookup 100`; "
+            "IPv4 routes in table 100 (1); IPv6 rule `fwmark 0x1000/0x3000 lookup 100`; "
             f"IPv6 routes in table 100 (1) \u2014 fix: a tproxy is running or an earlier one was killed: stop it, "
             f"or `tproxy rules remove -c {path}`"
         ), fail
@@ -280,12 +281,13 @@ def test_leftover_rules_of_an_earlier_run(cfg_file, backend):
 def test_a_foreign_fwmark_rule_clashes(cfg_file):
     path = cfg_file()
     with netns("chkt") as ns:
-        ns.run(["ip", "rule", "add", "fwmark", "0x3", "lookup", "200"])
+        ns.run(["ip", "rule", "add", "fwmark", "0x2001", "lookup", "200"])
         r = run_check(ns, path)
         assert r.returncode == 1
         (fail,) = failures(r.stdout)
-        assert fail.startswith("FAIL no leftover tproxy rules or routes: IPv4 rule `fwmark 0x3 lookup 200` ")
+        assert fail.startswith("FAIL no leftover tproxy rules or routes: IPv4 rule `fwmark 0x2001 lookup 200` ")
         assert "choose another routing.mark / routing.table" in fail
+        assert "WARN packet mark bits 0x3000 not used by other rules: " in r.stdout
 
 
 @pytest.mark.root
@@ -329,3 +331,106 @@ def test_unprivileged(cfg_file):
         ]
         assert "AmbientCapabilities=CAP_NET_RAW" in fails[1]
         assert fails[2].endswith("fix: run `tproxy check` as root")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharing the host: other software's marks, an input policy that accepts only tracked packets
+
+_KUBE_PROXY_SAVE = """*nat
+:KUBE-MARK-MASQ - [0:0]
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+COMMIT
+"""
+
+
+def test_foreign_mark_uses_sees_overlaps_only():
+    from tproxy.check import foreign_mark_uses
+
+    assert foreign_mark_uses(0x3000, save_texts=[_KUBE_PROXY_SAVE]) == []  # kube-proxy's 0x4000 is not ours
+    assert foreign_mark_uses(0x4000, save_texts=[_KUBE_PROXY_SAVE]) == [
+        "`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000` (bits 0x4000)",
+        "`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN` (bits 0x4000)",
+    ]
+    nft = (
+        "table inet tproxy_rules {\n\tchain output {\n\t\tmeta mark & 0x00003000 == 0x00001000 accept\n\t}\n}\n"
+        "table inet cni {\n\tchain pre {\n"
+        "\t\tmeta mark set meta mark & 0xffffefff | 0x00000f00\n"  # keeps all but 0x1000: writes bit 12
+        '\t\tmeta mark & 0x00003000 == 0x00001000 accept comment "tproxy/x"\n'
+        "\t\tip daddr 10.0.0.1 accept\n\t}\n}\n"
+    )
+    (use,) = foreign_mark_uses(0x3000, nft_text=nft)
+    assert use.startswith("`meta mark set meta mark & 0xffffefff | 0x00000f00`") and use.endswith("(bits 0x1000)")
+    rules = [
+        {"fwmark": "0x1000", "fwmask": "0x3000", "table": "100"},  # ours
+        {"fwmark": "0x2000", "table": "7"},
+        {"fwmark": "0x4000", "fwmask": "0x4000", "table": "8"},
+    ]
+    assert foreign_mark_uses(0x3000, ip_rules=rules, table=100) == ["ip rule `fwmark 0x2000 lookup 7` (bits 0x2000)"]
+
+
+_DROP_INPUT = """table inet filter {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state established,related accept
+		iif "lo" accept
+	}
+}
+"""
+
+
+def test_established_only_inputs():
+    from tproxy.check import established_only_inputs
+
+    assert established_only_inputs(_DROP_INPUT) == ["table inet filter chain input"]
+    assert established_only_inputs(_DROP_INPUT.replace("policy drop", "policy accept")) == []
+    with_untracked = _DROP_INPUT.replace("iif", "tcp dport 8080 ct state untracked accept\n\t\tiif")
+    assert established_only_inputs(with_untracked) == []
+    save = "*filter\n:INPUT DROP [0:0]\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\nCOMMIT\n"
+    assert established_only_inputs("", [save, ""]) == ["iptables filter INPUT"]
+    assert established_only_inputs("", [save.replace("DROP", "ACCEPT"), ""]) == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("tool", ["nft", "iptables"])
+def test_an_input_policy_for_tracked_packets_only_is_reported_with_what_to_add(cfg_file, tool):
+    """tproxy mode keeps the intercepted client packets out of conntrack: a host firewall that drops by default and
+    accepts ``ct state established,related`` (plus listed ports with a state) drops them. The check says so, with
+    the rule to add, and the rule it names makes the warning go away."""
+    path = cfg_file('[intercept]\nports = [8080, "9000-9100"]\n')
+    with netns("chkt") as ns:
+        if tool == "nft":
+            ns.run(["nft", "-f", "-"], input=_DROP_INPUT)
+        else:
+            ns.run(["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"])
+            ns.run(["iptables", "-P", "INPUT", "DROP"])
+        r = run_check(ns, path)
+        (warn,) = [ln for ln in lines_of(r.stdout) if ln.startswith("WARN ")]
+        assert warn.startswith("WARN input policy accepts the intercepted (untracked) packets: "), warn
+        fix = warn.split(" \u2014 fix: ")[1]
+        if tool == "nft":
+            assert fix == "nft insert rule inet filter input tcp dport { 8080, 9000-9100 } ct state untracked accept"
+        else:
+            assert fix == (
+                "iptables -I INPUT -p tcp -m multiport --dports 8080,9000:9100 "
+                "-m conntrack --ctstate UNTRACKED -j ACCEPT"
+            )
+        ns.run(fix.split())
+        r = run_check(ns, path)
+        assert "WARN " not in r.stdout and "PASS input policy accepts the intercepted (untracked) packets" in r.stdout
+
+
+@pytest.mark.root
+def test_rules_using_our_mark_bits_are_reported(cfg_file):
+    path = cfg_file()
+    with netns("chkt") as ns:
+        ns.run(
+            ["iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "-j", "MARK", "--set-xmark", "0x1000/0x1000"]
+        )
+        r = run_check(ns, path)
+        (warn,) = [ln for ln in lines_of(r.stdout) if ln.startswith("WARN ")]
+        assert warn.startswith("WARN packet mark bits 0x3000 not used by other rules: rules already on this host use ")
+        assert "(bits 0x1000)" in warn and "routing.mask" in warn
+        assert r.returncode == 0  # a warning: the rule may never meet tproxy's traffic
+        ns.run(["iptables", "-t", "mangle", "-F", "PREROUTING"])
+        assert "PASS packet mark bits 0x3000 not used by other rules: reply mark 0x1000" in run_check(ns, path).stdout

@@ -34,7 +34,8 @@ def test_defaults(tmp_path):
     assert c.listener.port == 4143 and c.listener.address == ipaddress.ip_address("0.0.0.0")
     assert c.intercept.ports == (PortRange(lo=8080, hi=8080),)
     assert c.intercept.families == (4, 6)
-    assert c.routing.mark == 1 and c.routing.table == 100
+    assert c.routing.mark == 0x1000 and c.routing.upstream_mark == 0x2000 and c.routing.mask == 0x3000
+    assert c.routing.table == 100
     assert c.preserve_source is True and c.needs_routing
     assert c.proxy.upstream == "original" and c.proxy.connect_timeout == 5.0
     assert c.proxy.max_connections == 10000 and c.proxy.shutdown_grace == 30.0
@@ -158,6 +159,15 @@ def test_admin_disabled(tmp_path):
         (MINIMAL + "[routing]\nmark = 0\n", "routing.mark: 0 is not a valid fwmark (1-4294967295)"),
         (MINIMAL + "[routing]\nmark = 4294967296\n", "routing.mark: 4294967296 is not a valid fwmark"),
         (MINIMAL + "[routing]\ntable = 254\n", "routing.table: 254 is a kernel table"),
+        (MINIMAL + "[routing]\nupstream_mark = 0\n", "routing.upstream_mark: 0 is not a valid fwmark"),
+        (MINIMAL + "[routing]\nmask = 0\n", "routing.mask: 0 is not a valid fwmark mask"),
+        (MINIMAL + "[routing]\nmark = 3\nmask = 1\n", "routing.mark: 0x3 has bits outside routing.mask 0x1"),
+        (
+            MINIMAL + "[routing]\nupstream_mark = 8\nmask = 0x3000\n",
+            "routing.upstream_mark: 0x8 has bits outside routing.mask 0x3000",
+        ),
+        (MINIMAL + "[routing]\nmark = 8192\n", "(it is the default; set routing.upstream_mark to a bit of your own)"),
+        (MINIMAL + "[routing]\nmark = 4\nupstream_mark = 4\n", "routing.upstream_mark: 0x4 is also routing.mark"),
         (MINIMAL + "[routing]\ntable = 0\n", "routing.table: 0 is not a routing table id"),
         # empty or inverted ranges, junk
         ('intercept.ports = [""]\n', "intercept.ports[0]: empty port range"),
@@ -285,3 +295,28 @@ def test_settings_name_every_key_of_the_file(tmp_path):
     assert set(c.settings()) == keys
     assert c.settings()["admin.address"] == "[::1]:4191"
     assert c.settings()["intercept.ports"] == [8080]
+
+
+def test_marks_default_to_bits_no_common_component_uses():
+    """Istio 0x539, kube-proxy 0x4000/0x8000, Calico 0xffff0000, Cilium 0x0f00, wg-quick 0xca6c, AWS VPC CNI 0x80."""
+    r = Config.from_dict({"intercept": {"ports": [80]}}).routing
+    assert (r.mark, r.upstream_mark, r.mask) == (0x1000, 0x2000, 0x3000)
+    for theirs in (0x539, 0x4000, 0x8000, 0xFFFF0000, 0x0F00, 0xCA6C, 0x80):
+        assert r.mask & theirs == 0, hex(theirs)
+    assert r.mark & r.upstream_mark == 0 and r.mark | r.upstream_mark == r.mask
+
+
+def test_an_old_config_with_mark_1_keeps_working():
+    """Before routing.mask existed, configs said ``mark = 1``: the mask follows the marks, so it still loads, and the
+    reply mark 1 is matched under a mask that leaves every other bit alone."""
+    r = Config.from_dict({"intercept": {"ports": [80]}, "routing": {"mark": 1}}).routing
+    assert (r.mark, r.upstream_mark, r.mask) == (1, 0x2000, 0x2001)
+    r = Config.from_dict({"intercept": {"ports": [80]}, "routing": {"mark": 1, "upstream_mark": 2, "mask": 3}}).routing
+    assert (r.mark, r.upstream_mark, r.mask) == (1, 2, 3)
+
+
+def test_routing_objects_check_their_own_marks():
+    from tproxy.config import Routing
+
+    with pytest.raises(ValueError, match="outside routing.mask"):
+        Routing(mark=1, mask=2, upstream_mark=2)

@@ -33,7 +33,14 @@ FULL = {
         "ipv4": True,
         "ipv6": False,
     },
-    "routing": {"mark": 0x1000, "table": 42},
+    "routing": {
+        "mark": 0x10000,
+        "upstream_mark": 0x20000,
+        "mask": 0x30000,
+        "table": 42,
+        "check_interval": 2.5,
+        "reinstall": False,
+    },
     "proxy": {
         "preserve_source": True,
         "upstream": "loopback",

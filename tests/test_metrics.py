@@ -192,6 +192,14 @@ def test_rules_intact_has_no_sample_when_not_verified():
     assert parsed["tproxy_rules_intact"].samples == []
 
 
+def test_rules_intact_is_absent_when_this_process_cannot_see_the_rules():
+    m = samples(text(Stats(), State(rules_installed=True, listening=True)))
+    assert ("tproxy_rules_intact", ()) not in m and m[("tproxy_rules_reinstalled_total", ())] == 0
+    assert m[("tproxy_ready", ())] == 1
+    m = samples(text(Stats(), State(rules_installed=True, listening=True, rules_intact=True)))
+    assert m[("tproxy_rules_intact", ())] == 1 and m[("tproxy_ready", ())] == 1
+
+
 def test_fresh_stats_list_every_known_label_with_zero():
     m = samples(text(Stats(), State()))
     for outcome in OUTCOMES:

@@ -73,12 +73,14 @@ def test_a_backend_change_is_applied():
 def test_keys_that_need_a_restart_keep_their_running_value():
     new = cfg(mode="tproxy", routing__mark=2, proxy__upstream="loopback", intercept__ports=[8080, 9090])
     p = reload.plan(cfg(), new)
-    assert {c.key for c in p.restart} == {"mode", "routing.mark", "proxy.upstream"}  # preserve_source is set
+    # preserve_source is set; routing.mask follows the marks when not set
+    assert {c.key for c in p.restart} == {"mode", "routing.mark", "routing.mask", "proxy.upstream"}
     assert [c.key for c in p.applied] == ["intercept.ports"]
-    assert p.config.mode == "nat" and p.config.routing.mark == 1 and p.config.proxy.upstream == "original"
+    assert p.config.mode == "nat" and p.config.routing.mark == 0x1000 and p.config.proxy.upstream == "original"
     assert p.config.preserve_source is False
     assert p.config.intercept.intercepts(9090)
-    assert "routing.mark 0x1 -> 0x2" in [c.line() for c in p.restart]
+    assert "routing.mark 0x1000 -> 0x2" in [c.line() for c in p.restart]
+    assert "routing.mask 0x3000 -> 0x2002" in [c.line() for c in p.restart]
 
 
 def test_a_family_can_be_added_but_not_dropped():
@@ -229,15 +231,15 @@ async def test_a_key_that_needs_a_restart_is_logged_and_ignored(tmp_path, log_li
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             reloader, server = await start(nursery, path)
-            path.write_text(path.read_text().replace("[admin]", "[routing]\nmark = 16\n[admin]"))
+            path.write_text(path.read_text().replace("[admin]", "[routing]\ntable = 16\n[admin]"))
             assert await reloader.reload() is True
-            assert reloader.config.routing.mark == 1
+            assert reloader.config.routing.table == 100
             server.shutdown()
             await server.stopped.wait()
             nursery.cancel_scope.cancel()  # the application
     events = log_lines()
     assert [(e["level"], e["key"], e["applied"]) for e in events if e["event"] == "reload"] == [
-        ("warning", "routing.mark", "no: needs a restart")
+        ("warning", "routing.table", "no: needs a restart")
     ]
     assert [(e["changes"], e["restart_needed"]) for e in events if e["event"] == "reloaded"] == [(0, 1)]
 

@@ -26,9 +26,9 @@ def cfg(**doc) -> Config:
 
 def test_commands_tproxy_both_families():
     assert routing.commands(cfg()) == [
-        "ip -4 rule add fwmark 0x1/0x1 lookup 100 priority 32000",
+        "ip -4 rule add fwmark 0x1000/0x3000 lookup 100 priority 32000",
         "ip -4 route add local 0.0.0.0/0 dev lo table 100",
-        "ip -6 rule add fwmark 0x1/0x1 lookup 100 priority 32000",
+        "ip -6 rule add fwmark 0x1000/0x3000 lookup 100 priority 32000",
         "ip -6 route add local ::/0 dev lo table 100",
     ]
 
@@ -36,7 +36,7 @@ def test_commands_tproxy_both_families():
 def test_commands_follow_mark_table_and_families():
     c = cfg(routing={"mark": 256, "table": 4242}, intercept={"ipv4": False})
     assert routing.commands(c) == [
-        "ip -6 rule add fwmark 0x100/0x100 lookup 4242 priority 32000",
+        "ip -6 rule add fwmark 0x100/0x2100 lookup 4242 priority 32000",
         "ip -6 route add local ::/0 dev lo table 4242",
     ]
 
@@ -124,8 +124,8 @@ def test_install_twice_then_uninstall_is_exact(ns):
         "net.ipv4.conf.all.route_localnet",
     ]
     after = state(ns)
-    assert "32000:\tfrom all fwmark 0x10/0x10 lookup 4242" in after["rule4"]
-    assert "32000:\tfrom all fwmark 0x10/0x10 lookup 4242" in after["rule6"]
+    assert "32000:\tfrom all fwmark 0x10/0x2010 lookup 4242" in after["rule4"]
+    assert "32000:\tfrom all fwmark 0x10/0x2010 lookup 4242" in after["rule6"]
     assert "local default dev lo table 4242 proto static scope host" in after["route4"]
     assert "local default dev lo table 4242 proto static metric 1024" in after["route6"]
     assert "net.ipv4.conf.all.route_localnet = 1" in after["sysctl"]
@@ -207,3 +207,22 @@ def test_uninstall_after_mark_and_table_were_edited_removes_the_old_ones_too(ns)
     assert "net.ipv4.conf.all.route_localnet (mark 0x10, table 4242)" in removed
     assert state(ns) == before
     assert in_ns(ns, DOC, "uninstall")["ok"] == []
+
+
+@pytest.mark.root
+def test_a_rule_of_another_mask_is_replaced_on_install_and_found_on_removal(ns):
+    """Installs before ``routing.mask`` existed left ``fwmark M/M``; an install replaces it with ``M/MASK`` (one rule
+    per family, never two), and an uninstall finds either."""
+    before = state(ns)
+    doc = {**DOC, "proxy": {}}
+    for fam in ("-4", "-6"):
+        ns.run(["ip", fam, "rule", "add", "fwmark", "0x10/0x10", "lookup", "4242", "priority", "32000"])
+    assert "rule ipv4" in in_ns(ns, doc, "install")["ok"]
+    rules = state(ns)["rule4"]
+    assert rules.count("fwmark") == 1 and "fwmark 0x10/0x2010 lookup 4242" in rules, rules
+    assert in_ns(ns, doc, "uninstall")["ok"][:1] == ["rule ipv4"]
+    assert state(ns) == before
+    for fam in ("-4", "-6"):
+        ns.run(["ip", fam, "rule", "add", "fwmark", "0x10/0x10", "lookup", "4242", "priority", "32000"])
+    assert "rule ipv4" in in_ns(ns, doc, "uninstall")["ok"]
+    assert state(ns) == before

@@ -7,12 +7,15 @@ byte-for-byte as before apply. The same after a failure half-way, and after a ru
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +115,7 @@ def test_apply_apply_remove_is_byte_for_byte(ns, tmp_path, case, backend):
         assert '"tproxy/intercept"' in once["iptables"] and '"tproxy/intercept"' in once["ip6tables"]
         assert "iptables (nf_tables variant)" in r.stdout
     if cfg.needs_routing:
-        assert "fwmark 0x1/0x1 lookup 100" in once["rule4"] and "fwmark 0x1/0x1 lookup 100" in once["rule6"]
+        assert "fwmark 0x1000/0x3000 lookup 100" in once["rule4"] and "fwmark 0x1000/0x3000 lookup 100" in once["rule6"]
         assert "local default dev lo table 100" in once["route4"]
         assert "local default dev lo table 100" in once["route6"]
     else:
@@ -246,7 +249,7 @@ except RulesError as e:
     if backend == "nftables":
         assert "nft -f - failed" in r.stdout and "too" in r.stdout
     else:
-        assert "ip6tables-restore --noflush failed" in r.stdout or "ip6tables-restore --test" in r.stdout
+        assert "ip6tables-restore -w 10 --noflush failed" in r.stdout or "ip6tables-restore -w 10 --test" in r.stdout
     assert snapshot(ns) == before
 
 
@@ -394,7 +397,7 @@ def test_rules_divert_and_route_replies(pair, tmp_path, case, sees, backend):
     r = cli(srv, "apply", "-c", conf)
     assert r.returncode == 0, r.stderr
     probe = srv.popen(
-        [PYTHON, "-m", "tests.rules_probe", cfg.mode, cfg.proxy.upstream, str(cfg.routing.mark),
+        [PYTHON, "-m", "tests.rules_probe", cfg.mode, cfg.proxy.upstream, str(cfg.routing.upstream_mark),
          str(cfg.listener.port), "8080", "1" if cfg.preserve_source else "0"],
         cwd=str(Path(__file__).parent.parent), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -490,3 +493,87 @@ def test_iptables_legacy_variant_without_nft_installed(ns, tmp_path, legacy_path
 def _strip_save(text: str) -> str:
     text = "".join(ln + "\n" for ln in text.splitlines() if not ln.startswith(("# Generated", "# Completed")))
     return re.sub(r"\[\d+:\d+\]", "[:]", text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# route_localnet never outlives its guard: a sysctl that cannot be restored is an error, and nothing comes out
+
+
+def _remove_with_read_only_proc_sys(ns: Netns, conf: Path) -> subprocess.CompletedProcess:
+    """`tproxy rules remove` in a private mount namespace where /proc/sys is read-only (as in a container)."""
+    script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+    script += f"exec {TPROXY} rules remove -c {conf}"
+    return ns.run(["unshare", "-m", "sh", "-c", script], check=False)
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_a_sysctl_that_cannot_be_restored_keeps_the_guard_and_the_state(ns, tmp_path, backend):
+    conf = write_config(tmp_path, "tproxy-loopback", backend)
+    before = snapshot(ns)
+    assert "net.ipv4.conf.all.route_localnet = 0" in before["sysctl"]
+    r = cli(ns, "apply", "-c", str(conf))
+    assert r.returncode == 0, r.stderr
+    installed = snapshot(ns)
+    assert "net.ipv4.conf.all.route_localnet = 1" in installed["sysctl"]
+    assert "tproxy/loopback-guard" in installed["nft" if backend == "nftables" else "iptables"]
+
+    r = _remove_with_read_only_proc_sys(ns, conf)
+    assert r.returncode == 1, r
+    assert r.stderr.startswith("tproxy: cannot restore net.ipv4.conf.all.route_localnet = 0 (it is 1): ")
+    assert "Read-only file system" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert snapshot(ns) == installed  # the guard (and everything else) stays while route_localnet is 1
+
+    r = cli(ns, "remove", "-c", str(conf))  # once it can be written, a later removal finishes
+    assert r.returncode == 0, r.stderr
+    assert "net.ipv4.conf.all.route_localnet" in r.stdout
+    assert snapshot(ns) == before
+
+
+_APPLY_WITH_WAIT = """
+import sys
+from tproxy.backends import iptables
+from tproxy.config import Config
+from tproxy.errors import RulesError
+iptables.LOCK_WAIT_SECONDS = int(sys.argv[2])
+b = iptables.IptablesBackend()
+try:
+    b.apply(b.render(Config.from_toml(sys.argv[1])))
+except RulesError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+def test_iptables_restore_waits_for_the_xtables_lock_and_gives_up_in_bounded_time(ns, tmp_path, legacy_path):
+    """Docker, kube-proxy or firewalld may hold the xtables lock: each restore waits for it (``-w``), bounded.
+    Measured without ``-w``: iptables-legacy-restore waits for the lock with no bound at all. The lock file is the
+    test's own (``XTABLES_LOCKFILE``), never the host's."""
+    lock = tmp_path / "xtables.lock"
+    lock.touch()
+    env = {**os.environ, "PATH": legacy_path, "XTABLES_LOCKFILE": str(lock)}
+    probe = ns.run(["iptables", "-t", "mangle", "-S"], env=env, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"the legacy iptables kernel modules are unavailable here: {probe.stderr.strip()}")
+    conf = str(write_config(tmp_path, "tproxy-both", "iptables"))
+    before = snapshot(ns)
+    repo = str(Path(__file__).parent.parent)
+    for hold, wait, ok in ((None, 1, False), (1.5, 10, True)):
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if hold is not None:
+                threading.Timer(hold, os.close, (fd,)).start()  # closing the file releases the lock
+            t0 = time.monotonic()
+            r = ns.run([PYTHON, "-c", _APPLY_WITH_WAIT, conf, str(wait)], env=env, cwd=repo, check=False, timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if hold is None:
+                os.close(fd)
+        if ok:
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert took > 1.0, f"the lock was held 1.5 s, yet apply took only {took:.1f} s"
+        else:
+            assert r.returncode == 1 and "lock" in r.stdout, r.stdout + r.stderr
+            assert took < 10, f"apply gave up only after {took:.1f} s (bound: 1 s per restore)"
+            assert snapshot(ns) == before
+    assert ns.run([TPROXY, "rules", "remove", "-c", conf], env=env, check=False).returncode == 0

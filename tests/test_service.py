@@ -18,7 +18,7 @@ def directives() -> dict[str, list[str]]:
     """Key -> every value, in order (systemd allows repeated keys, configparser does not)."""
     out: dict[str, list[str]] = {}
     section = None
-    for raw in UNIT.read_text().splitlines():
+    for raw in UNIT.read_text().replace("\\\n", "").splitlines():  # systemd joins lines ending in a backslash
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -50,6 +50,42 @@ def test_the_proxy_keeps_only_cap_net_raw():
     # only the "+" steps (rules and routes) run with full privileges
     privileged = [v for k, vs in d.items() if k.startswith("Service.Exec") for v in vs if v.startswith("+")]
     assert all(" rules apply " in v or " rules remove " in v for v in privileged)
+
+
+def test_rules_are_watched_while_the_proxy_runs():
+    (loop,) = directives()["Service.ExecStartPost"]
+    assert loop.startswith("+/bin/sh -c 'while sleep 5; do ") and loop.endswith("; done &'")
+    assert loop.count(" rules check --quiet " + CONFIG) == 1 and loop.count(" rules apply " + CONFIG) == 1
+
+
+def _watch_body(tproxy: str, config: Path) -> str:
+    """One round of the unit's watch loop, as sh runs it (systemd turns $$ into $)."""
+    (loop,) = directives()["Service.ExecStartPost"]
+    body = loop.removeprefix("+/bin/sh -c 'while sleep 5; do ").removesuffix("; done &'").replace("$$", "$")
+    return body.replace("/usr/local/bin/tproxy", tproxy).replace("/etc/tproxy/tproxy.toml", str(config))
+
+
+@pytest.mark.root
+def test_the_watch_loop_puts_flushed_rules_back_but_not_removed_ones(tmp_path):
+    from tproxy.netns import netns
+
+    tproxy = str(Path(sys.executable).parent / "tproxy")
+    config = tmp_path / "t.toml"
+    config.write_text('[intercept]\nports = [8080]\n[proxy]\nupstream = "loopback"\n')
+    body = _watch_body(tproxy, config)
+    with netns("unit") as ns:
+        ns.run([tproxy, "rules", "apply", "-c", str(config)])
+        r = ns.run(["sh", "-c", body])
+        assert r.stdout == ""  # --quiet: nothing to say every 5 s while all is in place
+        ns.run(["nft", "flush", "ruleset"])
+        r = ns.run(["sh", "-c", body])
+        assert "tproxy rules: missing: nft inet tproxy_rules: rule tproxy/loopback-guard missing" in r.stdout
+        assert "tproxy rules installed" in r.stdout
+        assert ns.run([tproxy, "rules", "check", "-c", str(config)], check=False).returncode == 0
+        ns.run([tproxy, "rules", "remove", "-c", str(config)])
+        r = ns.run(["sh", "-c", body])
+        assert "removed by the operator" in r.stdout and "installed" not in r.stdout
+        assert ns.run([tproxy, "rules", "check", "-c", str(config)], check=False).returncode == 3
 
 
 def test_stop_timeout_covers_the_default_drain():

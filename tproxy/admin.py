@@ -121,7 +121,8 @@ class _Admin:
             await respond(conn, stream, 200, "live\n", head_only=head_only)
         elif path == "/ready":
             if self.state.ready:
-                await respond(conn, stream, 200, "ready\n", head_only=head_only)
+                unverified = " (rules not verified: --no-rules)" if self.state.rules_intact is None else ""
+                await respond(conn, stream, 200, f"ready{unverified}\n", head_only=head_only)
             else:
                 await respond(conn, stream, 503, f"not ready: {self.not_ready_reason()}\n", head_only=head_only)
         elif path == "/metrics":
@@ -138,6 +139,8 @@ class _Admin:
         if self.state.draining:
             return "draining"
         st = self.state
+        if st.rules_intact is False:
+            return st.rules_note or "rules missing"
         missing = [name for name, ok in (("rules", st.rules_installed), ("listeners", st.listening)) if not ok]
         return "starting (waiting for " + " and ".join(missing) + ")" if missing else "starting"
 

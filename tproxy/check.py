@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -47,11 +48,18 @@ class Result:
     ok: bool
     detail: str = ""
     fix: str = ""
+    warn: bool = False  # ok for the exit status, but printed as WARN with its fix: what we found may be harmless
 
     def line(self) -> str:
+        if self.warn:
+            return f"WARN {self.name}: {self.detail} {DASH} fix: {self.fix}"
         if self.ok:
             return f"PASS {self.name}" + (f": {self.detail}" if self.detail else "")
         return f"FAIL {self.name}: {self.detail} {DASH} fix: {self.fix}"
+
+
+def warned(name: str, reason: str, fix: str) -> Result:
+    return Result(name, True, reason, fix, warn=True)
 
 
 def passed(name: str, detail: str = "") -> Result:
@@ -305,11 +313,11 @@ def _load(ns, feature: Feature) -> str | None:
     if feature.tool == "nft":
         argv = ["nft", "-f", "-"]
     else:
-        argv = [f"{feature.tool}-restore", "--noflush"]
+        argv = [f"{feature.tool}-restore", "-w", "10", "--noflush"]  # the xtables lock is shared by all namespaces
     r = ns.run(argv, input=feature.text, check=False, timeout=TIMEOUT)
     if r.returncode != 0:
         return _first_line(r.stderr or r.stdout) or f"exit status {r.returncode}"
-    cleanup = ["nft", "flush", "ruleset"] if feature.tool == "nft" else [f"{feature.tool}-restore"]
+    cleanup = ["nft", "flush", "ruleset"] if feature.tool == "nft" else [f"{feature.tool}-restore", "-w", "10"]
     ns.run(cleanup, input="" if feature.tool != "nft" else None, check=False, timeout=TIMEOUT)
     return None
 
@@ -479,7 +487,7 @@ def leftover_routing(config: Config) -> list[str]:
     for fam in (4, 6):
         for rule in _ip_json([f"-{fam}", "rule", "show"]):
             mark = rule.get("fwmark")
-            ours = mark is not None and int(str(mark), 0) & config.routing.mark
+            ours = mark is not None and int(str(mark), 0) & config.routing.mask
             if str(rule.get("table")) == table or ours:
                 desc = f"fwmark {mark}" + (f"/{rule['fwmask']}" if "fwmask" in rule else "") if mark else "from all"
                 found.append(f"{_FAMILY_NAME[fam]} rule `{desc} lookup {rule.get('table')}`")
@@ -554,6 +562,162 @@ def check_sysctls(config: Config, config_path: object) -> Iterator[Result]:
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Sharing the host: other software's packet marks, an input policy that accepts only tracked packets
+
+_HEX = re.compile(r"\b0x[0-9a-fA-F]+\b")
+
+
+def _bits(number: int) -> int:
+    """The mark bits a number in a rule stands for: a mask with most bits set keeps bits (``mark & 0xffffcfff``), so
+    it is read as its complement; a full ``0xffffffff`` stands for none."""
+    number &= 0xFFFFFFFF
+    return ~number & 0xFFFFFFFF if bin(number).count("1") > 16 else number
+
+
+def _not_ours_nft(nft_text: str) -> Iterator[str]:
+    table = ""
+    for line in nft_text.splitlines():
+        if line.startswith("table "):
+            table = line.split("{")[0].strip()
+        if table != "table inet tproxy_rules" and '"tproxy/' not in line:
+            yield line.strip()
+
+
+def _not_ours_save(save_text: str) -> Iterator[str]:
+    for line in save_text.splitlines():
+        if line.startswith("-A ") and "tproxy/" not in line and " TPROXY_" not in line:
+            yield line
+
+
+def foreign_mark_uses(
+    mask: int, nft_text: str = "", save_texts: Sequence[str] = (), ip_rules: Sequence[dict] = (), table: int = 0
+) -> list[str]:
+    """Rules of other software that read or write any bit of ``mask``: nft and iptables-save lines mentioning a
+    mark, and ``ip rule`` entries with an fwmark (other than ours, in ``table``). A heuristic over rule text: it
+    finds the numbers a rule gives with a mark, so a rule written with symbolic names would be missed."""
+    found = []
+    lines = [*_not_ours_nft(nft_text), *(ln for t in save_texts for ln in _not_ours_save(t))]
+    for line in lines:
+        if "mark" not in line:
+            continue
+        after = line[line.index("mark") :]
+        used = 0
+        for number in _HEX.findall(after):
+            used |= _bits(int(number, 16))
+        if used & mask:
+            found.append(f"`{line}` (bits {used & mask:#x})")
+    for rule in ip_rules:
+        if "fwmark" not in rule or str(rule.get("table")) == str(table):
+            continue
+        mark = int(str(rule["fwmark"]), 0)
+        used = _bits(int(str(rule["fwmask"]), 0)) if "fwmask" in rule else mark
+        if used & mask:
+            desc = f"fwmark {rule['fwmark']}" + (f"/{rule['fwmask']}" if "fwmask" in rule else "")
+            found.append(f"ip rule `{desc} lookup {rule.get('table')}` (bits {used & mask:#x})")
+    return found
+
+
+def _host_rules() -> tuple[str, list[str]]:
+    """``nft list ruleset`` and the iptables-save outputs of this host (empty where a program is missing)."""
+    nft = ""
+    if shutil.which("nft"):
+        r = _run(["nft", "list", "ruleset"])
+        nft = r.stdout if r.returncode == 0 else ""
+    saves = []
+    for prog in ("iptables-save", "ip6tables-save"):
+        if shutil.which(prog):
+            r = _run([prog])
+            saves.append(r.stdout if r.returncode == 0 else "")
+    return nft, saves
+
+
+def check_marks(config: Config, config_path: object) -> Iterator[Result]:
+    if not config.needs_routing:
+        return
+    r = config.routing
+    name = f"packet mark bits {r.mask:#x} not used by other rules"
+    nft, saves = _host_rules()
+    rules = [rule for fam in (4, 6) for rule in _ip_json([f"-{fam}", "rule", "show"])]
+    found = foreign_mark_uses(r.mask, nft, saves, rules, r.table)
+    if not found:
+        yield passed(name, f"reply mark {r.mark:#x}, upstream mark {r.upstream_mark:#x}")
+        return
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    yield warned(
+        name,
+        f"rules already on this host use our bits: {'; '.join(found[:3])}{more}",
+        f"choose routing.mark / routing.upstream_mark / routing.mask bits nobody else uses in {config_path} "
+        '(README, "Marks"), or confirm those rules never meet tproxy\'s traffic',
+    )
+
+
+def established_only_inputs(nft_text: str = "", save_texts: Sequence[str] = ()) -> list[str]:
+    """Input chains that drop by default and accept by conntrack state but never ``untracked``: they drop the
+    intercepted client packets that tproxy mode keeps out of conntrack (``notrack``)."""
+    found = []
+    chain, hooked, policy_drop, stateful, untracked = "", False, False, False, False
+
+    def close() -> None:
+        if hooked and policy_drop and stateful and not untracked:
+            # iptables-nft's own tables are the iptables commands' to change
+            iptables = {"table ip filter chain INPUT": "iptables", "table ip6 filter chain INPUT": "ip6tables"}
+            found.append(f"{iptables[chain]} filter INPUT" if chain in iptables else chain)
+
+    table = ""
+    for line in nft_text.splitlines():
+        text = line.strip()
+        if text.startswith("table "):
+            table = text.split("{")[0].strip()
+        elif text.startswith("chain "):
+            close()
+            chain = f"{table} chain {text.split()[1]}"
+            hooked = policy_drop = stateful = untracked = False
+        elif text.startswith("type ") and " hook input " in f"{text} ":
+            hooked, policy_drop = True, "policy drop" in text
+        elif "ct state" in text and " accept" in f" {text}":
+            stateful = True
+            untracked = untracked or "untracked" in text
+    close()
+    for fam, save in zip(("iptables", "ip6tables"), save_texts, strict=False):
+        if f"{fam} filter INPUT" in found or ":INPUT DROP" not in save:
+            continue
+        rules = [ln for ln in save.splitlines() if ln.startswith("-A INPUT ")]
+        stateful = any(("--ctstate" in ln or "--state" in ln) and "-j ACCEPT" in ln for ln in rules)
+        if stateful and not any("UNTRACKED" in ln for ln in rules):
+            found.append(f"{fam} filter INPUT")
+    return found
+
+
+def check_input_policy(config: Config, config_path: object) -> Iterator[Result]:
+    if config.mode != "tproxy":
+        return
+    name = "input policy accepts the intercepted (untracked) packets"
+    nft, saves = _host_rules()
+    found = established_only_inputs(nft, saves)
+    if not found:
+        yield passed(name)
+        return
+    ports = ", ".join(str(p) for p in config.intercept.ports)
+    dports = ",".join(str(p).replace("-", ":") for p in config.intercept.ports)
+    fixes = []
+    for chain in found:
+        if chain.startswith("table "):
+            family_table, _, name_ = chain.removeprefix("table ").partition(" chain ")
+            fixes.append(f"nft insert rule {family_table} {name_} tcp dport {{ {ports} }} ct state untracked accept")
+        else:
+            tool = chain.split()[0]
+            fixes.append(
+                f"{tool} -I INPUT -p tcp -m multiport --dports {dports} -m conntrack --ctstate UNTRACKED -j ACCEPT"
+            )
+    yield warned(
+        name,
+        f"{', '.join(found)} drop by default and accept by conntrack state, never `untracked`: tproxy mode keeps the "
+        "intercepted client packets out of conntrack (notrack), so they would be dropped",
+        " ; ".join(fixes),
+    )
+
+
 CHECKS: tuple[Callable[[Config, object], Iterable[Result]], ...] = (
     check_capabilities,
     check_programs,
@@ -561,4 +725,6 @@ CHECKS: tuple[Callable[[Config, object], Iterable[Result]], ...] = (
     check_ports,
     check_leftovers,
     check_sysctls,
+    check_marks,
+    check_input_policy,
 )

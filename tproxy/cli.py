@@ -1,4 +1,4 @@
-"""The command line: ``tproxy run | rules show|apply|remove | check | demo``.
+"""The command line: ``tproxy run | rules show|apply|remove|check | check | demo``.
 
 Thin by design: each command loads the config (flags override the file) and hands over to the module that does the
 work. Exit status: 0 success, 2 usage or configuration error, 1 runtime failure. Errors are one line on stderr.
@@ -123,14 +123,44 @@ def rules_apply(config: ConfigOpt = None, mode: ModeOpt = None, backend: Backend
 
 @rules_app.command("remove")
 def rules_remove(config: ConfigOpt = None, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
-    """Remove every rule and route tproxy installed, and nothing else."""
+    """Remove every rule and route tproxy installed, and nothing else; watchers leave them out until the next apply."""
     cfg = _load(config, mode, backend)
     from tproxy import rules
 
     try:
-        print(rules.uninstall(cfg))
+        print(rules.uninstall(cfg, by_operator=True))
     except TproxyError as e:
         _fail(e)
+
+
+REMOVED_BY_OPERATOR = 3
+
+
+@rules_app.command("check")
+def rules_check(
+    config: ConfigOpt = None,
+    mode: ModeOpt = None,
+    backend: BackendOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only what is missing.")] = False,
+) -> None:
+    """Exit 0 when every rule, route and sysctl is in place; 1 with a line per missing piece; 3 when `tproxy rules
+    remove` took them out (then `rules apply` alone puts them back). Changes nothing."""
+    cfg = _load(config, mode, backend)
+    from tproxy import rules
+
+    try:
+        if rules.removed_by_operator():
+            print("tproxy rules: removed by the operator (tproxy rules remove); tproxy rules apply puts them back")
+            raise typer.Exit(REMOVED_BY_OPERATOR)
+        missing = rules.missing(cfg)
+    except TproxyError as e:
+        _fail(e)
+    for line in missing:
+        print(f"tproxy rules: missing: {line}")
+    if missing:
+        raise typer.Exit(1)
+    if not quiet:
+        print(f"tproxy rules: in place ({cfg.mode} mode, {cfg.backend})")
 
 
 @app.command()

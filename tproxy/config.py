@@ -91,8 +91,49 @@ class Intercept:
 
 @attrs.frozen(kw_only=True)
 class Routing:
-    mark: int = 1
+    """Packet marks and the policy-routing table.
+
+    Two bits of the packet mark are ours (README, "Marks"): ``mark``, which the fwmark rule routes to ``table`` (the
+    replies that must reach the proxy), and ``upstream_mark``, which the proxy's upstream sockets carry and nothing
+    routes (so an upstream SYN towards a container behind a DNAT or another host leaves the host normally). Every
+    rule matches ``packet mark & mask == value`` and sets ``mark = (mark & ~mask) | value``, so bits outside ``mask``
+    (other software's) are neither read nor changed. The defaults avoid the bits Istio (0x539), kube-proxy
+    (0x4000, 0x8000), Calico (0xffff0000), Cilium (0x0f00), wg-quick (0xca6c) and the AWS VPC CNI (0x80) use.
+    ``mask`` defaults to the two marks together, so a config that sets only ``mark = 1`` keeps working.
+    """
+
+    mark: int = 0x1000
+    upstream_mark: int = 0x2000
+    mask: int = attrs.field()
     table: int = 100
+    check_interval: float = 5.0  # seconds between the rule watcher's checks (and on SIGHUP)
+    reinstall: bool = True  # the watcher puts missing rules back (never after `tproxy rules remove`)
+
+    @mask.default
+    def _mask_default(self) -> int:
+        return self.mark | self.upstream_mark
+
+    def __attrs_post_init__(self) -> None:
+        problem = routing_marks_problem(self.mark, self.upstream_mark, self.mask)
+        if problem:
+            raise ValueError(problem[1])
+
+
+def routing_marks_problem(mark: int, upstream_mark: int, mask: int) -> tuple[str, str] | None:
+    """(key, reason) of the first thing wrong with these marks, or None: both non-zero, distinct, inside ``mask``."""
+    for key, value in (("routing.mark", mark), ("routing.upstream_mark", upstream_mark), ("routing.mask", mask)):
+        if not 0 < value < 2**32:
+            return key, f"{value} is not a valid fwmark (1-4294967295)"
+    if mark & ~mask:
+        return "routing.mark", f"{mark:#x} has bits outside routing.mask {mask:#x}"
+    if upstream_mark & ~mask:
+        return "routing.upstream_mark", f"{upstream_mark:#x} has bits outside routing.mask {mask:#x}"
+    if mark == upstream_mark:
+        return "routing.upstream_mark", (
+            f"{upstream_mark:#x} is also routing.mark: the upstream sockets' mark must differ from the reply mark "
+            "(it is the one no ip rule routes)"
+        )
+    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -205,7 +246,11 @@ class Config:
             "intercept.ipv4": self.intercept.ipv4,
             "intercept.ipv6": self.intercept.ipv6,
             "routing.mark": self.routing.mark,
+            "routing.upstream_mark": self.routing.upstream_mark,
+            "routing.mask": self.routing.mask,
             "routing.table": self.routing.table,
+            "routing.check_interval": self.routing.check_interval,
+            "routing.reinstall": self.routing.reinstall,
             "proxy.preserve_source": self.preserve_source,  # effective: the mode's default when not set
             "proxy.upstream": self.proxy.upstream,
             "proxy.connect_timeout": self.proxy.connect_timeout,
@@ -314,7 +359,7 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
     "listener": ("address", "port"),
     "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
-    "routing": ("mark", "table"),
+    "routing": ("mark", "upstream_mark", "mask", "table", "check_interval", "reinstall"),
     "proxy": (
         "preserve_source",
         "upstream",
@@ -344,7 +389,11 @@ _KINDS: dict[str, type] = {
     "intercept.ipv4": bool,
     "intercept.ipv6": bool,
     "routing.mark": int,
+    "routing.upstream_mark": int,
+    "routing.mask": int,
     "routing.table": int,
+    "routing.check_interval": float,
+    "routing.reinstall": bool,
     "proxy.preserve_source": bool,
     "proxy.upstream": str,
     "proxy.connect_timeout": float,
@@ -616,9 +665,30 @@ class _Loader:
                 )
 
         t = self.table(top, "routing")
+        defaults = attrs.fields(Routing)
+        marks = {
+            key: self.ranged_int(
+                t, key, f"routing.{key}", 1, 2**32 - 1, getattr(defaults, key).default, "a valid fwmark"
+            )
+            for key in ("mark", "upstream_mark")
+        }
+        if "mask" in t:
+            marks["mask"] = self.ranged_int(t, "mask", "routing.mask", 1, 2**32 - 1, 0, "a valid fwmark mask")
+        problem = routing_marks_problem(marks["mark"], marks["upstream_mark"], marks.get("mask", ~0 & 0xFFFFFFFF))
+        if problem:
+            key, reason = problem
+            if key == "routing.upstream_mark" and "upstream_mark" not in t:
+                reason += " (it is the default; set routing.upstream_mark to a bit of your own)"
+            raise self.error(key, reason)
         routing = Routing(
-            mark=self.ranged_int(t, "mark", "routing.mark", 1, 2**32 - 1, 1, "a valid fwmark"),
-            table=self.ranged_int(t, "table", "routing.table", 1, 2**31 - 1, 100, "a routing table id"),
+            **marks,
+            table=self.ranged_int(
+                t, "table", "routing.table", 1, 2**31 - 1, defaults.table.default, "a routing table id"
+            ),
+            check_interval=self.positive(
+                t, "check_interval", "routing.check_interval", defaults.check_interval.default
+            ),
+            reinstall=self.typed(t, "reinstall", "routing.reinstall", bool, defaults.reinstall.default),
         )
         if routing.table in (253, 254, 255):
             raise self.error("routing.table", f"{routing.table} is a kernel table (default/main/local); pick another")

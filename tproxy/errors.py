@@ -35,3 +35,7 @@ class PrivilegeError(TproxyError):
 
 class MissingBinaryError(RulesError):
     """A program we need is not installed (names the Debian package that provides it)."""
+
+
+class StateError(TproxyError):
+    """A state file under /run/tproxy (or the directory) cannot be trusted or read: names the path and why."""

@@ -8,10 +8,10 @@ Every line is an *event* with fields. The stable keys of the per-connection line
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
-import queue
 import re
 import sys
 import threading
@@ -246,6 +246,7 @@ def _write(line: str) -> None:
 
 MAX_QUEUED_LINES = 10_000  # lines waiting for the writer thread; more are dropped (and counted)
 WRITER_STOP_WAIT = 2.0  # seconds :func:`threaded` waits for the writer to finish the queue at the end
+WRITER_BATCH_DELAY = 0.01  # seconds the writer lets lines gather after a wakeup (the most a line waits for it)
 
 _writer: _QueueWriter | None = None
 
@@ -253,8 +254,12 @@ _writer: _QueueWriter | None = None
 class _QueueWriter:
     """A file-like stream whose writes go to a bounded queue that one thread drains into the real stream, in order.
 
-    ``write`` never blocks: beyond ``max_lines`` waiting, the text is dropped and counted (``dropped``, and
-    ``stats.log_dropped`` when given); once there is room again a line says how many were dropped.
+    ``write`` never blocks and takes no lock: it appends to a deque and, when the deque was empty, wakes the
+    thread, which then waits :data:`WRITER_BATCH_DELAY` for more and writes everything queued in one write (at most
+    about one wakeup and one write(2) per batch delay, however many lines). Beyond ``max_lines`` waiting, the text
+    is dropped and counted (``dropped``, and ``stats.log_dropped`` when given); once there is room again a line says
+    how many were dropped. ``queued`` is only written by the writing side and ``written`` only by the thread, so
+    their difference is the backlog without a lock.
     """
 
     def __init__(self, stream: Any, max_lines: int, stats: Any, json_format: bool) -> None:
@@ -262,9 +267,11 @@ class _QueueWriter:
         self.max_lines = max_lines
         self.stats = stats
         self.json = json_format
-        self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.pending = 0  # lines queued and not yet written
+        self.texts: collections.deque[str] = collections.deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.queued = 0  # lines queued, ever
+        self.written = 0  # lines written (or lost to a broken stream), ever
         self.dropped = 0
         self.unreported = 0  # dropped since the last "log_lines_dropped" line
         self.thread = threading.Thread(target=self._run, name="tproxy-log-writer", daemon=True)
@@ -272,19 +279,22 @@ class _QueueWriter:
 
     def write(self, text: str) -> int:
         n = text.count("\n") or 1
-        with self.lock:
-            if self.pending + n > self.max_lines:
-                self.dropped += n
-                self.unreported += n
-                if self.stats is not None:
-                    self.stats.log_dropped += n
-                return len(text)
-            if self.unreported:
-                text = self._dropped_line(self.unreported) + text
-                self.unreported = 0
-                n += 1
-            self.pending += n
-        self.queue.put(text)
+        if self.queued - self.written + n > self.max_lines:
+            self.dropped += n
+            self.unreported += n
+            if self.stats is not None:
+                self.stats.log_dropped += n
+            return len(text)
+        if self.unreported:
+            text = self._dropped_line(self.unreported) + text
+            self.unreported = 0
+            n += 1
+        texts = self.texts
+        was_empty = not texts
+        texts.append(text)
+        self.queued += n
+        if was_empty:
+            self.wake.set()
         return len(text)
 
     def flush(self) -> None:
@@ -298,18 +308,30 @@ class _QueueWriter:
         return f'{ts} warning log_lines_dropped count={count} reason="log output too slow"\n'
 
     def _run(self) -> None:
-        while (text := self.queue.get()) is not None:
-            try:
-                self.stream.write(text)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass  # like logging: a broken log stream never stops the proxy
-            with self.lock:
-                self.pending -= text.count("\n") or 1
+        texts = self.texts
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if not self.stopping:
+                time.sleep(WRITER_BATCH_DELAY)  # (let a batch gather: one write for many turns of the loop)
+            batch = []
+            while texts:
+                batch.append(texts.popleft())
+            if batch:
+                text = "".join(batch)
+                try:
+                    self.stream.write(text)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # like logging: a broken log stream never stops the proxy
+                self.written += text.count("\n")
+            elif self.stopping:
+                return
 
     def close(self, wait: float) -> bool:
         """Stop after the lines queued so far; True when they were all written within ``wait`` seconds."""
-        self.queue.put(None)
+        self.stopping = True
+        self.wake.set()
         self.thread.join(wait)
         return not self.thread.is_alive()
 

@@ -5,9 +5,10 @@ bound to the client's address) and ``SO_MARK``, and the kernel accepts both with
 
 - **privileged parent** (``[privileges] user`` set, started as root): the runner installs rules and routes and binds
   the listeners as root, then :func:`before_serve` forks. The child drops to that user keeping only the capabilities
-  the config needs (:func:`required_capabilities`) and serves. The parent stays root and does nothing but forward
-  SIGTERM/SIGINT/SIGHUP to the child (on SIGHUP it first moves the rules to the re-read config:
-  :class:`tproxy.reload.ParentReload`), wait for it, remove the rules and routes, and exit with the child's status.
+  the config needs (:func:`required_capabilities`) and serves. The parent stays root: it forwards SIGTERM/SIGINT/SIGHUP
+  to the child (on SIGHUP it first moves the rules to the re-read config: :class:`tproxy.reload.ParentReload`),
+  watches the rules (tproxy/watch.py) and tells the child what it finds over a pipe, and when the child exits it
+  removes the rules and routes and exits with the child's status. The child dies with the parent (PR_SET_PDEATHSIG).
 - **split deployment**: ``tproxy rules apply`` as root, then ``tproxy run --no-rules`` started by the operator with only
   CAP_NET_RAW (``setpriv``, systemd ``AmbientCapabilities=``), then ``tproxy rules remove``.
   :func:`check_capabilities` makes a missing capability one clear line at start, never an error per connection.
@@ -18,14 +19,17 @@ Capabilities are read from ``/proc/self/status`` and set with a small ctypes bin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import grp
 import logging
 import os
 import pwd
+import select
 import signal
 import sys
+import time
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -86,6 +90,9 @@ CAP_NET_RAW = 13
 # Signals the privileged parent passes on to the proxy.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
+# In the serving child of a privileged parent: the read end of the parent's rule reports (tproxy/watch.py).
+parent_status_fd: int | None = None
+
 
 def cap_name(cap: int) -> str:
     return CAP_NAMES[cap] if 0 <= cap < len(CAP_NAMES) else f"CAP_{cap}"
@@ -101,6 +108,14 @@ def cap_mask(caps: Iterable[int]) -> int:
 def cap_set(mask: int) -> frozenset[int]:
     """The capability numbers in a bit mask (as in ``/proc/<pid>/status``)."""
     return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)
+
+
+def has_net_admin() -> bool:
+    """Whether this process holds CAP_NET_ADMIN in its effective set (rules and routes need it)."""
+    try:
+        return CAP_NET_ADMIN in cap_set(ProcessCredentials.of().effective)
+    except (OSError, ValueError):
+        return os.geteuid() == 0
 
 
 def format_caps(caps: Iterable[int]) -> str:
@@ -310,6 +325,7 @@ def resolve_identity(config: Config) -> Identity:
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -409,9 +425,10 @@ def before_serve(config: Config, sockets: Iterable[object], *, manage_rules: boo
 
     - No ``privileges.user``, or not root (already unprivileged, e.g. a split deployment): nothing to do.
     - ``manage_rules`` false (rules belong to a separate step): drop in place, no fork.
-    - Otherwise fork. The child drops privileges and returns False: serving is all it does. The parent never
-      returns: it closes its copies of ``sockets`` (a listener nobody accepts on would swallow connections), forwards
-      SIGTERM/SIGINT/SIGHUP to the child, waits for it, removes the rules and routes and exits with its status.
+    - Otherwise fork. The child drops privileges, sets PR_SET_PDEATHSIG and returns False: serving is all it does
+      (the parent's rule reports arrive on :data:`parent_status_fd`). The parent never returns: it closes its copies
+      of ``sockets`` (a listener nobody accepts on would swallow connections), forwards SIGTERM/SIGINT/SIGHUP to the
+      child, watches the rules until the child exits, removes the rules and routes and exits with its status.
 
     Error handling: an unknown user or group is a :class:`ConfigError` raised before anything forks; a failed drop is a
     :class:`PrivilegeError` in the child (its exit status 1 then becomes the parent's, after the rules are removed).
@@ -427,11 +444,17 @@ def before_serve(config: Config, sockets: Iterable[object], *, manage_rules: boo
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
+    status_r, status_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(identity, keep, old_mask)
+        global parent_status_fd
+        os.close(status_w)
+        parent_status_fd = status_r
+        _child(identity, keep, old_mask, parent)
         return False
-    _supervise(config, pid, sockets)
+    os.close(status_r)
+    _supervise(config, pid, sockets, status_w)
 
 
 def _drop(identity: Identity, keep: dict[int, str]) -> None:
@@ -439,13 +462,20 @@ def _drop(identity: Identity, keep: dict[int, str]) -> None:
     log.event("privileges_dropped", user=identity.user, uid=identity.uid, gid=identity.gid, caps=format_caps(keep))
 
 
-def _child(identity: Identity, keep: dict[int, str], old_mask: Iterable[int]) -> None:
+def _child(identity: Identity, keep: dict[int, str], old_mask: Iterable[int], parent: int) -> None:
     """The proxy side of the fork: its own process group (a terminal's Ctrl-C reaches it once, through the parent),
-    then the drop. It never returns with privileges: any failure ends it here, leaving the rules to the parent."""
+    then the drop. It never returns with privileges: any failure ends it here, leaving the rules to the parent.
+
+    Then PR_SET_PDEATHSIG (SIGTERM: the proxy drains and stops) — after the drop, since the kernel clears it when the
+    uid changes — so a parent killed outright never leaves a proxy serving with no one to remove the rules; and a
+    parent that died before that is caught by its pid."""
     try:
         os.setpgid(0, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         _drop(identity, keep)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, "PR_SET_PDEATHSIG")
+        if os.getppid() != parent:
+            raise PrivilegeError("the privileged parent exited before the proxy started; not serving")
     except BaseException as e:
         print(
             f"tproxy: {e}" if isinstance(e, TproxyError) else f"tproxy: privilege drop failed: {e!r}", file=sys.stderr
@@ -454,10 +484,15 @@ def _child(identity: Identity, keep: dict[int, str], old_mask: Iterable[int]) ->
         os._exit(1)
 
 
-def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoReturn:
-    """The privileged parent: forward signals, wait, remove the rules and routes, exit with the child's status."""
+def _supervise(config: Config, child: int, sockets: Iterable[object], status_w: int) -> NoReturn:
+    """The privileged parent: forward signals, watch the rules (tproxy/watch.py: every ``routing.check_interval``
+    seconds and on SIGHUP, reporting to the child over ``status_w``) until the child exits, then remove the rules and
+    routes and exit with the child's status.
+
+    Signal handlers only forward or take note; the SIGHUP reload and the checks run in the loop, one at a time."""
     for sock in sockets:
         sock.close()  # type: ignore[attr-defined]
+    from tproxy import watch
     from tproxy.reload import ParentReload
 
     def forward(signum: int, _frame: object) -> None:
@@ -467,15 +502,42 @@ def _supervise(config: Config, child: int, sockets: Iterable[object]) -> NoRetur
             pass
 
     on_hup = ParentReload(config, lambda: forward(signal.SIGHUP, None))  # moves the rules, then forwards
-
+    hups: list[int] = []
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, on_hup if sig == signal.SIGHUP else forward)
+        signal.signal(sig, (lambda signum, _frame: hups.append(signum)) if sig == signal.SIGHUP else forward)
+    pidfd = os.pidfd_open(child)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     log.event("supervising", pid=os.getpid(), proxy_pid=child)
 
-    _, status = os.waitpid(child, 0)  # retried on EINTR after each forwarded signal (PEP 475)
+    reporter = watch.PipeReporter(status_w)
+    next_check = time.monotonic() + on_hup.config.routing.check_interval
+    while True:
+        ready, _, _ = select.select([pidfd, wake_r], [], [], max(0.0, next_check - time.monotonic()))
+        if pidfd in ready:
+            break
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_r, 4096)
+        due = time.monotonic() >= next_check
+        if hups:
+            hups.clear()
+            on_hup(signal.SIGHUP, None)
+            due = True
+        if due:
+            try:
+                reporter.send(watch.check(on_hup.config, reporter.send))
+            except Exception as e:  # noqa: BLE001 - the parent must go on supervising; say why, try again
+                log.event("rules_check_failed", logging.ERROR, error=str(e) if isinstance(e, TproxyError) else repr(e))
+            next_check = time.monotonic() + on_hup.config.routing.check_interval
+
+    _, status = os.waitpid(child, 0)
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # nothing left to forward to; removing the rules is not interruptible
+    signal.set_wakeup_fd(-1)
+    os.close(status_w)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         log.event("proxy_killed", logging.WARNING, proxy_pid=child, signal=signal.Signals(-code).name)

@@ -37,6 +37,8 @@ LISTEN_WAIT = 10.0  # seconds a privileged parent waits for the proxy to listen 
 RESTART_KEYS = (
     "mode",
     "routing.mark",
+    "routing.upstream_mark",
+    "routing.mask",
     "routing.table",
     "proxy.preserve_source",
     "proxy.upstream",
@@ -76,7 +78,11 @@ def flatten(config: Config) -> dict[str, str]:
         "intercept.ipv4": str(config.intercept.ipv4).lower(),
         "intercept.ipv6": str(config.intercept.ipv6).lower(),
         "routing.mark": f"{config.routing.mark:#x}",
+        "routing.upstream_mark": f"{config.routing.upstream_mark:#x}",
+        "routing.mask": f"{config.routing.mask:#x}",
         "routing.table": str(config.routing.table),
+        "routing.check_interval": f"{config.routing.check_interval:g}",
+        "routing.reinstall": str(config.routing.reinstall).lower(),
         "proxy.preserve_source": str(config.preserve_source).lower(),  # the effective value (mode default or set)
         "proxy.upstream": config.proxy.upstream,
         "proxy.connect_timeout": f"{config.proxy.connect_timeout:g}",
@@ -161,7 +167,7 @@ def _keep_running(old: Config, new: Config) -> Config:
     return attrs.evolve(
         new,
         mode=old.mode,
-        routing=old.routing,
+        routing=attrs.evolve(old.routing, check_interval=new.routing.check_interval, reinstall=new.routing.reinstall),
         proxy=proxy,
         admin=old.admin,
         privileges=old.privileges,

@@ -1,14 +1,18 @@
 """Policy routing for replies to spoofed client addresses: fwmark rule, ``local`` default route, sysctls (pyroute2).
 
-For each enabled family: ``ip rule fwmark MARK/MARK lookup TABLE`` and ``local default dev lo table TABLE``, so that a
-packet carrying our mark (a diverted packet, or an application's reply restored from its connection's mark) is
-delivered locally, to the proxy. Needed in tproxy mode and in nat mode with ``preserve_source``.
+For each enabled family: ``ip rule fwmark MARK/MASK lookup TABLE`` (``routing.mark`` / ``routing.mask``) and
+``local default dev lo table TABLE``, so that a packet carrying our mark (a diverted packet, or an application's
+reply restored from its connection's mark) is delivered locally, to the proxy. Needed in tproxy mode and in nat
+mode with ``preserve_source``.
 
-Sysctls: only ``route_localnet=1`` for the IPv4 loopback upstream (see :func:`backends.base.loopback_guard`), on the
-intercepted interfaces, or on ``all`` when every interface is intercepted. ``rp_filter`` needs no change (see
-DESIGN.md, pitfalls). A value we change is remembered in ``/run/tproxy/routing-netns<inode>-mark<M>-table<T>.json``
-and restored on removal, from any process in the same network namespace. That file exists for every installed mark
-and table, so removal also finds what an earlier config with another ``routing.mark`` / ``routing.table`` installed.
+Sysctls: only ``route_localnet=1`` for the IPv4 loopback upstream (see
+:func:`tproxy.backends.base.loopback_guard`), on the intercepted interfaces, or on ``all`` when every interface is
+intercepted; set after the rules (with their loopback guard) are in, restored before they come out. ``rp_filter``
+needs no change (see DESIGN.md, pitfalls). A value we change is remembered in
+``/run/tproxy/routing-netns<inode>-mark<M>-table<T>.json`` (:mod:`tproxy.state`, which trusts nothing it reads) and
+restored on removal, from any process in the same network namespace; a value that cannot be restored is an error,
+and the state stays for a later removal. That file exists for every installed mark and table, so removal also finds
+what an earlier config with another ``routing.mark`` / ``routing.table`` installed.
 
 Error handling: every failure raises :class:`~tproxy.errors.RulesError`; :func:`install` first undoes what it did.
 Resource handling: ``IPRoute`` works in the calling process's network namespace. It runs an asyncio loop of its own:
@@ -25,9 +29,11 @@ from pathlib import Path
 
 import attrs
 
-from tproxy.backends.base import NEEDS_ROOT, drop_state, load_state, loopback_guard, mark_hex, save_state, state_path
+from tproxy import state as state_files
+from tproxy.backends.base import NEEDS_ROOT, loopback_guard, mark_hex
 from tproxy.config import Config
 from tproxy.errors import RulesError
+from tproxy.state import drop_state, load_state, save_state, state_path
 
 SYSCTL_ROOT = Path("/proc/sys")
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -66,10 +72,10 @@ def commands(config: Config) -> list[str]:
     """The routing as ``ip``/``sysctl`` commands a user could paste (pure)."""
     if not config.needs_routing:
         return []
-    mark, table = mark_hex(config.routing.mark), config.routing.table
+    mark, mask, table = mark_hex(config.routing.mark), mark_hex(config.routing.mask), config.routing.table
     out = []
     for f in config.families:
-        out.append(f"ip -{f} rule add fwmark {mark}/{mark} lookup {table} priority {RULE_PRIORITY}")
+        out.append(f"ip -{f} rule add fwmark {mark}/{mask} lookup {table} priority {RULE_PRIORITY}")
         out.append(f"ip -{f} route add local {DEFAULT_DST[f]} dev lo table {table}")
     out += [s.command() for s in sysctls(config)]
     return out
@@ -113,15 +119,17 @@ class _Netlink:
     def close(self) -> None:
         self.ipr.close()
 
-    def rule_present(self, family: int, mark: int, table: int) -> bool:
+    def rule_mask(self, family: int, mark: int, table: int) -> int | None:
+        """The fwmask of our rule ``fwmark MARK/MASK lookup TABLE``, or None when there is none. Any mask: an
+        install before ``routing.mask`` existed used ``MARK/MARK``, and removal must find that one too."""
         for msg in self.ipr.get_rules(family=AF[family]):
-            if (
-                msg.get_attr("FRA_FWMARK") == mark
-                and msg.get_attr("FRA_FWMASK") == mark
-                and (msg.get_attr("FRA_TABLE") or msg["table"]) == table
-            ):
-                return True
-        return False
+            if msg.get_attr("FRA_FWMARK") == mark and (msg.get_attr("FRA_TABLE") or msg["table"]) == table:
+                mask = msg.get_attr("FRA_FWMASK")
+                return 0xFFFFFFFF if mask is None else mask
+        return None
+
+    def rule_present(self, family: int, mark: int, table: int) -> bool:
+        return self.rule_mask(family, mark, table) is not None
 
     def route_present(self, family: int, table: int) -> bool:
         for msg in self.ipr.get_routes(family=AF[family], table=table):
@@ -129,18 +137,22 @@ class _Netlink:
                 return True
         return False
 
-    def add_rule(self, family: int, mark: int, table: int) -> bool:
-        """Add the fwmark rule; False when it was already there."""
-        if self.rule_present(family, mark, table):
+    def add_rule(self, family: int, mark: int, mask: int, table: int) -> bool:
+        """Add the fwmark rule ``MARK/MASK``; False when it was already there (with another mask, it is replaced)."""
+        present = self.rule_mask(family, mark, table)
+        if present == mask:
             return False
-        self.ipr.rule("add", fwmark=mark, fwmask=mark, table=table, family=AF[family], priority=RULE_PRIORITY)
+        if present is not None:
+            self.del_rule(family, mark, table)
+        self.ipr.rule("add", fwmark=mark, fwmask=mask, table=table, family=AF[family], priority=RULE_PRIORITY)
         return True
 
     def del_rule(self, family: int, mark: int, table: int) -> None:
         for _ in range(16):
-            if not self.rule_present(family, mark, table):
+            mask = self.rule_mask(family, mark, table)
+            if mask is None:
                 return
-            self.ipr.rule("del", fwmark=mark, fwmask=mark, table=table, family=AF[family])
+            self.ipr.rule("del", fwmark=mark, fwmask=mask, table=table, family=AF[family])
 
     def _route(self, op: str, family: int, table: int) -> None:
         """``local default dev lo table T``: IPv4 needs scope host (else EINVAL), IPv6 the family (DESIGN.md)."""
@@ -204,10 +216,10 @@ def install(config: Config) -> list[str]:
         if state is not None and not any(nl.rule_present(f, mark, table) for f in (4, 6)):
             state = None  # left by a namespace that no longer exists (inodes are reused)
         prev_state = state
-        saved: dict[str, str] = dict((state or {}).get("sysctls", {}))
+        saved: dict[str, str] = state_files.sysctls(state, path) if state is not None else {}
         for f in config.families:
             try:
-                if nl.add_rule(f, mark, table):
+                if nl.add_rule(f, mark, config.routing.mask, table):
                     undo.append(lambda f=f: nl.del_rule(f, mark, table))
                     done.append(f"rule ipv{f}")
                 if nl.add_route(f, table):
@@ -245,25 +257,93 @@ def install(config: Config) -> list[str]:
 
 
 def uninstall(config: Config) -> list[str]:
-    """Remove our rules and routes (both families) and restore the sysctls we changed. Safe to call twice.
+    """Restore the sysctls we changed, then remove our rules and routes (both families). Safe to call twice.
 
     Also what an install with another ``routing.mark`` / ``routing.table`` left in this namespace (the config was
     edited since), as its state file remembers it.
+
+    Error handling: a sysctl that cannot be restored raises RulesError (:func:`restore_sysctls`) before anything is
+    removed, and the state files stay, so a later call can finish.
     """
+    done = restore_sysctls(config)
     mark, table = config.routing.mark, config.routing.table
     nl = _netlink()
     try:
-        done = _remove(nl, mark, table)
-        done += _restore_and_forget(_state_path(mark, table))
+        done += _remove(nl, mark, table)
+        drop_state(_state_path(mark, table))
         for other_mark, other_table, path in _installed_elsewhere(config):
             if any(nl.rule_present(f, other_mark, other_table) for f in (4, 6)):
-                removed = _remove(nl, other_mark, other_table) + _restore_and_forget(path)
-                done += [f"{what} (mark {other_mark:#x}, table {other_table})" for what in removed]
-            else:
-                drop_state(path)  # left by a namespace that no longer exists (inodes are reused)
+                done += [
+                    f"{what} (mark {other_mark:#x}, table {other_table})"
+                    for what in _remove(nl, other_mark, other_table)
+                ]
+            drop_state(path)  # removed now, or left by a namespace that no longer exists (inodes are reused)
     finally:
         nl.close()
     return done
+
+
+def restore_sysctls(config: Config) -> list[str]:
+    """Put back every sysctl value an install in this namespace changed (this config's mark and table, and the other
+    installs its state files remember); the state files stay. Returns the sysctls written.
+
+    The rules facade calls it first when removing: ``route_localnet`` must be back before its loopback guard goes.
+
+    Error handling: a value that cannot be written (EROFS: a read-only ``/proc/sys``; EPERM: a container) raises
+    RulesError naming the sysctl, its value and the one to restore; nothing is removed then. A state file that
+    cannot be trusted raises :class:`~tproxy.errors.StateError`.
+    """
+    own = _state_path(config.routing.mark, config.routing.table)
+    done = _restore(own)
+    nl = None
+    try:
+        for other_mark, other_table, path in _installed_elsewhere(config):
+            nl = nl or _netlink()
+            if any(nl.rule_present(f, other_mark, other_table) for f in (4, 6)):
+                done += [f"{key} (mark {other_mark:#x}, table {other_table})" for key in _restore(path)]
+    finally:
+        if nl is not None:
+            nl.close()
+    return done
+
+
+def close_exposure(config: Config) -> list[str]:
+    """Put ``route_localnet`` back to its saved value (the watcher, when a piece is missing: the loopback guard may be
+    gone). The state file stays, so a reinstall or a removal still knows the old value. Raises like
+    :func:`restore_sysctls`."""
+    return _restore(_state_path(config.routing.mark, config.routing.table))
+
+
+def _sysctl_key(path: str) -> str:
+    return path.removeprefix(str(SYSCTL_ROOT) + "/").replace("/", ".")
+
+
+def _restore(path: Path) -> list[str]:
+    state = load_state(path)
+    if state is None:
+        return []
+    restored = []
+    for p, old in state_files.sysctls(state, path).items():
+        key = _sysctl_key(p)
+        try:
+            current = Path(p).read_text().strip()
+        except FileNotFoundError:
+            continue  # the interface is gone, and its setting with it
+        except OSError as e:
+            raise RulesError(f"cannot read {key} ({p}): {e.strerror}") from None
+        if current == old:
+            continue
+        try:
+            Path(p).write_text(old + "\n")
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise RulesError(
+                f"cannot restore {key} = {old} (it is {current}): {p}: {e.strerror}; the rules (with the loopback "
+                f"guard) and {path} stay: run `tproxy rules remove` again once it can be written"
+            ) from None
+        restored.append(key)
+    return restored
 
 
 def _remove(nl: _Netlink, mark: int, table: int) -> list[str]:
@@ -281,17 +361,29 @@ def _remove(nl: _Netlink, mark: int, table: int) -> list[str]:
     return done
 
 
-def _restore_and_forget(path: Path) -> list[str]:
-    state = load_state(path) or {}
-    restored = []
-    for p, old in state.get("sysctls", {}).items():
+def missing(config: Config) -> list[str]:
+    """The routing pieces ``config`` needs that are not in place, one line each: fwmark rules, local routes, sysctls."""
+    if not config.needs_routing:
+        return []
+    mark, table = config.routing.mark, config.routing.table
+    out = []
+    nl = _netlink()
+    try:
+        for f in config.families:
+            if not nl.rule_present(f, mark, table):
+                out.append(f"ip -{f} rule fwmark {mark_hex(mark)}/{mark_hex(mark)} lookup {table} missing")
+            if not nl.route_present(f, table):
+                out.append(f"ip -{f} route local {DEFAULT_DST[f]} dev lo table {table} missing")
+    finally:
+        nl.close()
+    for s in sysctls(config):
         try:
-            Path(p).write_text(old + "\n")
-            restored.append(p.removeprefix(str(SYSCTL_ROOT) + "/").replace("/", "."))
+            value = s.path.read_text().strip()
         except OSError:
-            pass  # the interface is gone, and its setting with it
-    drop_state(path)
-    return restored
+            value = "unreadable"
+        if value != s.value:
+            out.append(f"{s.key} is {value}, not {s.value}")
+    return out
 
 
 def _read_sysctl(s: Sysctl, config: Config) -> str:

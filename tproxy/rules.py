@@ -1,10 +1,14 @@
 """The rules facade: show, install and uninstall the interception rules and the policy routing together.
 
 - :func:`show` touches nothing: the rule file(s), then the routing as ``ip``/``sysctl`` commands.
-- :func:`install` is atomic as a whole: rules in one step, then routes and sysctls; if routing fails after the rules
+- :func:`install` is atomic as a whole: rules in one step, then routes, then sysctls; if routing fails after the rules
   went in, the rules come out again. Idempotent: installing twice leaves one copy of everything.
-- :func:`uninstall` removes everything tproxy installs (rules of either backend's making are found by name), restores
-  the sysctls it changed (remembered under /run/tproxy/ across processes), and nothing else.
+- :func:`uninstall` restores the sysctls it changed (remembered under /run/tproxy/ across processes), then removes
+  everything tproxy installs (rules of either backend's making are found by name), and nothing else.
+- :func:`missing` says which pieces are not in place (the watcher, ``tproxy rules check``).
+
+Order, so that ``route_localnet=1`` never exists without its loopback guard: rules (with the guard) before routes
+before sysctls on the way in; sysctls restored before anything comes out.
 
 Error handling: :class:`~tproxy.errors.RulesError` (or its :class:`~tproxy.errors.MissingBinaryError`) with a message
 for the operator; a rule file the kernel rejects carries the tool's own message and leaves the host as it was.
@@ -16,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from tproxy import routing
+from tproxy import routing, state
 from tproxy.backends import get_backend
-from tproxy.backends.base import STATE_DIR, require_net_admin
+from tproxy.backends.base import require_net_admin
 from tproxy.config import BACKENDS, Config
 from tproxy.errors import MissingBinaryError
 
@@ -37,10 +43,11 @@ def show(config: Config) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
+def exclusive() -> Iterator[None]:
     """One install/uninstall at a time (say a restarting proxy and `tproxy rules remove`); short, so host-wide."""
-    STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY)  # a lock on the directory: no lock file left behind
+    fd = os.open(
+        state.ensure_dir(), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    )  # a lock on the directory: no lock file left behind
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -48,11 +55,15 @@ def _exclusive() -> Iterator[None]:
         os.close(fd)
 
 
-def install(config: Config) -> str:
-    """Install rules, routes and sysctls for ``config``; returns a one-line summary."""
+def install(config: Config, *, lock: bool = True) -> str:
+    """Install rules (the loopback guard among them), then routes, then sysctls for ``config``; returns a one-line
+    summary. Clears an operator's earlier ``tproxy rules remove`` (:func:`removed_by_operator`). ``lock=False``: the
+    caller already holds :func:`exclusive`."""
     require_net_admin()
-    with _exclusive():
-        return _install(config)
+    with exclusive() if lock else contextlib.nullcontext():
+        summary = _install(config)
+        state.drop_state(_removed_path())
+        return summary
 
 
 def _install(config: Config) -> str:
@@ -72,20 +83,28 @@ def _install(config: Config) -> str:
     return f"tproxy rules installed: {config.mode} mode, {backend.describe()}, {families}{extra}"
 
 
-def uninstall(config: Config) -> str:
-    """Remove our rules (the configured backend's, and any the other backend left) and routes; restore sysctls.
-    Safe when nothing is installed."""
+def uninstall(config: Config, *, by_operator: bool = False) -> str:
+    """Restore the sysctls, then remove our rules (the configured backend's, and any the other backend left) and
+    routes. Safe when nothing is installed. ``by_operator`` (``tproxy rules remove``) records that the operator took
+    them out, so that a watcher does not put them back (:func:`removed_by_operator`) until the next install.
+
+    Error handling: a sysctl that cannot be restored raises RulesError naming it, with nothing removed (the loopback
+    guard never goes while ``route_localnet`` is still 1) and the state kept, so a later removal can finish.
+    """
     require_net_admin()
-    with _exclusive():
+    with exclusive():
+        if by_operator:
+            state.save_state(_removed_path(), {"removed_by": "tproxy rules remove", "at": time.time()})
         return _uninstall(config)
 
 
 def _uninstall(config: Config) -> str:
     backend = get_backend(config.backend)
+    restored = routing.restore_sysctls(config)  # before the guard goes
     had_rules = backend.installed()
     backend.remove()
     also = _other_backends_rules(config)
-    removed_routing = routing.uninstall(config)
+    removed_routing = restored + routing.uninstall(config)
     if not had_rules and not also and not removed_routing:
         return f"tproxy rules: nothing to remove ({backend.describe()})"
     return (
@@ -111,6 +130,24 @@ def _other_backends_rules(config: Config) -> list[str]:
         other.remove()
         removed.append(other.describe())
     return removed
+
+
+def _removed_path() -> Path:
+    return state.state_path("removed")
+
+
+def removed_by_operator() -> bool:
+    """Whether ``tproxy rules remove`` ran in this network namespace since the last install: a watcher then reports
+    the rules as removed by the operator and never puts them back."""
+    return state.load_state(_removed_path()) is not None
+
+
+def missing(config: Config) -> list[str]:
+    """Every piece ``config`` needs that is not in place, one line each (empty: all there): rules of the configured
+    backend (the loopback guard among them), fwmark rules, local routes, ``route_localnet``. Needs CAP_NET_ADMIN."""
+    require_net_admin()
+    backend = get_backend(config.backend)
+    return backend.missing(backend.render(config)) + routing.missing(config)
 
 
 def installed(config: Config) -> bool:

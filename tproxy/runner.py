@@ -2,11 +2,12 @@
 
 Order: logging; RLIMIT_NOFILE raised to the hard limit; rules and routes installed (unless ``--no-rules``); the
 listening sockets bound; :func:`before_serve` (the one place where privileges are dropped); then the trio run, with
-the proxy, the admin endpoint and the signal watcher in one nursery. SIGTERM/SIGINT stop accepting and drain for up
-to ``proxy.shutdown_grace`` seconds; a second signal cancels what is left. SIGHUP reloads the config file
-(:class:`Reloader`, tproxy/reload.py). Whatever happens after the rules went in, they are removed before the process
-exits, and signals arriving meanwhile cannot interrupt that (a SIGHUP received while the rules go in is applied once
-serving starts; one received while they come out is ignored).
+the proxy, the admin endpoint, the signal watcher and the rule watcher (tproxy/watch.py: when this process owns the
+rules; behind a privileged parent, the parent's reports instead) in one nursery. SIGTERM/SIGINT stop accepting and
+drain for up to ``proxy.shutdown_grace`` seconds; a second signal cancels what is left. SIGHUP reloads the config
+file (:class:`Reloader`, tproxy/reload.py), then checks the rules. Whatever happens after the rules went in, they
+are removed before the process exits, and signals arriving meanwhile cannot interrupt that (a SIGHUP received while
+the rules go in is applied once serving starts; one received while they come out is ignored).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import trio
 
-from tproxy import log, reload, sockets
+from tproxy import log, reload, sockets, watch
 from tproxy.config import Config
 from tproxy.errors import ConfigError, TproxyError
 from tproxy.stats import State, Stats
@@ -101,8 +102,15 @@ async def _watch_signals(
     server,
     early: _Signals,
     reloader: Reloader | None = None,
+    watcher: watch.Watcher | None = None,
     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    async def reload_then_check() -> None:
+        if reloader is not None:
+            await reloader.reload()
+        if watcher is not None:
+            watcher.kick()  # SIGHUP also checks the rules, once the reload is done
+
     with trio.open_signal_receiver(*SIGNALS, *RELOAD_SIGNALS) as received:
         async with trio.open_nursery() as reloads:
             task_status.started()
@@ -110,15 +118,13 @@ async def _watch_signals(
             pending, early.pending = early.pending, []
             for signum in pending:
                 if signum in RELOAD_SIGNALS:
-                    if reloader is not None:
-                        reloads.start_soon(reloader.reload)
+                    reloads.start_soon(reload_then_check)
                     continue
                 count += 1
                 _on_signal(server, signum, count)
             async for signum in received:
                 if signum in RELOAD_SIGNALS:
-                    if reloader is not None:
-                        reloads.start_soon(reloader.reload)
+                    reloads.start_soon(reload_then_check)
                     continue
                 count += 1
                 _on_signal(server, signum, count)
@@ -264,13 +270,21 @@ async def _main(
     early: _Signals,
     reloader: Reloader | None = None,
 ) -> None:
+    from tproxy import privileges
     from tproxy.server import Server
 
     server = Server(config, listeners, stats, state)
     if reloader is not None:
         reloader.server = server
+    watcher = None
+    if reloader is not None and reloader.owns_rules:
+        watcher = watch.Watcher(lambda: reloader.config, stats, state, reloader._lock)
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, server, early, reloader)
+        await nursery.start(_watch_signals, server, early, reloader, watcher)
+        if watcher is not None:
+            await nursery.start(watcher.run)
+        elif privileges.parent_status_fd is not None:
+            await nursery.start(watch.follow_parent, privileges.parent_status_fd, stats, state)
         if config.admin.enabled:
             current = (lambda: reloader.config) if reloader is not None else None  # /config follows reloads
             await _start_admin(nursery, config, stats, state, current)
@@ -278,7 +292,7 @@ async def _main(
         if reloader is not None:
             reloader.serving.set()
         await server.stopped.wait()
-        nursery.cancel_scope.cancel()  # the admin endpoint and the signal watcher
+        nursery.cancel_scope.cancel()  # the admin endpoint, the signal watcher and the rule watcher
 
 
 async def _start_admin(
@@ -353,6 +367,8 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             if not before_serve(config, listeners, manage_rules=installed is not None):
                 installed = None  # a privileged parent process removes them (or they were never ours)
             logs.enter_context(log.threaded(stats))
+            # watched by this process or by the privileged parent; with --no-rules nobody here can see them
+            state.rules_intact = True if installed is not None or privileges.parent_status_fd is not None else None
             log.event(
                 "start",
                 mode=config.mode,

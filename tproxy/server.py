@@ -102,7 +102,7 @@ class Server:
         self.pipes = pipes
         self.preserve = config.preserve_source
         self.loopback = config.proxy.upstream == "loopback"
-        self.mark = config.routing.mark
+        self.mark = config.routing.upstream_mark  # no ip rule routes it (README, "Marks")
         self.connect_timeout = config.proxy.connect_timeout
         self.idle_timeout = config.proxy.idle_timeout
         self.max_connections = config.proxy.max_connections

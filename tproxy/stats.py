@@ -34,7 +34,8 @@ class Stats:
 
 @attrs.define
 class State:
-    """Lifecycle, for /ready: ready once rules, routes and every listener are in place; not while draining."""
+    """Lifecycle, for /ready: ready once rules, routes and every listener are in place; not while draining, nor
+    while the rule watcher finds rules missing."""
 
     rules_installed: bool = False
     listening: bool = False
@@ -46,4 +47,4 @@ class State:
 
     @property
     def ready(self) -> bool:
-        return self.rules_installed and self.listening and not self.draining
+        return self.rules_installed and self.listening and not self.draining and self.rules_intact is not False

@@ -41,6 +41,9 @@ def make_subjects(names: list[str] | None, experiments: bool = False) -> tuple[l
             Tproxy("tproxy", "loopback"),
             Tproxy("nat", "original"),
         ]
+        base = os.environ.get("TPX_BENCH_BASE", "")  # an A/B run: a checkout of another commit, run as ...@base
+        if base:
+            subjects.append(Tproxy("tproxy", "original", src=base))
         if experiments:
             subjects += [
                 Tproxy("tproxy", "original", gc="threshold=50000,freeze=2", label="gc"),

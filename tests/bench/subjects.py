@@ -149,9 +149,11 @@ class Tproxy(Subject):
         gc: str = "",
         label: str = "",
         relay: str = "shared",
+        src: str = "",
     ) -> None:
         super().__init__()
         self.relay = relay
+        self.src = src  # another checkout's tree to run instead of this one (an A/B run against a baseline)
         self.mode = mode
         self.upstream = upstream
         self.backend = backend
@@ -165,6 +167,8 @@ class Tproxy(Subject):
         self.name = f"tproxy-{upstream}" if mode == "tproxy" else f"tproxy-nat-{upstream}"
         if relay != "shared":
             self.name += f"-{relay}"
+        if src:
+            self.name += "@base"
         if label:
             self.name += f"+{label}"
 
@@ -193,8 +197,9 @@ class Tproxy(Subject):
             f'upstream = "{self.upstream}"',
             "max_connections = 20000",
             "shutdown_grace = 2",
-            f'relay = "{self.relay}"',
         ]
+        if self.relay != "shared":
+            lines.append(f'relay = "{self.relay}"')
         if self.mode == "nat":
             lines.append("preserve_source = true")
         lines += ["[admin]", 'address = "127.0.0.1:4191"', "[log]", f'level = "{self.log_level}"']
@@ -207,7 +212,7 @@ class Tproxy(Subject):
         self.probe = None
         self.probe_out = topo.workdir / f"{self.name}-probe-{self.starts}.json"
         # The probe (tests/bench/probe/sitecustomize.py) records garbage-collector pauses in the proxy process.
-        pypath = os.pathsep.join(p for p in (str(PROBE_DIR), os.environ.get("PYTHONPATH", "")) if p)  # (a worktree)
+        pypath = os.pathsep.join(p for p in (str(PROBE_DIR), self.src, os.environ.get("PYTHONPATH", "")) if p)
         env = {"PYTHONPATH": pypath, "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
         env["TPX_BENCH_CENSUS"] = "1" if self.census else ""
         saved = {k: os.environ.get(k) for k in env}
