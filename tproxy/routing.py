@@ -405,4 +405,7 @@ def _write_sysctl(path: Path, value: str) -> None:
     except PermissionError:
         raise RulesError(f"{NEEDS_ROOT}: cannot write {path}") from None
     except OSError as e:
-        raise RulesError(f"cannot write {path}: {e.strerror}") from None
+        hint = ""
+        if e.errno == errno.EROFS and path.name == "route_localnet":
+            hint = ' (in a container /proc/sys is read-only: use proxy.upstream = "original")'
+        raise RulesError(f"cannot write {path}: {e.strerror}{hint}") from None
