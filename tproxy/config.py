@@ -1,8 +1,10 @@
-"""TOML configuration -> frozen attrs objects.
+"""TOML configuration (+ ``TPROXY_`` environment variables, + flags) -> frozen attrs objects.
 
 Nothing else in tproxy reads TOML or passes dicts of settings around: the loader below walks the document, names the
 file and key path of anything wrong (:class:`~tproxy.errors.ConfigError`), and builds the frozen objects. attrs
-validators guard the invariants of the objects themselves; the messages an operator sees come from the loader.
+validators guard the invariants of the objects themselves; the messages an operator sees come from the loader. The
+environment is turned into the same document first (:meth:`Config.load`), so a variable gets the same checks and
+messages as a key of the file, naming ``environment`` and the variable instead.
 """
 
 from __future__ import annotations
