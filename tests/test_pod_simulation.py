@@ -1,4 +1,4 @@
-"""conf/kubernetes/pod-sidecar.yaml, run as a kubelet and runc would run it, without a cluster (root).
+"""conf/kubernetes/pod-*.yaml, run as a kubelet and runc would run them, without a cluster (root).
 
 The pod is a network namespace (the lab's node; the client namespace stands for everything outside the pod, the
 kubelet's probes included). Each container runs its manifest's exact args and environment (the ConfigMap through
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_kubernetes import SIDECAR, Pod
+from tests.test_kubernetes import NEEDS_PP, SIDECAR, ZERO, Pod
 from tests.test_privileges_netns import file_capable_copy, runtime_argv
 from tproxy.lab import CLIENT, NODE, Lab
 from tproxy.netns import Netns
@@ -140,28 +140,105 @@ def metric(ns: Netns, name: str) -> float:
     return float(value)
 
 
-def test_the_sidecar_pod_runs_as_the_manifest_says(entrypoint):
+# The zero-capability pod's application: reads the PROXY v2 header tproxy sends first, answers "<header's source>
+# <connection's peer>". (nginx in the manifest; here a few lines, so that the test reads the header itself.)
+PP_APP = r"""
+import ipaddress, socket, struct, sys
+SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+def exactly(c, n):
+    data = b""
+    while len(data) < n:
+        more = c.recv(n - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    return data
+srv = socket.socket(socket.AF_INET6)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+srv.bind(("::", int(sys.argv[1])))
+srv.listen(16)
+print("APP READY", flush=True)
+while True:
+    c, peer = srv.accept()
+    with c:
+        head = exactly(c, 16)
+        body = exactly(c, struct.unpack("!H", head[14:16])[0])
+        size = {0x11: 4, 0x21: 16}[head[13]] if head[:12] == SIG and head[12] == 0x21 else 0
+        source = ipaddress.ip_address(body[:size]) if size else "no-header"
+        address = ipaddress.ip_address(peer[0])
+        address = getattr(address, "ipv4_mapped", None) or address
+        c.sendall(f"{source} {address}\n".encode())
+"""
+
+CLIENT_LINE = r"""
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as c:
+    data = b""
+    while not data.endswith(b"\n"):
+        more = c.recv(100)
+        if not more:
+            break
+        data += more
+print(data.decode().strip())
+"""
+
+
+def echo_app(lab: Lab) -> None:
+    lab.start_app({APP_PORT: "echo"})
+
+
+def echo_app_sees_the_client(lab: Lab) -> None:
+    jobs = [{"dst": NODE[f], "port": APP_PORT, "kind": "echo", "sizes": [4096]} for f in (4, 6)]
+    results = lab.connect(jobs)
+    assert [r["ok"] for r in results] == [True, True], results
+    assert [r["peer"][0] for r in results] == [CLIENT[4], CLIENT[6]], results
+
+
+def pp_app(lab: Lab) -> None:
+    lab.app = lab.node.popen(
+        ["python3", "-c", PP_APP, str(APP_PORT)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    assert lab.app.stdout.readline().strip() == "APP READY"
+
+
+def pp_app_sees_the_client_in_the_header(lab: Lab) -> None:
+    for f in (4, 6):
+        line = lab.client.run(["python3", "-c", CLIENT_LINE, NODE[f], str(APP_PORT)], timeout=30).stdout.strip()
+        assert line == f"{CLIENT[f]} {NODE[f]}", line  # the client in the header; the pod's own address connects
+
+
+VARIANTS = {
+    "pod-sidecar": (SIDECAR, "tproxy mode", "0000000000002000", echo_app, echo_app_sees_the_client),
+    "pod-zero-capability": (ZERO, "nat mode", "0000000000000000", pp_app, pp_app_sees_the_client_in_the_header),
+}
+
+
+@pytest.mark.parametrize("variant", ["pod-sidecar", pytest.param("pod-zero-capability", marks=NEEDS_PP)])
+def test_the_pod_runs_as_the_manifest_says(entrypoint, variant):
+    manifest, installed, cap_eff, start_app, app_sees_the_client = VARIANTS[variant]
     entry, extra_env = entrypoint
-    pod = Pod(SIDECAR)
+    pod = Pod(manifest)
     before = host_state()
     lab = Lab.create(app=False)
     sidecar = None
     try:
-        # a pod configured with "loopback": it needs route_localnet, and /proc/sys is read-only in a container; one
-        # clear line, and nothing is left behind
-        empty = lab.snapshot()
-        loopback = run_container(lab.node, pod, pod.rules, entry, extra_env, TPROXY_PROXY_UPSTREAM="loopback")
-        assert loopback.returncode == 1, loopback
-        assert loopback.stderr.strip().splitlines() == [
-            "tproxy: cannot write /proc/sys/net/ipv4/conf/all/route_localnet: Read-only file system"
-            ' (in a container /proc/sys is read-only: use proxy.upstream = "original")'
-        ], loopback
-        assert lab.snapshot() == empty
+        # a tproxy pod configured with "loopback": it needs route_localnet, and /proc/sys is read-only in a container;
+        # one clear line, and nothing is left behind
+        if pod.config(pod.proxy).mode == "tproxy":
+            empty = lab.snapshot()
+            loopback = run_container(lab.node, pod, pod.rules, entry, extra_env, TPROXY_PROXY_UPSTREAM="loopback")
+            assert loopback.returncode == 1, loopback
+            assert loopback.stderr.strip().splitlines() == [
+                "tproxy: cannot write /proc/sys/net/ipv4/conf/all/route_localnet: Read-only file system"
+                ' (in a container /proc/sys is read-only: use proxy.upstream = "original")'
+            ], loopback
+            assert lab.snapshot() == empty
 
         # the rules init container: exits 0; run again (a restarted pod re-runs it), the same rules
         first = run_container(lab.node, pod, pod.rules, entry, extra_env)
         assert first.returncode == 0, first.stderr
-        assert first.stdout.startswith("tproxy rules installed: tproxy mode, nftables"), first.stdout
+        assert first.stdout.startswith(f"tproxy rules installed: {installed}, nftables"), first.stdout
         rules_once = lab.snapshot()
         again = run_container(lab.node, pod, pod.rules, entry, extra_env)
         assert again.returncode == 0, again.stderr
@@ -183,15 +260,12 @@ def test_the_sidecar_pod_runs_as_the_manifest_says(entrypoint):
         }
         assert sidecar.pid in served
         assert status["Uid"].split()[0] == str(pod.proxy["securityContext"]["runAsUser"])
-        assert (status["CapEff"], status["CapAmb"], status["NoNewPrivs"]) == ("0000000000002000", "0" * 16, "1")
+        assert (status["CapEff"], status["CapAmb"], status["NoNewPrivs"]) == (cap_eff, "0" * 16, "1")
 
         # the application, then a client outside the pod: the application sees the client's own address
-        lab.start_app({APP_PORT: "echo"})
+        start_app(lab)
         accepted = metric(lab.client, "tproxy_connections_accepted_total")
-        jobs = [{"dst": NODE[f], "port": APP_PORT, "kind": "echo", "sizes": [4096]} for f in (4, 6)]
-        results = lab.connect(jobs)
-        assert [r["ok"] for r in results] == [True, True], results
-        assert [r["peer"][0] for r in results] == [CLIENT[4], CLIENT[6]], results
+        app_sees_the_client(lab)
         assert metric(lab.client, "tproxy_connections_accepted_total") - accepted == 2
 
         # pod deletion: the kubelet stops the application, then the sidecar (SIGTERM); the namespace goes
