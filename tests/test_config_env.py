@@ -97,12 +97,12 @@ def env_error(env: dict[str, str], path: Path | None = None) -> str:
 
 
 def test_every_key_of_the_schema_has_a_variable_and_a_kind():
-    assert set(_KINDS) == schema_keys()
+    assert set(_KINDS) == schema_keys(), "give every key of _SCHEMA its kind in tproxy/config.py's _KINDS"
     assert {
         k
         for section, values in FULL.items()
         for k in ([section] if not isinstance(values, dict) else [f"{section}.{key}" for key in values])
-    } == schema_keys(), "FULL must set every key"
+    } == schema_keys(), "FULL must set every key (to a value other than its default)"
 
 
 def test_the_environment_alone_gives_the_same_config_as_the_file(tmp_path):
