@@ -52,7 +52,7 @@ image tag="localhost/tproxy:latest": image-deps
     podman import --quiet "$out/base.tar" localhost/tproxy-base:bookworm >/dev/null
     rm "$out/base.tar"
     # runc and low limits: crun and podman's default limits need cgroup v2 and CAP_SYS_RESOURCE (not on our machines)
-    podman build --quiet --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network none \
+    podman build --quiet --layers=false --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network none \
       --build-arg BASE=localhost/tproxy-base:bookworm -f conf/Containerfile -t {{tag}} "$out/context"
     echo "built {{tag}}"
 
