@@ -6,7 +6,8 @@ export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
 default:
     @just --list
 
-# Install the Debian packages tproxy needs when missing (iptables, nftables, iproute2)
+# Install the Debian packages tproxy and its tests need when missing (iptables, nftables, iproute2, util-linux,
+# haproxy, nginx-light, dnsmasq, kdig)
 deps:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -15,6 +16,10 @@ deps:
     command -v nft >/dev/null || need+=(nftables)
     command -v ip >/dev/null || need+=(iproute2)
     command -v setpriv >/dev/null || need+=(util-linux)
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v nginx >/dev/null || need+=(nginx-light)
+    command -v dnsmasq >/dev/null || need+=(dnsmasq-base)  # the UDP tests' DNS server (the binary, no service)
+    command -v kdig >/dev/null || need+=(knot-dnsutils)
     if [ ${#need[@]} -gt 0 ]; then
       if [ "$(id -u)" -ne 0 ]; then echo "just deps: need root to install: ${need[*]}" >&2; exit 1; fi
       apt-get update -qq

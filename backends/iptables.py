@@ -86,6 +86,22 @@ def _exclusions(config: Config, family: int, chain: str) -> list[str]:
     return out
 
 
+def _udp_rules(config: Config, target: str, *, chain: str = PREROUTING, what: str = "intercept-udp") -> list[str]:
+    """UDP (tproxy mode), as the TCP rules of ``chain``: datagrams to intercepted ports get ``target`` (the TCP
+    rules' TPROXY to the same listener port; in the raw table, CT --notrack), same interfaces, local destinations
+    only; excluded ports return first (excluded sources already have)."""
+    if not config.intercept.udp_ports:
+        return []
+    out = [
+        f"-A {chain} -p udp -m multiport --dports {group} {_c('exclude-ports-udp')} -j RETURN"
+        for group in (_port_groups(config.intercept.exclude_ports) if config.intercept.exclude_ports else [])
+    ]
+    for iif in _iifs(config):
+        for group in _port_groups(config.intercept.udp_ports):
+            out.append(f"-A {chain} {iif} -p udp -m multiport --dports {group} {_c(what)} {target}")
+    return out
+
+
 def _jump(builtin: str, chain: str) -> str:
     return f"-I {builtin} 1 {_c('jump')} -j {chain}"
 
@@ -112,6 +128,7 @@ def render_family(config: Config, family: int) -> str:
         for iif in _iifs(config):
             for group in _port_groups(config.intercept.ports):
                 raw.append(f"-A {RAW} {iif} -p tcp -m multiport --dports {group} {_c('notrack')} -j CT --notrack")
+        raw += _udp_rules(config, "-j CT --notrack", chain=RAW, what="notrack-udp")
         lines += ["*raw", *raw, "COMMIT"]
 
     pre: list[str] = []
@@ -130,6 +147,7 @@ def render_family(config: Config, family: int) -> str:
                     f"-A {PREROUTING} {iif} -p tcp --syn -m multiport --dports {group} {_c('intercept')} "
                     f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}"
                 )
+        pre += _udp_rules(config, f"-j TPROXY --on-port {config.listener.port}{on_ip} --tproxy-mark {mark}/{mask}")
     if pre:
         mangle_chains.append(PREROUTING)
         jumps.append(_jump("PREROUTING", PREROUTING))

@@ -90,6 +90,23 @@ def _exclusions(config: Config, family: int) -> list[str]:
     return out
 
 
+def _udp_rules(config: Config, family: int, action: str, what: str = "intercept-udp") -> list[str]:
+    """UDP (tproxy mode), as the TCP rules of its chain: every datagram to an intercepted port gets ``action`` (the
+    TCP rules' tproxy to the listener port with the same mark; in raw prerouting, notrack), on the same interfaces,
+    for local destinations only; excluded ports return first (excluded sources already have). No divert rule: the
+    proxy never holds a socket a client's datagram could match."""
+    if not config.intercept.udp_ports:
+        return []
+    fam = f"meta nfproto {NFPROTO[family]}"
+    out = []
+    if config.intercept.exclude_ports:
+        ports = _set(port_ranges(config.intercept.exclude_ports, "-"))
+        out.append(f"{fam} udp dport {ports} return {_comment('exclude-ports-udp')}")
+    udp_ports = _set(port_ranges(config.intercept.udp_ports, "-"))
+    out.append(f"{fam} {_iif(config)} udp dport {udp_ports} {action} {_comment(what)}")
+    return out
+
+
 def _ports(config: Config) -> str:
     return _set(port_ranges(config.intercept.ports, "-"))
 
@@ -147,6 +164,7 @@ class NftablesBackend(Backend):
                 fam = f"meta nfproto {NFPROTO[f]}"
                 raw += _exclusions(config, f)
                 raw.append(f"{fam} {_iif(config)} tcp dport {_ports(config)} notrack {_comment('notrack')}")
+                raw += _udp_rules(config, f, "notrack", "notrack-udp")
             chains.append(_chain("raw_prerouting", "type filter hook prerouting priority raw; policy accept;", raw))
 
         prerouting: list[str] = []
@@ -167,6 +185,7 @@ class NftablesBackend(Backend):
                     f"{fam} {_iif(config)} tcp dport {_ports(config)} tcp flags & (syn | ack) == syn "
                     f"{_tproxy_to(config, f)} {setmark} accept {_comment('intercept')}"
                 )
+                prerouting += _udp_rules(config, f, f"{_tproxy_to(config, f)} {setmark} accept")
         if prerouting:
             chains.append(
                 _chain("prerouting", "type filter hook prerouting priority mangle; policy accept;", prerouting)

@@ -59,6 +59,14 @@ def cases() -> dict[str, dict[str, Any]]:
     out["tproxy-many-ports"] = _doc(
         {"mode": "tproxy"}, {"ports": [*range(8001, 8013), "9000-9010", "9100-9110", 10000, 10001]}
     )
+    udp = {"udp_ports": [53, "5000-5010"]}
+    out["tproxy-udp"] = _doc({"mode": "tproxy"}, udp)
+    out["tproxy-udp-exclusions"] = _doc(
+        {"mode": "tproxy"}, {**udp, "exclude_ports": [5005], "exclude_cidrs": ["198.18.0.0/24", "fd00:1::/64"]}
+    )
+    out["tproxy-udp-interfaces"] = _doc({"mode": "tproxy"}, {**udp, "interfaces": ["veth0", "eth1"]})
+    out["tproxy-udp-listener-v6"] = _doc({"mode": "tproxy"}, {**udp, "ipv4": False}, listener={"address": "fd00::1"})
+    out["tproxy-udp-loopback"] = _doc({"mode": "tproxy"}, udp, proxy={"upstream": "loopback"})
     out["tproxy-mark-table"] = _doc({"mode": "tproxy"}, routing={"mark": 0x100, "table": 4242})
     return out
 

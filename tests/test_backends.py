@@ -89,7 +89,7 @@ def test_interception_never_matches_lo_or_the_listener(case):
     name, backend = case
     cfg = golden_gen.config(name, backend)
     lines = _rule_lines(get_backend(backend).render(cfg), backend)
-    actions = [ln for ln in lines if '"tproxy/intercept"' in ln]
+    actions = [ln for ln in lines if '"tproxy/intercept' in ln]  # (and intercept-udp)
     assert actions
     for line in actions:
         if cfg.intercept.interfaces:
@@ -359,6 +359,27 @@ def test_the_tool_does_reject_a_broken_file(ns):
 def test_subprocess_is_real():
     # the tests above run the real binaries; make sure they exist here rather than silently skipping
     assert subprocess.run(["nft", "--version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_udp_rules_only_with_udp_ports_and_to_the_same_listener(backend):
+    assert "udp" not in get_backend(backend).render(golden_gen.config("tproxy-both", backend))
+    lines = _rule_lines(get_backend(backend).render(golden_gen.config("tproxy-udp-exclusions", backend)), backend)
+    udp = [ln for ln in lines if '"tproxy/intercept-udp"' in ln]
+    assert len(udp) == 2  # one per family
+    for line in udp:
+        assert ("udp dport { 53, 5000-5010 } tproxy" in line) or ("-p udp -m multiport --dports 53,5000:5010" in line)
+        assert ":4143" in line or "--on-port 4143 " in line
+        assert "0x1000" in line
+        # excluded sources and ports return before it
+        i = lines.index(line)
+        assert any('"tproxy/exclude-ports-udp"' in ln for ln in lines[:i])
+        assert any('"tproxy/exclude-cidrs"' in ln for ln in lines[:i])
+    # the client leg is kept out of conntrack, as TCP's (no NAT of the host applies to it)
+    notrack = [ln for ln in lines if '"tproxy/notrack-udp"' in ln]
+    assert len(notrack) == 2 and all(
+        "notrack" in ln.split("comment")[0].split()[-1] or "CT --notrack" in ln for ln in notrack
+    )
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=ids)

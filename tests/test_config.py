@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import attrs
 import pytest
 
 from tproxy.config import SOURCES, Config, PortRange
@@ -225,10 +226,67 @@ def test_admin_disabled(tmp_path):
         (MINIMAL + "[proxy]\nupstream_ports = 1024\n", 'proxy.upstream_ports: expected a "lo-hi" string'),
         (MINIMAL + '[proxy]\nupstream_ports = "2000-1000"\n', "proxy.upstream_ports: inverted range"),
         (MINIMAL + '[proxy]\nupstream_ports = "2000-2100"\n', "proxy.upstream_ports: '2000-2100' is too narrow"),
+        # PROXY protocol
+        (
+            MINIMAL + '[listener]\nproxy_protocol = "v3"\n',
+            "listener.proxy_protocol: unknown value 'v3' (expected one of: off, v1, v2, any)",
+        ),
+        (MINIMAL + "[listener]\nproxy_protocol = true\n", "listener.proxy_protocol: expected a string"),
+        (
+            MINIMAL + '[listener]\nproxy_protocol = "v2"\n',
+            'listener.proxy_protocol_from: required with proxy_protocol = "v2"',
+        ),
+        (
+            MINIMAL + '[listener]\nproxy_protocol = "any"\nproxy_protocol_from = []\n',
+            'listener.proxy_protocol_from: required with proxy_protocol = "any"',
+        ),
+        (
+            MINIMAL + '[listener]\nproxy_protocol = "v1"\nproxy_protocol_from = ["lb"]\n',
+            "listener.proxy_protocol_from[0]: 'lb' is not an IPv4 or IPv6 network",
+        ),
+        (
+            MINIMAL + "[listener]\nproxy_protocol_timeout = 0\n",
+            "listener.proxy_protocol_timeout: 0.0 must be a positive number of seconds",
+        ),
+        (
+            MINIMAL + '[proxy]\nsend_proxy_protocol = "any"\n',
+            "proxy.send_proxy_protocol: unknown value 'any' (expected one of: off, v1, v2)",
+        ),
+        (
+            MINIMAL + '[listener]\nproxy_protocl = "v1"\n',
+            "listener.proxy_protocl: unknown key in [listener] (did you mean 'listener.proxy_protocol'?)",
+        ),
     ],
 )
 def test_bad_input(tmp_path, text, expected):
     assert expected in error(tmp_path, text)
+
+
+def test_proxy_protocol_defaults_come_from_the_classes(tmp_path):
+    c = load(tmp_path, MINIMAL)
+    assert c.listener.proxy_protocol == "off" and c.listener.proxy_protocol_from == ()
+    assert c.listener.proxy_protocol_timeout == 3.0 and c.proxy.send_proxy_protocol == "off"
+    assert not c.listener.trusts("198.18.0.1")
+
+
+def test_proxy_protocol_keys(tmp_path):
+    c = load(
+        tmp_path,
+        MINIMAL
+        + '[listener]\nproxy_protocol = "any"\nproxy_protocol_from = ["198.18.1.0/24", "fd00:1::/64"]\n'
+        + 'proxy_protocol_timeout = 1\n[proxy]\nsend_proxy_protocol = "v2"\n',
+    )
+    assert c.listener.proxy_protocol == "any" and c.listener.proxy_protocol_timeout == 1.0
+    assert c.listener.proxy_protocol_from == (
+        ipaddress.ip_network("198.18.1.0/24"),
+        ipaddress.ip_network("fd00:1::/64"),
+    )
+    assert c.proxy.send_proxy_protocol == "v2"
+    assert c.listener.trusts("198.18.1.7") and c.listener.trusts(ipaddress.ip_address("fd00:1::9"))
+    assert c.listener.trusts("::ffff:198.18.1.7")  # a dual-stack socket's view of an IPv4 peer
+    assert not c.listener.trusts("198.18.2.7") and not c.listener.trusts("fd00:2::1")
+    off = attrs.evolve(c.listener, proxy_protocol="off")
+    assert not off.trusts("198.18.1.7")  # "off" reads no header from anyone
 
 
 def test_excluded_listener_port_is_allowed(tmp_path):
@@ -320,3 +378,42 @@ def test_routing_objects_check_their_own_marks():
 
     with pytest.raises(ValueError, match="outside routing.mask"):
         Routing(mark=1, mask=2, upstream_mark=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UDP
+
+INTERCEPT = "[intercept]\nports = [8080]\n"
+
+
+def test_udp_defaults(tmp_path):
+    c = load(tmp_path, MINIMAL)
+    assert c.intercept.udp_ports == ()
+    assert c.proxy.udp_idle_timeout == 60.0 and c.proxy.udp_max_sessions == 10000
+    assert c.settings()["intercept.udp_ports"] == [] and c.settings()["proxy.udp_max_sessions"] == 10000
+
+
+def test_udp_keys_load(tmp_path):
+    c = load(
+        tmp_path, INTERCEPT + 'udp_ports = [53, "5000-5010"]\n[proxy]\nudp_idle_timeout = 5\nudp_max_sessions = 3\n'
+    )
+    assert c.intercept.udp_ports == (PortRange(lo=53, hi=53), PortRange(lo=5000, hi=5010))
+    assert c.proxy.udp_idle_timeout == 5.0 and c.proxy.udp_max_sessions == 3
+    assert c.intercept.intercepts_udp(5005) and not c.intercept.intercepts_udp(8080)
+    assert c.settings()["intercept.udp_ports"] == [53, "5000-5010"]
+
+
+def test_udp_bad_values(tmp_path):
+    assert "intercept.udp_ports[0]: 0 is not a port" in error(tmp_path, INTERCEPT + "udp_ports = [0]\n")
+    assert "proxy.udp_idle_timeout" in error(tmp_path, MINIMAL + "[proxy]\nudp_idle_timeout = 0\n")
+    assert "proxy.udp_max_sessions" in error(tmp_path, MINIMAL + "[proxy]\nudp_max_sessions = 0\n")
+    assert "intercept.udp_ports: 4143 is listener.port" in error(tmp_path, INTERCEPT + "udp_ports = [4143]\n")
+
+
+def test_udp_needs_tproxy_mode(tmp_path):
+    msg = error(tmp_path, 'mode = "nat"\n' + INTERCEPT + "udp_ports = [53]\n")
+    assert 'intercept.udp_ports: UDP needs mode = "tproxy"' in msg
+    assert "intercept.udp_ports" in error(tmp_path, INTERCEPT + "udp_ports = [53]\n", mode="nat")
+    c = load(tmp_path, INTERCEPT + "udp_ports = [53]\n")
+    with pytest.raises(ConfigError, match="intercept.udp_ports"):
+        c.with_overrides(mode="nat")

@@ -22,11 +22,18 @@ from tproxy.errors import ConfigError
 
 # A value other than the default for every key (so that a key the environment failed to set would show)
 FULL = {
-    "mode": "nat",
+    "mode": "tproxy",  # (the default: UDP needs tproxy mode; test_precedence sets mode from the environment)
     "backend": "iptables",
-    "listener": {"address": "0.0.0.0", "port": 4000},
+    "listener": {
+        "address": "0.0.0.0",
+        "port": 4000,
+        "proxy_protocol": "v2",
+        "proxy_protocol_from": ["198.18.0.0/24", "fd00:1::/64"],
+        "proxy_protocol_timeout": 2.0,
+    },
     "intercept": {
         "ports": [8080, "9000-9100"],
+        "udp_ports": [53, "5000-5010"],
         "interfaces": ["eth0", "veth1"],
         "exclude_ports": [9050],
         "exclude_cidrs": ["198.18.0.0/24", "fd00:1::/64"],
@@ -49,7 +56,10 @@ FULL = {
         "max_connections": 7,
         "shutdown_grace": 1.5,
         "upstream_ports": "2000-3000",
+        "send_proxy_protocol": "v1",
         "relay": "tasks",
+        "udp_idle_timeout": 9.5,
+        "udp_max_sessions": 11,
     },
     "admin": {"address": "0.0.0.0:4191"},
     "log": {"level": "debug", "format": "json"},

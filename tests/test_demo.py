@@ -46,6 +46,10 @@ def test_demo_shows_every_mode_right_and_cleans_up(backend):
     assert all(backend in row and " ok: " in row for row in rows), r.stdout
     client_ip = [row for row in rows if row.startswith("tproxy ")]
     assert all(row.count(L.CLIENT[4]) == 2 or row.count(L.CLIENT[6]) == 2 for row in client_ip), r.stdout
+    udp = [ln for ln in r.stdout.splitlines() if ln.startswith("tproxy/udp ")]
+    assert len(udp) == 2 * 2, r.stdout  # 2 families x 2 flows, each the client's own address, logged by the proxy
+    assert all(backend in row and " ok: the client's address" in row for row in udp), r.stdout
+    assert all(row.count(L.CLIENT[4]) == 2 or row.count(L.CLIENT[6]) == 2 for row in udp), r.stdout
     assert "every row is right" in r.stdout
     assert not set(lab_names(r.stdout)) & set(namespaces().split())
 

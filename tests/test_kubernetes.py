@@ -8,12 +8,11 @@ import copy
 import re
 from pathlib import Path
 
-import attrs
 import kubernetes_validate
 import pytest
 import yaml
 
-from tproxy.config import Config, Proxy
+from tproxy.config import Config
 from tproxy.privileges import CAP_NET_RAW, cap_name, required_capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,21 +56,8 @@ class Pod:
         return sc.get("type")
 
 
-# Until branch pp (the PROXY protocol issue) is merged, proxy.send_proxy_protocol is an unknown key here.
-NEEDS_PP = pytest.mark.xfail(
-    "send_proxy_protocol" not in attrs.fields_dict(Proxy),
-    reason="proxy.send_proxy_protocol comes with the PROXY protocol branch",
-    strict=True,
-)
-
-
 @pytest.fixture(params=[SIDECAR, ZERO], ids=lambda p: p.stem)
 def manifest(request) -> Path:
-    return request.param
-
-
-@pytest.fixture(params=[SIDECAR, pytest.param(ZERO, marks=NEEDS_PP)], ids=lambda p: p.stem)
-def manifest_config(request) -> Path:
     return request.param
 
 
@@ -123,8 +109,8 @@ def test_the_native_sidecar(manifest):
     assert pod.spec["enableServiceLinks"] is False
 
 
-def test_probes_on_the_admin_port_which_is_never_intercepted(manifest_config):
-    pod = Pod(manifest_config)
+def test_probes_on_the_admin_port_which_is_never_intercepted(manifest):
+    pod = Pod(manifest)
     c = pod.proxy
     (port,) = c["ports"]
     assert port["containerPort"] == ADMIN_PORT and port["name"]
@@ -135,8 +121,8 @@ def test_probes_on_the_admin_port_which_is_never_intercepted(manifest_config):
     assert ADMIN_PORT in config.intercept.exclude_ports[0] and not config.intercept.intercepts(ADMIN_PORT)
 
 
-def test_both_containers_read_one_configuration(manifest_config):
-    pod = Pod(manifest_config)
+def test_both_containers_read_one_configuration(manifest):
+    pod = Pod(manifest)
     assert pod.env(pod.rules) == pod.env(pod.proxy)
     config = pod.config(pod.proxy)
     assert config.proxy.upstream == "original"  # "loopback" needs route_localnet; /proc/sys is read-only
@@ -161,7 +147,6 @@ def test_sidecar_variant_adds_only_net_raw_which_its_config_needs():
     assert [cap_name(c) for c in need] == ["CAP_NET_RAW"] and CAP_NET_RAW in need
 
 
-@NEEDS_PP
 def test_zero_capability_variant_needs_and_gets_none():
     pod = Pod(ZERO)
     assert "add" not in pod.proxy["securityContext"]["capabilities"]

@@ -89,6 +89,24 @@ FAMILIES = {
         "Times the rules watcher found rules missing and installed them again.",
     ),
     "tproxy_rules_intact": ("gauge", (), metrics.RULES_INTACT_HELP),
+    "tproxy_udp_sessions_open": ("gauge", (), "UDP sessions currently open."),
+    "tproxy_udp_sessions_total": ("counter", (), "UDP sessions opened."),
+    "tproxy_udp_datagrams_total": (
+        "counter",
+        ("direction",),
+        "UDP datagrams relayed: direction in is client to application, out is application to client.",
+    ),
+    "tproxy_udp_bytes_total": (
+        "counter",
+        ("direction",),
+        "UDP payload bytes relayed: direction in is client to application, out is application to client.",
+    ),
+    "tproxy_udp_dropped_total": (
+        "counter",
+        ("reason",),
+        "UDP datagrams dropped, by reason (max_sessions, would_block, send_error, upstream_error, loop, "
+        "no_original_dst).",
+    ),
 }
 
 
@@ -109,6 +127,13 @@ def known_stats() -> Stats:
         log_dropped=11,
         proxy_protocol_errors=collections.Counter({"timeout": 2, "bad signature": 1}),
         rules_reinstalled=12,
+        udp_sessions_open=13,
+        udp_sessions=14,
+        udp_datagrams_in=15,
+        udp_datagrams_out=16,
+        udp_bytes_in=17,
+        udp_bytes_out=18,
+        udp_dropped=collections.Counter({"max_sessions": 19, "would_block": 20}),
     )
 
 
@@ -166,6 +191,14 @@ def test_values():
     assert m[("tproxy_proxy_protocol_errors_total", (("reason", "timeout"),))] == 2
     assert m[("tproxy_rules_reinstalled_total", ())] == 12
     assert m[("tproxy_rules_intact", ())] == 1
+    assert m[("tproxy_udp_sessions_open", ())] == 13 and m[("tproxy_udp_sessions_total", ())] == 14
+    assert m[("tproxy_udp_datagrams_total", (("direction", "in"),))] == 15
+    assert m[("tproxy_udp_datagrams_total", (("direction", "out"),))] == 16
+    assert m[("tproxy_udp_bytes_total", (("direction", "in"),))] == 17
+    assert m[("tproxy_udp_bytes_total", (("direction", "out"),))] == 18
+    assert m[("tproxy_udp_dropped_total", (("reason", "max_sessions"),))] == 19
+    assert m[("tproxy_udp_dropped_total", (("reason", "would_block"),))] == 20
+    assert m[("tproxy_udp_dropped_total", (("reason", "loop"),))] == 0
 
 
 def test_openmetrics_has_the_same_samples():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_kubernetes import NEEDS_PP, SIDECAR, ZERO, Pod
+from tests.test_kubernetes import SIDECAR, ZERO, Pod
 from tests.test_privileges_netns import file_capable_copy, runtime_argv
 from tproxy.lab import CLIENT, NODE, Lab
 from tproxy.netns import Netns
@@ -214,7 +214,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", ["pod-sidecar", pytest.param("pod-zero-capability", marks=NEEDS_PP)])
+@pytest.mark.parametrize("variant", ["pod-sidecar", "pod-zero-capability"])
 def test_the_pod_runs_as_the_manifest_says(entrypoint, variant):
     manifest, installed, cap_eff, start_app, app_sees_the_client = VARIANTS[variant]
     entry, extra_env = entrypoint

@@ -65,6 +65,24 @@ def test_settings_change_neither_rules_nor_listeners():
     assert p.config.proxy.idle_timeout == 60 and p.config.proxy.max_connections == 5
 
 
+def test_proxy_protocol_keys_apply_to_new_connections():
+    new = cfg(
+        listener__proxy_protocol="v2",
+        listener__proxy_protocol_from=["198.18.1.0/24"],
+        listener__proxy_protocol_timeout=1,
+        proxy__send_proxy_protocol="v1",
+    )
+    p = reload.plan(cfg(), new)
+    assert [c.line() for c in p.applied] == [
+        "listener.proxy_protocol off -> v2",
+        "listener.proxy_protocol_from [] -> [198.18.1.0/24]",
+        "listener.proxy_protocol_timeout 3 -> 1",
+        "proxy.send_proxy_protocol off -> v1",
+    ]
+    assert p.settings and not p.restart and not p.rules and not p.listeners
+    assert p.config.listener.trusts("198.18.1.1") and p.config.proxy.send_proxy_protocol == "v1"
+
+
 def test_a_backend_change_is_applied():
     p = reload.plan(cfg(), cfg(backend="iptables"))
     assert p.backend and p.rules and p.config.backend == "iptables"
@@ -303,3 +321,41 @@ def test_command_line_overrides_are_kept_on_reload(tmp_path):
     assert runner._overrides(given, "nat", "iptables") == {"mode": "nat", "backend": "iptables"}
     assert runner._overrides(Config.from_toml(path), None, None) == {}
     assert reload.load(given, {"backend": "iptables"}).backend == "iptables"
+
+
+async def test_proxy_protocol_keys_apply_to_the_next_connection(tmp_path):
+    path = tmp_path / "tproxy.toml"
+    port = free_port()
+    write(path, port)
+    header = b"PROXY TCP4 198.18.7.7 198.18.0.2 4567 8080\r\n"
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reloader, server = await start(nursery, path)
+            held = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await roundtrip(held, header) == header  # off: the header is the client's data
+            text = path.read_text().replace(
+                f"port = {port}\n",
+                f'port = {port}\nproxy_protocol = "v1"\nproxy_protocol_from = ["127.0.0.0/8"]\n',
+            )
+            path.write_text(text)
+            assert await reloader.reload() is True
+            fresh = await trio.open_tcp_stream("127.0.0.1", port)
+            await fresh.send_all(header + b"x")
+            assert await fresh.receive_some(100) == b"x"  # read and consumed
+            assert await roundtrip(held, header) == header  # an open connection keeps what it began with
+            for s in (held, fresh):
+                await s.aclose()
+            server.shutdown()
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()  # the application
+    assert not server.stats.proxy_protocol_errors
+
+
+def test_udp_ports_change_the_rules_and_udp_settings_apply_live():
+    base = {"mode": "tproxy", "proxy__preserve_source": True}
+    p = reload.plan(cfg(**base), cfg(**base, intercept__udp_ports=[53]))
+    assert [c.line() for c in p.applied] == ["intercept.udp_ports [] -> [53]"]
+    assert p.rules and not p.listeners and p.config.intercept.udp_ports
+    p = reload.plan(cfg(**base), cfg(**base, proxy__udp_idle_timeout=5, proxy__udp_max_sessions=7))
+    assert [c.key for c in p.applied] == ["proxy.udp_idle_timeout", "proxy.udp_max_sessions"]
+    assert p.settings and not p.rules and p.config.proxy.udp_max_sessions == 7

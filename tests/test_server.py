@@ -20,6 +20,7 @@ import trio.testing
 
 from tests.trio_helpers import bounded
 from tproxy import log, sockets
+from tproxy import proxy_protocol as pp
 from tproxy.config import Config
 from tproxy.relay import PipePool
 from tproxy.server import Server
@@ -675,3 +676,177 @@ async def test_a_log_reader_that_never_reads_stalls_no_connection():
         with contextlib.suppress(OSError):  # (what the stuck writer still held: the pipe is gone)
             stream.close()
     assert stats_box[0].closed == {"ok": 300}
+
+
+# -- PROXY protocol: in from a trusted peer (read before the upstream connect), out to the application
+
+
+def pp_config(*, listener: dict | None = None, **proxy) -> Config:
+    proxy = {"preserve_source": False, "relay": ENGINE, **proxy}
+    doc = {"mode": "nat", "intercept": {"ports": [3000], "ipv6": False}, "proxy": proxy, "listener": listener or {}}
+    return Config.from_dict(doc)
+
+
+TRUST_LOOPBACK = {"proxy_protocol": "any", "proxy_protocol_from": ["127.0.0.0/8"], "proxy_protocol_timeout": 2}
+
+
+async def recording_app(nursery: trio.Nursery, seen: list) -> tuple[str, int]:
+    """An application that records (peer, every byte it read) per connection and echoes nothing: answers "ok"."""
+
+    async def app(stream):
+        got = bytearray()
+        while data := await stream.receive_some(65536):
+            got += data
+        seen.append((stream.socket.getpeername()[:2], bytes(got)))
+        await stream.send_all(b"ok")
+
+    return await start_app(nursery, app)
+
+
+@bounded
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_a_trusted_peers_header_is_read_and_the_payload_relayed(log_lines, version):
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        server, stats, _ = await start_proxy(n, pp_config(listener=TRUST_LOOPBACK), app)
+        header = pp.build(version, ("198.18.7.7", 4567), ("198.18.0.2", 3000))
+        async with await connect(server) as s:
+            peer = s.socket.getsockname()[:2]
+            assert await exchange(s, header + b"payload") == b"ok"
+        await stop(server, n)
+    assert seen == [(seen[0][0], b"payload")]  # the header was consumed, not a byte more
+    assert not stats.proxy_protocol_errors
+    (line,) = [x for x in log_lines() if x.get("event") == "connection"]
+    assert line["client"] == "198.18.7.7:4567" and line["peer"] == f"{peer[0]}:{peer[1]}", line
+
+
+@bounded
+async def test_an_untrusted_peers_header_is_data():
+    seen: list = []
+    listener = {**TRUST_LOOPBACK, "proxy_protocol_from": ["198.18.0.0/15"]}
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        server, stats, _ = await start_proxy(n, pp_config(listener=listener), app)
+        forged = b"PROXY TCP4 198.18.200.1 198.18.0.2 1234 3000\r\n"
+        async with await connect(server) as s:
+            assert await exchange(s, forged + b"x") == b"ok"
+        await stop(server, n)
+    assert seen[0][1] == forged + b"x"
+    assert not stats.proxy_protocol_errors
+
+
+@bounded
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"GET / HTTP/1.0\r\n\r\n", "bad_signature"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "bad_line"),
+        (pp.V2_SIGNATURE + b"\x21\x11\xff\xff", "too_long"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"[:10], "eof"),  # then EOF
+    ],
+)
+async def test_a_bad_header_from_a_trusted_peer_resets_and_never_connects(log_lines, data, reason):
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        server, stats, _ = await start_proxy(n, pp_config(listener=TRUST_LOOPBACK), app)
+        async with await connect(server) as s:
+            await s.send_all(data)
+            if reason == "eof":  # (the others are reset at once: a shutdown could find the socket reset already)
+                await s.send_eof()
+            await expect_reset(s)
+        # the proxy keeps serving
+        async with await connect(server) as s:
+            assert await exchange(s, pp.build("v1", ("198.18.0.9", 9), ("198.18.0.2", 3000)) + b"next") == b"ok"
+        await stop(server, n)
+    assert [got for _, got in seen] == [b"next"]  # the bad one never reached the application
+    assert stats.proxy_protocol_errors == {reason: 1}
+    assert stats.closed["reset"] == 1 and stats.connect_errors == {}
+    lines = [x for x in log_lines() if x.get("event") == "connection"]
+    assert lines[0]["outcome"] == "reset" and f"bad PROXY protocol header: {reason}" in lines[0]["error"], lines
+
+
+@bounded
+async def test_a_header_that_never_completes_is_reset_after_the_timeout(autojump_clock):
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        server, stats, _ = await start_proxy(n, pp_config(listener=TRUST_LOOPBACK), app)
+        async with await connect(server) as s:
+            await s.send_all(b"PROXY TCP4 ")
+            t0 = trio.current_time()
+            await expect_reset(s)
+            assert trio.current_time() - t0 == pytest.approx(2, abs=0.1)
+        await stop(server, n)
+    assert seen == [] and stats.proxy_protocol_errors == {"timeout": 1}
+
+
+@bounded
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_the_header_out_comes_first_in_one_write_naming_client_and_original_destination(version):
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        server, _, _ = await start_proxy(n, pp_config(send_proxy_protocol=version), ("127.0.0.1", app[1]))
+        async with await connect(server) as s:
+            client = s.socket.getsockname()[:2]
+            assert await exchange(s, b"data") == b"ok"
+        await stop(server, n)
+    ((_, got),) = seen
+    h = pp.parse(got, allow=version)
+    assert h.source == client and h.destination == ("127.0.0.1", app[1])
+    assert got[h.length :] == b"data"
+
+
+@bounded
+async def test_a_header_in_is_passed_on_out():
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        cfg = pp_config(listener=TRUST_LOOPBACK, send_proxy_protocol="v2")
+        server, _, _ = await start_proxy(n, cfg, ("127.0.0.1", app[1]))
+        async with await connect(server) as s:
+            header = pp.build("v1", ("198.18.7.7", 4567), ("198.18.0.2", 3000))
+            assert await exchange(s, header + b"data") == b"ok"
+        await stop(server, n)
+    ((_, got),) = seen
+    h = pp.parse(got, allow="v2")
+    assert h.source == ("198.18.7.7", 4567) and h.destination == ("127.0.0.1", app[1])
+    assert got[h.length :] == b"data"
+
+
+@bounded
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", pp.V2_SIGNATURE + b"\x20\x00\x00\x00"])
+async def test_unknown_and_local_headers_mean_the_tcp_peer(header):
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        cfg = pp_config(listener=TRUST_LOOPBACK, send_proxy_protocol="v1")
+        server, _, _ = await start_proxy(n, cfg, ("127.0.0.1", app[1]))
+        async with await connect(server) as s:
+            client = s.socket.getsockname()[:2]
+            assert await exchange(s, header + b"data") == b"ok"
+        await stop(server, n)
+    ((_, got),) = seen
+    assert pp.parse(got, allow="v1").source == client and got.endswith(b"\r\ndata")
+
+
+@pytest.mark.root
+@bounded
+async def test_preserve_source_binds_the_headers_client(log_lines):
+    seen: list = []
+    async with trio.open_nursery() as n:
+        app = await recording_app(n, seen)
+        cfg = pp_config(listener=TRUST_LOOPBACK, preserve_source=True)
+        server, stats, _ = await start_proxy(n, cfg, app)
+        for source in [("127.0.0.5", 4567), ("fd00::5", 4567)]:  # the second: not IPv4, cannot be the source
+            async with await connect(server) as s:
+                header = pp.build("v2", source, ("fd00::2", 3000) if ":" in source[0] else ("127.0.0.1", 3000))
+                assert await exchange(s, header + b"x") == b"ok"
+        await stop(server, n)
+    assert seen[0][0][0] == "127.0.0.5" and seen[0][0][1] != 4567  # a chosen port, as for any client
+    assert seen[1][0][0] == "127.0.0.1"  # an ordinary source, counted and logged
+    assert stats.source_fallbacks == 1
+    assert server.chooser.own == {} and server.chooser.intercepted == {}  # the header's client's port released
+    assert [x["client"] for x in log_lines() if x.get("event") == "source_fallback"] == ["[fd00::5]:4567"]

@@ -31,6 +31,8 @@ UPSTREAMS = ("original", "loopback")
 RELAYS = ("shared", "tasks")  # relay engines (tproxy.relay): one epoll task for all connections, or two tasks each
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+PROXY_PROTOCOL_IN = ("off", "v1", "v2", "any")
+PROXY_PROTOCOL_OUT = ("off", "v1", "v2")
 # Where a key's value came from, for /config; a key absent from Config.origins has its default.
 SOURCES = ("default", "file", "environment", "flag")
 
@@ -57,6 +59,10 @@ class PortRange:
 class Listener:
     address: IPAddress = attrs.field(default=ipaddress.IPv4Address("0.0.0.0"), converter=ipaddress.ip_address)
     port: int = 4143
+    # PROXY protocol in: connections from proxy_protocol_from must start with a header; nobody else's are parsed
+    proxy_protocol: str = attrs.field(default="off", validator=attrs.validators.in_(PROXY_PROTOCOL_IN))
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    proxy_protocol_timeout: float = 3.0
 
     @property
     def is_wildcard(self) -> bool:
@@ -68,10 +74,21 @@ class Listener:
             return str(self.address)
         return "0.0.0.0" if family == 4 else "::"
 
+    def trusts(self, ip: str | IPAddress) -> bool:
+        """Whether a connection from ``ip`` must begin with a PROXY header (``ip`` in ``proxy_protocol_from``; an
+        IPv4-mapped IPv6 address counts as its IPv4 address). False whenever ``proxy_protocol`` is "off"."""
+        if self.proxy_protocol == "off":
+            return False
+        address = ipaddress.ip_address(ip)
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.proxy_protocol_from)
+
 
 @attrs.frozen(kw_only=True)
 class Intercept:
     ports: tuple[PortRange, ...]
+    udp_ports: tuple[PortRange, ...] = ()  # UDP destination ports (tproxy mode only)
     interfaces: tuple[str, ...] = ()
     exclude_ports: tuple[PortRange, ...] = ()
     exclude_cidrs: tuple[IPNetwork, ...] = ()
@@ -89,6 +106,10 @@ class Intercept:
     def intercepts(self, port: int) -> bool:
         """Whether a connection to destination ``port`` is diverted (exclusions win)."""
         return any(port in r for r in self.ports) and not any(port in r for r in self.exclude_ports)
+
+    def intercepts_udp(self, port: int) -> bool:
+        """Whether a datagram to destination ``port`` is diverted (exclusions win)."""
+        return any(port in r for r in self.udp_ports) and not any(port in r for r in self.exclude_ports)
 
 
 @attrs.frozen(kw_only=True)
@@ -148,7 +169,11 @@ class Proxy:
     shutdown_grace: float = 30.0
     # upstream = "original": source ports for the upstream leg, outside the clients' own ephemeral ranges
     upstream_ports: PortRange = PortRange(lo=1024, hi=32767)
+    # PROXY protocol out: a header with the client's address and the original destination, before any client byte
+    send_proxy_protocol: str = attrs.field(default="off", validator=attrs.validators.in_(PROXY_PROTOCOL_OUT))
     relay: str = attrs.field(default="shared", validator=attrs.validators.in_(RELAYS))
+    udp_idle_timeout: float = 60.0  # a UDP session with no datagram either way for this long ends
+    udp_max_sessions: int = 10000  # beyond it new UDP flows are dropped (and counted); live ones are never evicted
 
 
 @attrs.frozen(kw_only=True)
@@ -241,7 +266,11 @@ class Config:
             "backend": self.backend,
             "listener.address": str(self.listener.address),
             "listener.port": self.listener.port,
+            "listener.proxy_protocol": self.listener.proxy_protocol,
+            "listener.proxy_protocol_from": [str(n) for n in self.listener.proxy_protocol_from],
+            "listener.proxy_protocol_timeout": self.listener.proxy_protocol_timeout,
             "intercept.ports": [_port_doc(r) for r in self.intercept.ports],
+            "intercept.udp_ports": [_port_doc(r) for r in self.intercept.udp_ports],
             "intercept.interfaces": list(self.intercept.interfaces),
             "intercept.exclude_ports": [_port_doc(r) for r in self.intercept.exclude_ports],
             "intercept.exclude_cidrs": [str(n) for n in self.intercept.exclude_cidrs],
@@ -261,6 +290,9 @@ class Config:
             "proxy.shutdown_grace": self.proxy.shutdown_grace,
             "proxy.upstream_ports": str(self.proxy.upstream_ports),
             "proxy.relay": self.proxy.relay,
+            "proxy.send_proxy_protocol": self.proxy.send_proxy_protocol,
+            "proxy.udp_idle_timeout": self.proxy.udp_idle_timeout,
+            "proxy.udp_max_sessions": self.proxy.udp_max_sessions,
             "admin.address": f"{admin}:{self.admin.port}" if self.admin.enabled else "",
             "log.level": self.log.level,
             "log.format": self.log.format,
@@ -329,6 +361,10 @@ class Config:
             raise ConfigError("--mode", "", f"unknown mode {mode!r} (expected one of: {', '.join(MODES)})")
         if backend is not None and backend not in BACKENDS:
             raise ConfigError("--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})")
+        if mode == "nat" and self.intercept.udp_ports:
+            raise ConfigError(
+                *self.where("intercept.udp_ports"), 'UDP needs mode = "tproxy" (--mode nat cannot intercept datagrams)'
+            )
         flags = {k: "flag" for k, v in (("mode", mode), ("backend", backend)) if v is not None}
         return attrs.evolve(
             self, mode=mode or self.mode, backend=backend or self.backend, origins={**self.origins, **flags}
@@ -359,8 +395,8 @@ def _port_doc(r: PortRange) -> int | str:
 
 _SCHEMA: dict[str, tuple[str, ...]] = {
     "": ("mode", "backend", "listener", "intercept", "routing", "proxy", "admin", "log", "privileges"),
-    "listener": ("address", "port"),
-    "intercept": ("ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
+    "listener": ("address", "port", "proxy_protocol", "proxy_protocol_from", "proxy_protocol_timeout"),
+    "intercept": ("ports", "udp_ports", "interfaces", "exclude_ports", "exclude_cidrs", "ipv4", "ipv6"),
     "routing": ("mark", "upstream_mark", "mask", "table", "check_interval", "reinstall"),
     "proxy": (
         "preserve_source",
@@ -370,7 +406,10 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
         "max_connections",
         "shutdown_grace",
         "upstream_ports",
+        "send_proxy_protocol",
         "relay",
+        "udp_idle_timeout",
+        "udp_max_sessions",
     ),
     "admin": ("address",),
     "log": ("level", "format"),
@@ -384,7 +423,11 @@ _KINDS: dict[str, type] = {
     "backend": str,
     "listener.address": str,
     "listener.port": int,
+    "listener.proxy_protocol": str,
+    "listener.proxy_protocol_from": list,
+    "listener.proxy_protocol_timeout": float,
     "intercept.ports": list,
+    "intercept.udp_ports": list,
     "intercept.interfaces": list,
     "intercept.exclude_ports": list,
     "intercept.exclude_cidrs": list,
@@ -403,7 +446,10 @@ _KINDS: dict[str, type] = {
     "proxy.max_connections": int,
     "proxy.shutdown_grace": float,
     "proxy.upstream_ports": str,
+    "proxy.send_proxy_protocol": str,
     "proxy.relay": str,
+    "proxy.udp_idle_timeout": float,
+    "proxy.udp_max_sessions": int,
     "admin.address": str,
     "log.level": str,
     "log.format": str,
@@ -490,6 +536,11 @@ def _type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _default(cls: type, name: str) -> Any:
+    """The attrs default of ``cls.name``: the classes are the one place defaults are written."""
+    return attrs.fields_dict(cls)[name].default
 
 
 class _Loader:
@@ -634,6 +685,7 @@ class _Loader:
         listener = Listener(
             address=address,
             port=self.ranged_int(t, "port", "listener.port", 1, 65535, 4143, "a port"),
+            **self.proxy_protocol_in(t),
         )
 
         t = self.table(top, "intercept")
@@ -644,6 +696,7 @@ class _Loader:
             raise self.error("intercept.ports", "must name at least one port or range")
         intercept = Intercept(
             ports=ports,
+            udp_ports=self.list_of(t, "udp_ports", "intercept.udp_ports", self.port_value),
             interfaces=self.list_of(t, "interfaces", "intercept.interfaces", self.interface),
             exclude_ports=self.list_of(t, "exclude_ports", "intercept.exclude_ports", self.port_value),
             exclude_cidrs=self.list_of(t, "exclude_cidrs", "intercept.exclude_cidrs", self.cidr),
@@ -656,6 +709,16 @@ class _Loader:
             raise self.error(
                 "listener.port",
                 f"{listener.port} is inside intercept.ports: the proxy would intercept its own listener",
+            )
+        if intercept.intercepts_udp(listener.port):
+            raise self.error(
+                "intercept.udp_ports",
+                f"{listener.port} is listener.port: the proxy would intercept its own UDP listener",
+            )
+        if intercept.udp_ports and mode_v == "nat":
+            raise self.error(
+                "intercept.udp_ports",
+                'UDP needs mode = "tproxy" (REDIRECT rewrites the destination, which a datagram cannot recover)',
             )
         if not listener.is_wildcard:
             other = 6 if listener.address.version == 4 else 4
@@ -706,7 +769,18 @@ class _Loader:
             ),
             shutdown_grace=self.positive(t, "shutdown_grace", "proxy.shutdown_grace", 30.0),
             upstream_ports=self.upstream_ports(t),
+            send_proxy_protocol=self.choice(
+                t,
+                "send_proxy_protocol",
+                "proxy.send_proxy_protocol",
+                PROXY_PROTOCOL_OUT,
+                _default(Proxy, "send_proxy_protocol"),
+            ),
             relay=self.choice(t, "relay", "proxy.relay", RELAYS, "shared"),
+            udp_idle_timeout=self.positive(t, "udp_idle_timeout", "proxy.udp_idle_timeout", 60.0),
+            udp_max_sessions=self.ranged_int(
+                t, "udp_max_sessions", "proxy.udp_max_sessions", 1, 10_000_000, 10000, "a session count"
+            ),
         )
 
         t = self.table(top, "admin")
@@ -739,6 +813,26 @@ class _Loader:
             source=self.source,
             origins=self.origins,
         )
+
+    def proxy_protocol_in(self, table: dict[str, Any]) -> dict[str, Any]:
+        """The listener's PROXY protocol keys; a list of trusted sources is required once headers are read."""
+        mode = self.choice(
+            table, "proxy_protocol", "listener.proxy_protocol", PROXY_PROTOCOL_IN, _default(Listener, "proxy_protocol")
+        )
+        trusted = self.list_of(table, "proxy_protocol_from", "listener.proxy_protocol_from", self.cidr)
+        if mode != "off" and not trusted:
+            raise self.error(
+                "listener.proxy_protocol_from",
+                f'required with proxy_protocol = "{mode}": the load balancers\' addresses (e.g. ["198.18.0.0/24"]); '
+                "headers from anyone else are never read",
+            )
+        timeout = self.positive(
+            table,
+            "proxy_protocol_timeout",
+            "listener.proxy_protocol_timeout",
+            _default(Listener, "proxy_protocol_timeout"),
+        )
+        return {"proxy_protocol": mode, "proxy_protocol_from": trusted, "proxy_protocol_timeout": timeout}
 
     def upstream_ports(self, table: dict[str, Any]) -> PortRange:
         path = "proxy.upstream_ports"

@@ -2,7 +2,9 @@
 
 Builds the lab (:mod:`tproxy.lab`: a client and a node joined by a veth pair, an application on the node that answers
 each connection with the peer address it saw), runs the real ``tproxy run`` in tproxy mode, then nat mode, then nat
-with ``preserve_source``, makes a few IPv4 and IPv6 connections through each, and prints what the application saw.
+with ``preserve_source``, makes a few IPv4 and IPv6 connections through each, and prints what the application saw;
+then tproxy mode with ``intercept.udp_ports``: connected UDP clients ask a UDP application whom it saw
+(:mod:`tproxy.lab_udp`).
 
 A row is right only if the application saw the expected address (the client's, or the node's own in plain nat mode)
 *and* the connection really went through the proxy (its log names the client's address and port): in tproxy mode a
@@ -15,24 +17,30 @@ Ctrl-C too; with ``keep`` they stay up (a tproxy-mode proxy running) and the dem
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+from tproxy import lab_udp
 from tproxy.errors import MissingBinaryError, PrivilegeError, TproxyError
 from tproxy.lab import (
     CLIENT,
     ECHO_PORT,
+    INTERCEPT_PORTS,
     NODE,
     Lab,
     expected_peer_ip,
     proxy_config,
+    proxy_log_names,
     proxy_log_names_result,
 )
 
 RUNS = (("tproxy", None), ("nat", None), ("nat", True))
 CONNECTIONS_PER_FAMILY = 2
+UDP_PORT = 5353
+UDP_LABEL = "tproxy/udp"
 _BINARIES = {"ip": "iproute2", "nft": "nftables", "iptables-restore": "iptables", "ip6tables-restore": "iptables"}
 
 
@@ -110,6 +118,7 @@ def demo(backend: str = "nftables", keep: bool = False) -> int:
                 problems.append(f"{label}: tproxy run exited with status {status} after SIGTERM\n{log}")
             for r in results:
                 rows.append((label, backend, _addr(r["src"]), _addr(r["peer"]), _verdict(r, mode, preserve, log)))
+        rows += _udp_rows(lab, backend, problems, out)
         _print_table(rows, out)
         ok = not problems and all(row[-1].startswith("ok") for row in rows)
         for p in problems:
@@ -126,6 +135,63 @@ def demo(backend: str = "nftables", keep: bool = False) -> int:
         file=out,
     )
     return 0 if ok else 1
+
+
+def _udp_rows(lab: Lab, backend: str, problems: list[str], out) -> list[tuple[str, ...]]:
+    """tproxy mode with ``udp_ports``: per family, connected UDP clients ask the UDP application whom it saw."""
+    print(f"  tproxy run: mode tproxy, udp_ports = [{UDP_PORT}], backend {backend} ...", file=out, flush=True)
+    app = lab.node.popen(
+        [sys.executable, "-m", "tproxy.lab_udp", "app", str(UDP_PORT)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        if app.stdout.readline().strip() != lab_udp.READY:
+            problems.append(f"{UDP_LABEL}: the UDP application did not start")
+            return [(UDP_LABEL, backend, "-", "-", "FAILED: the UDP application did not start")]
+        config = proxy_config("tproxy", backend).replace(
+            f'ports = ["{INTERCEPT_PORTS}"]', f'ports = ["{INTERCEPT_PORTS}"]\nudp_ports = [{UDP_PORT}]'
+        )
+        try:
+            proxy = lab.start_proxy(config)
+        except RuntimeError as e:
+            problems.append(f"{UDP_LABEL}: {e}")
+            return [(UDP_LABEL, backend, "-", "-", "FAILED: the proxy did not start")]
+        try:
+            jobs = [
+                {"dst": NODE[f], "port": UDP_PORT, "sizes": [512]}
+                for f in (4, 6)
+                for _ in range(CONNECTIONS_PER_FAMILY)
+            ]
+            r = lab.client.run(
+                [sys.executable, "-m", "tproxy.lab_udp", "client"], input=json.dumps(jobs), timeout=60, check=False
+            )
+            results = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+            if r.returncode != 0 or not results:
+                problems.append(f"{UDP_LABEL}: the UDP client failed: {r.stderr.strip()[-500:]}")
+                return [(UDP_LABEL, backend, "-", "-", "FAILED: the client did not run")]
+        finally:
+            status = proxy.stop()  # (ends every session: each is logged)
+        log = proxy.log()
+        if status != 0:
+            problems.append(f"{UDP_LABEL}: tproxy run exited with status {status} after SIGTERM\n{log}")
+        return [(UDP_LABEL, backend, _addr(r["src"]), _addr(r["peer"]), _udp_verdict(r, log)) for r in results]
+    finally:
+        app.kill()
+        app.wait()
+
+
+def _udp_verdict(r: dict, log: str) -> str:
+    if not r["ok"]:
+        return f"FAILED: {r['error']}"
+    fam = 6 if ":" in r["src"][0] else 4
+    if r["peer"][0] != CLIENT[fam]:
+        return f"WRONG: expected {CLIENT[fam]}"
+    if not [ln for ln in proxy_log_names(log, *r["src"]) if " udp_session " in ln]:
+        return "WRONG: the proxy's log does not name this client (bypassed?)"
+    return "ok: the client's address"
 
 
 def _verdict(r: dict, mode: str, preserve: bool | None, log: str) -> str:

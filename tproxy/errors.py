@@ -37,5 +37,18 @@ class MissingBinaryError(RulesError):
     """A program we need is not installed (names the Debian package that provides it)."""
 
 
+class ProxyProtocolError(TproxyError):
+    """A PROXY protocol header that is not, and can never become, valid (or did not arrive in time).
+
+    ``reason`` is a short machine word from :data:`tproxy.proxy_protocol.REASONS` (the ``reason`` label of
+    ``tproxy_proxy_protocol_errors_total``); ``detail`` says what exactly, for the connection's log line.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"bad PROXY protocol header: {reason}" + (f" ({detail})" if detail else ""))
+
+
 class StateError(TproxyError):
     """A state file under /run/tproxy (or the directory) cannot be trusted or read: names the path and why."""

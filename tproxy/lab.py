@@ -80,6 +80,10 @@ def proxy_config(
     log_level: str = "info",
     shutdown_grace: float = 2.0,
     connect_timeout: float = 30.0,
+    proxy_protocol: str = "off",
+    proxy_protocol_from: Sequence[str] = (),
+    proxy_protocol_timeout: float | None = None,
+    send_proxy_protocol: str = "off",
     relay: str = "shared",
 ) -> str:
     """TOML text of a lab config: ports 8080-8090 intercepted (8090 excluded), the excluded client addresses."""
@@ -90,6 +94,15 @@ def proxy_config(
         "[listener]",
         'address = "0.0.0.0"',
         f"port = {LISTENER_PORT}",
+    ]
+    if proxy_protocol != "off":
+        lines += [
+            f'proxy_protocol = "{proxy_protocol}"',
+            "proxy_protocol_from = [" + ", ".join(f'"{c}"' for c in proxy_protocol_from) + "]",
+        ]
+    if proxy_protocol_timeout is not None:
+        lines.append(f"proxy_protocol_timeout = {proxy_protocol_timeout}")
+    lines += [
         "",
         "[intercept]",
         f'ports = ["{INTERCEPT_PORTS}"]',
@@ -104,6 +117,8 @@ def proxy_config(
         f"shutdown_grace = {shutdown_grace}",
         f'relay = "{relay}"',
     ]
+    if send_proxy_protocol != "off":
+        lines.append(f'send_proxy_protocol = "{send_proxy_protocol}"')
     if preserve_source is not None:
         lines.append(f"preserve_source = {'true' if preserve_source else 'false'}")
     lines += ["", "[admin]", f'address = "{ADMIN[0]}:{ADMIN[1]}"', "", "[log]", f'level = "{log_level}"', ""]
@@ -249,10 +264,11 @@ class Lab:
 
     # -- the application
 
-    def start_app(self, ports: dict[int, str] | None = None) -> None:
-        """Start the application in the node namespace and wait until it listens on every port."""
+    def start_app(self, ports: dict[int, str] | None = None, *, log: Path | None = None) -> None:
+        """Start the application in the node namespace and wait until it listens on every port; with ``log``, it
+        appends a line per connection there (peer ip, port, local ip, port)."""
         ports = APP_PORTS if ports is None else ports
-        args = [f"--port={p}:{kind}" for p, kind in ports.items()]
+        args = [f"--port={p}:{kind}" for p, kind in ports.items()] + ([f"--log={log}"] if log else [])
         err_path = self.workdir / "app.err"
         with open(err_path, "ab") as err:
             self.app = self.node.popen(

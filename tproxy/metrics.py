@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.process_collector import ProcessCollector
 
 from tproxy import __version__
-from tproxy.stats import OUTCOMES, State, Stats
+from tproxy.stats import OUTCOMES, UDP_DROPS, State, Stats
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
@@ -165,7 +165,40 @@ class StatsCollector:
                 stats.rules_reinstalled,
             ),
             intact,
+            *_udp_families(stats),
         ]
+
+
+def _udp_families(stats: Stats) -> list[Metric]:
+    return [
+        _gauge("tproxy_udp_sessions_open", "UDP sessions currently open.", stats.udp_sessions_open),
+        _counter("tproxy_udp_sessions_total", "UDP sessions opened.", stats.udp_sessions),
+        _labelled(
+            CounterMetricFamily(
+                "tproxy_udp_datagrams_total",
+                "UDP datagrams relayed: direction in is client to application, out is application to client.",
+                labels=["direction"],
+            ),
+            [("in", stats.udp_datagrams_in), ("out", stats.udp_datagrams_out)],
+        ),
+        _labelled(
+            CounterMetricFamily(
+                "tproxy_udp_bytes_total",
+                "UDP payload bytes relayed: direction in is client to application, out is application to client.",
+                labels=["direction"],
+            ),
+            [("in", stats.udp_bytes_in), ("out", stats.udp_bytes_out)],
+        ),
+        _labelled(
+            CounterMetricFamily(
+                "tproxy_udp_dropped_total",
+                "UDP datagrams dropped, by reason (max_sessions, would_block, send_error, upstream_error, loop, "
+                "no_original_dst).",
+                labels=["reason"],
+            ),
+            _by_label(stats.udp_dropped, UDP_DROPS),
+        ),
+    ]
 
 
 class _Collected:

@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from tproxy import log, reload, sockets, watch
+from tproxy import log, reload, sockets, udp, watch
 from tproxy.config import Config
 from tproxy.errors import ConfigError, TproxyError
 from tproxy.stats import State, Stats
@@ -166,9 +166,11 @@ class Reloader:
         *,
         owns_rules: bool,
         overrides: dict[str, Any] | None = None,
+        udp_listeners: list[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.sockets = dict(zip(reload.listener_key(config), listeners, strict=True))
+        self.udp_sockets = dict(zip(_udp_keys(config), udp_listeners or [], strict=True))
         self.state = state
         self.owns_rules = owns_rules
         self.overrides = overrides or {}
@@ -223,6 +225,11 @@ class Reloader:
                     s.close()
             await server.retire_listeners([s for s in fresh.values() if s in server.listeners])
             return self._failed(e)
+        try:
+            udp_fresh = await self._bind_udp(server, plan.config)
+        except (TproxyError, OSError, RuntimeError) as e:
+            await server.retire_listeners(list(fresh.values()))
+            return self._failed(e)
         # 2. the rules: in force together with the config they belong to, even if a stop signal comes meanwhile
         with trio.CancelScope(shield=True):
             if plan.rules and self.owns_rules:
@@ -230,6 +237,7 @@ class Reloader:
                     summary = await trio.to_thread.run_sync(reload.install, old, plan)
                 except Exception as e:  # noqa: BLE001 - the host is as it was; one line, keep running
                     await server.retire_listeners(list(fresh.values()))
+                    self._retire_udp(server, udp_fresh)
                     return self._failed(e)
                 log.event("reload_rules", installed=summary)
             elif plan.rules:
@@ -246,6 +254,8 @@ class Reloader:
         else:  # the rules move when a privileged step says so: keep accepting on the old port until the next reload
             self.lingering = replaced
         await server.retire_listeners(retire)
+        if self.owns_rules:  # (otherwise the rules move later: the old UDP listeners stay until the next reload)
+            self._retire_udp(server, {k: s for k, s in self.udp_sockets.items() if k not in _udp_keys(plan.config)})
         server.apply_settings(plan.config)
         if (old.log.level, old.log.format) != (plan.config.log.level, plan.config.log.format):
             log.setup(plan.config.log.level, plan.config.log.format)
@@ -261,6 +271,38 @@ class Reloader:
         )
         return True
 
+    async def _bind_udp(self, server, config: Config) -> dict[tuple, socket.socket]:
+        """The UDP listeners ``config`` needs and we do not have yet, bound and receiving (before any rule points at
+        them). Raises TproxyError / OSError / RuntimeError with nothing left bound."""
+        fresh: dict[tuple, socket.socket] = {}
+        if server.udp is None:
+            return fresh
+        try:
+            for key in _udp_keys(config):
+                if key not in self.udp_sockets:
+                    family, address, port, _transparent = key
+                    fresh[key] = sockets.udp_listener(family, address, port)
+            await server.udp.adopt(list(fresh.values()))
+        except BaseException:
+            for s in fresh.values():
+                s.close()
+            raise
+        self.udp_sockets.update(fresh)
+        return fresh
+
+    def _retire_udp(self, server, socks: dict[tuple, socket.socket]) -> None:
+        for key in socks:
+            self.udp_sockets.pop(key, None)
+        if server.udp is not None:
+            server.udp.retire(list(socks.values()))
+
+
+def _udp_keys(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
+    """The UDP listeners ``config`` needs, keyed like the TCP ones: none without ``intercept.udp_ports``."""
+    if config.mode != "tproxy" or not config.intercept.udp_ports:
+        return ()
+    return reload.listener_key(config)
+
 
 async def _main(
     config: Config,
@@ -269,11 +311,12 @@ async def _main(
     state: State,
     early: _Signals,
     reloader: Reloader | None = None,
+    udp_listeners: list[socket.socket] | None = None,
 ) -> None:
     from tproxy import privileges
     from tproxy.server import Server
 
-    server = Server(config, listeners, stats, state)
+    server = Server(config, listeners, stats, state, udp_listeners=udp_listeners or ())
     if reloader is not None:
         reloader.server = server
     watcher = None
@@ -352,6 +395,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
     state = State(mode=config.mode, backend=config.backend)
     installed: str | None = None  # the install summary, while this process owns the rules
     listeners: list[socket.socket] = []
+    udp_listeners: list[socket.socket] = []
     overrides = reload.OVERRIDES = _overrides(config, mode, backend)  # (also for a privileged parent's reload)
     reloader: Reloader | None = None
     logs = contextlib.ExitStack()  # the log writer thread, in the process that serves (after any fork), ended last
@@ -363,8 +407,9 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
                 installed = rules.install(config)
             state.rules_installed = True  # with --no-rules, the privileged step installed them
             listeners = bind_listeners(config)
+            udp_listeners = udp.bind_listeners(config)
             summary = installed if installed is not None else "nothing (--no-rules)"
-            if not before_serve(config, listeners, manage_rules=installed is not None):
+            if not before_serve(config, listeners + udp_listeners, manage_rules=installed is not None):
                 installed = None  # a privileged parent process removes them (or they were never ours)
             logs.enter_context(log.threaded(stats))
             # watched by this process or by the privileged parent; with --no-rules nobody here can see them
@@ -374,16 +419,24 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
                 mode=config.mode,
                 backend=config.backend,
                 listeners=",".join(log.addr(sockets.sockname(s)) for s in listeners),
+                udp_listeners=",".join(log.addr(sockets.sockname(s)) for s in udp_listeners),
                 upstream=config.proxy.upstream,
                 relay=config.proxy.relay,
                 preserve_source=config.preserve_source,
                 installed=summary,
                 nofile=soft,
             )
-            reloader = Reloader(config, listeners, state, owns_rules=installed is not None, overrides=overrides)
+            reloader = Reloader(
+                config,
+                listeners,
+                state,
+                owns_rules=installed is not None,
+                overrides=overrides,
+                udp_listeners=udp_listeners,
+            )
             gc.freeze()  # what start-up allocated stays out of every later collection (shorter full collections)
             try:
-                trio.run(_main, config, listeners, stats, state, early, reloader)
+                trio.run(_main, config, listeners, stats, state, early, reloader, udp_listeners)
             except BaseExceptionGroup as group:
                 err = _operator_error(group)
                 if err is None:
@@ -394,7 +447,8 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             if reloader is not None:
                 config = reloader.config  # the rules in force are the last reload's
                 listeners = [*listeners, *reloader.sockets.values(), *reloader.lingering.values()]
-            for s in listeners:
+                udp_listeners = [*udp_listeners, *reloader.udp_sockets.values()]
+            for s in listeners + udp_listeners:
                 s.close()
             with logs:  # (the writer thread ends after the last line, however this ends)
                 if installed is not None:

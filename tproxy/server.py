@@ -15,6 +15,14 @@ two legs never share a 5-tuple (``upstream = "original"``), or the client's own 
 cannot be had falls back to the kernel's choice (``stats.source_port_fallbacks``), an address that cannot be bound to an
 ordinary source (``stats.source_fallbacks``); both are logged, neither fails the connection.
 
+PROXY protocol (:mod:`tproxy.proxy_protocol`): from a peer in ``listener.proxy_protocol_from`` the task reads the
+header before connecting upstream (exactly the header: the payload stays in the socket), and the client it names
+takes the TCP peer's place as the upstream source, in the log line (the peer is logged as ``peer``) and in the header
+out; a header of the other family than the connection's cannot be the source: an ordinary one, counted as a source
+fallback. A bad, incomplete or late header resets the connection (``stats.proxy_protocol_errors[reason]``, the
+connection's log line says why) and nothing is connected. With ``proxy.send_proxy_protocol`` the header out is one
+``send`` on the connected upstream socket, before the relay moves any byte of the client's.
+
 Error handling: a connection's error never reaches the server (it is counted and logged, the connection closed with a
 reset). Accept errors that mean "out of file descriptors or memory" pause that accept loop briefly and keep serving;
 errors that concern one pending connection are skipped; anything else is raised. ``Cancelled`` is never swallowed.
@@ -36,8 +44,10 @@ import trio
 
 from tproxy import log, sockets
 from tproxy.config import Config
+from tproxy.proxy_protocol import ProxyProtocolError, build, read_header, same_family
 from tproxy.relay import LOST, PIPES, Engine, Flow, PipePool, make_engine, reap_idle
 from tproxy.stats import State, Stats
+from tproxy.udp import UdpRelay
 
 # Accept errnos that mean the process or the system is out of a resource: back off and keep serving (trio's list).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -90,6 +100,7 @@ class Server:
         original_dst: OriginalDst | None = None,
         use_splice: bool = True,
         pipes: PipePool = PIPES,
+        udp_listeners: Sequence[socket.socket] = (),
     ) -> None:
         self.config = config
         self.listeners = list(listeners)
@@ -124,6 +135,9 @@ class Server:
         self._listening: dict[socket.socket, tuple[trio.CancelScope, trio.Event]] = {}  # reload: accept loops
         self._reaper: trio.CancelScope | None = None  # reload: the idle check, restarted when idle_timeout changes
         self.engine: Engine | None = None  # moves the bytes of every connection (proxy.relay)
+        self.udp: UdpRelay | None = None  # the UDP sessions (tproxy mode): tproxy/udp.py
+        if config.mode == "tproxy":
+            self.udp = UdpRelay(config, udp_listeners, stats, mark=self.mark, is_loop=self._is_loop)
 
     # -- lifecycle
 
@@ -145,12 +159,16 @@ class Server:
                     self._accepts = accepts
                     for lsock in self.listeners:
                         await accepts.start(self._listen, lsock)
+                    if self.udp is not None:
+                        await self.udp.start(accepts, conns)
                     accepts.start_soon(self._reap)  # (the grace bounds a drain)
                     self.state.listening = True
                     task_status.started(self)
                     if self._stopping:
                         accepts.cancel_scope.cancel()
                 self._close_listeners()
+                if self.udp is not None:
+                    self.udp.stop()  # UDP has nothing to drain: its sessions end now
                 self.state.draining = True
                 self.engine.close_when_empty()  # the shared relay task ends with the last connection
                 if self._skip_grace:
@@ -161,6 +179,8 @@ class Server:
                         log.event("draining", open=self.stats.open, grace_s=self.grace)
         finally:
             self._close_listeners()
+            if self.udp is not None:
+                self.udp.close()
             if self.engine is not None:
                 self.engine.close()
             log.release(flusher)
@@ -252,6 +272,7 @@ class Server:
         client = (caddr[0], caddr[1])
         family = _AF_INET6 if len(caddr) == 4 else _AF_INET  # (csock.family builds an enum member)
         dst = usrc = upstream = flow = reserved = note = None
+        source = client  # the client the upstream leg speaks for: the TCP peer, or the one a PROXY header names
         registered = False
         outcome = "reset"
         try:
@@ -265,13 +286,29 @@ class Server:
                 self.stats.loops_refused += 1
                 outcome, note = "refused", "loop: the original destination is the proxy itself"
                 return
-            # PROXY protocol in
+            config = self.config  # (a reload replaces it for the connections that come after)
+            listener = config.listener
+            if listener.proxy_protocol != "off" and listener.trusts(client[0]):
+                try:
+                    header = await read_header(
+                        csock, allow=listener.proxy_protocol, timeout=listener.proxy_protocol_timeout
+                    )
+                except ProxyProtocolError as e:
+                    self.stats.proxy_protocol_errors[e.reason] += 1
+                    note = str(e)
+                    return
+                if header.source is not None:
+                    source = header.source
             if self.chooser is not None:
                 self.chooser.add_intercepted(client, dst)
                 registered = True
             target = (sockets.LOOPBACK[family], dst[1]) if self.loopback else dst
+            preserve = self.preserve
+            if source is not client and preserve and (":" in source[0]) != (family == _AF_INET6):
+                preserve = False
+                self._source_fallback(source, OSError(errno.EAFNOSUPPORT, "the header's client is of another family"))
             try:
-                upstream, err, reserved = self._start_connect(family, client, dst, target)
+                upstream, err, reserved = self._start_connect(family, source, dst, target, preserve=preserve)
             except OSError as e:  # EMFILE and the like: this connection fails, the server goes on
                 err = e.errno
             else:
@@ -287,9 +324,13 @@ class Server:
             if err:
                 outcome, note = self._connect_failed(err)
                 return
-            # PROXY protocol out
+            send = config.proxy.send_proxy_protocol
+            if send != "off":  # one write, before any byte of the client's
+                header_out = build(send, *same_family(source, dst))
+                if upstream.send(header_out) != len(header_out):
+                    raise OSError(errno.EAGAIN, "the PROXY header did not fit the upstream socket's buffer")
             if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
-                usrc = (client[0], reserved) if reserved is not None else sockets.sockname(upstream)
+                usrc = (source[0], reserved) if reserved is not None else sockets.sockname(upstream)
             flow = Flow(client=csock, upstream=upstream, last=_current_time())
             flows = self._flows
             flows.add(flow)
@@ -307,7 +348,7 @@ class Server:
             raise
         finally:
             try:
-                self._finish(csock, upstream, flow, client, dst, usrc, reserved, registered, outcome, note, t0)
+                self._finish(csock, upstream, flow, client, dst, usrc, reserved, registered, outcome, note, t0, source)
             except Exception as e:  # a bug in teardown ends this connection's task, never another's or the server
                 log.event("connection_error", logging.ERROR, exc_info=e, client=log.addr(client), phase="teardown")
 
@@ -331,8 +372,11 @@ class Server:
         outcome: str,
         note: str | None,
         t0: float,
+        source: tuple[str, int],
     ) -> None:
         """Close both legs (with a reset after a failure, or when bytes were lost), release the ports, count, log.
+        ``client`` is the TCP peer, ``source`` the client a PROXY header named (else ``client`` itself): the log line
+        names ``source`` as the client, and the load balancer as ``peer``.
 
         Error handling: never raises (it runs in ``finally``); a close cannot fail in a way that matters here."""
         stats = self.stats
@@ -353,7 +397,7 @@ class Server:
             if registered:
                 self.chooser.remove_intercepted(client, dst)
             if reserved is not None:
-                self.chooser.release(client[0], reserved)
+                self.chooser.release(source[0], reserved)
         if not _log_enabled(logging.INFO):
             return
         if flow is not None:
@@ -365,8 +409,13 @@ class Server:
                 note = "bytes in flight were discarded: closed with a reset"
         else:
             bytes_in = bytes_out = 0
-        args = (client, dst, usrc, bytes_in, bytes_out, _current_time() - t0, outcome)
-        if note is None:
+        args = (source, dst, usrc, bytes_in, bytes_out, _current_time() - t0, outcome)
+        if source is not client:
+            if note is None:
+                log.connection(*args, peer=log.addr(client))
+            else:
+                log.connection(*args, peer=log.addr(client), error=note)
+        elif note is None:
             log.connection(*args)
         else:
             log.connection(*args, error=note)
@@ -374,13 +423,20 @@ class Server:
             log.event("connection_error", logging.ERROR, exc_info=flow.error, client=log.addr(client))
 
     def _start_connect(
-        self, family: int, client: tuple[str, int], dst: tuple[str, int], target: tuple[str, int]
+        self,
+        family: int,
+        client: tuple[str, int],
+        dst: tuple[str, int],
+        target: tuple[str, int],
+        *,
+        preserve: bool,
     ) -> tuple[socket.socket, int, int | None]:
-        """Create, bind and start connecting the upstream socket: (socket, connect_ex result, reserved port).
+        """Create, bind and start connecting the upstream socket: (socket, connect_ex result, reserved port); from
+        ``client``'s address when ``preserve``.
 
         Error handling: raises OSError only when not even an ordinary socket can be had (EMFILE and the like).
         """
-        if self.preserve:
+        if preserve:
             started = self._start_transparent(family, client, dst, target)
             if started is not None:
                 return started
@@ -509,6 +565,8 @@ class Server:
         self.connect_timeout = config.proxy.connect_timeout
         self.max_connections = config.proxy.max_connections
         self.grace = config.proxy.shutdown_grace
+        if self.udp is not None:
+            self.udp.apply_settings(config)
         if config.proxy.idle_timeout != self.idle_timeout:
             self.idle_timeout = config.proxy.idle_timeout
             if self._reaper is not None:

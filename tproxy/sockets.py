@@ -10,6 +10,7 @@ plain :class:`OSError` and leave the decision (fall back, reset, count) to the s
 from __future__ import annotations
 
 import _socket
+import ctypes
 import errno
 import itertools
 import os
@@ -31,6 +32,16 @@ IP_BIND_ADDRESS_NO_PORT = 24
 SO_MARK = 36
 TCP_NODELAY = socket.TCP_NODELAY
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+# UDP (tproxy/udp.py); Python 3.11's socket module lacks these
+IP_PKTINFO = 8
+IPV6_PKTINFO = 50
+IP_RECVORIGDSTADDR = 20  # also the ancillary type of the original destination (IP_ORIGDSTADDR)
+IPV6_RECVORIGDSTADDR = 74  # (IPV6_ORIGDSTADDR)
+SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
+UDP_MAX_PAYLOAD = 65507  # the largest IPv4 UDP payload (65535 - 20 - 8); IPv6 takes the same
+UDP_RCVBUF = 32 << 20  # the UDP listener's receive buffer when it can be forced (root, before a privilege drop)
+ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)  # room for a sockaddr_in6
 
 # Upstream source ports chosen for ``proxy.upstream = "original"``: below the ranges clients use for their own
 # ephemeral ports (Linux 32768-60999, Windows/BSD 49152-65535), so a client's next connection rarely lands on the
@@ -285,3 +296,116 @@ class PortChooser:
             own.discard(port)
             if not own:
                 del self.own[client_ip]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UDP
+
+
+def udp_listener(family: int, address: str, port: int) -> socket.socket:
+    """The UDP listener of one family: non-blocking, ``IP_TRANSPARENT`` (TPROXY hands datagrams only to a transparent
+    socket), ``IP_RECVORIGDSTADDR`` so each datagram carries its original destination, V6ONLY for IPv6. Its receive
+    buffer is raised to :data:`UDP_RCVBUF` where the process may (CAP_NET_ADMIN), else as far as ``rmem_max`` lets.
+
+    Error handling: like :func:`listener` (PrivilegeError, TproxyError naming the address); closed on failure.
+    """
+    af = FAMILIES[family]
+    sock = socket.socket(af, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    where = f"udp [{address}]:{port}" if family == 6 else f"udp {address}:{port}"
+    try:
+        if af == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
+        else:
+            sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
+        try:
+            set_transparent(sock)
+        except PermissionError:
+            raise PrivilegeError(f"cannot listen on {where}: needs CAP_NET_RAW for IP_TRANSPARENT") from None
+        _raise_rcvbuf(sock, UDP_RCVBUF)
+        try:
+            sock.bind((address, port))
+        except OSError as e:
+            raise TproxyError(f"cannot listen on {where}: {e.strerror}") from None
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _raise_rcvbuf(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)  # capped at net.core.rmem_max
+
+
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: "ret #0", accept nothing
+
+
+def raw_udp_socket(family: int) -> socket.socket:
+    """A raw ``IPPROTO_UDP`` socket that sends UDP datagrams with a header we build (tproxy/udp.py) and a source given
+    per datagram (``IP_PKTINFO`` / ``IPV6_PKTINFO``): replies to clients come from their original destination, with
+    nothing bound to that address and port. ``IP_TRANSPARENT`` lets that source be any address. A raw socket would
+    also receive a copy of every UDP datagram of the host: a filter accepting nothing keeps its queue empty.
+
+    Error handling: raises OSError (PermissionError without CAP_NET_RAW); closed on failure.
+    """
+    sock = socket.socket(FAMILIES[family], socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.IPPROTO_UDP)
+    try:
+        set_transparent(sock)
+        program = ctypes.create_string_buffer(_DROP_ALL)
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # (the kernel's minimum)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_RCVBUF)  # (capped at net.core.wmem_max)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def udp_upstream_socket(
+    family: int, *, transparent: bool, mark: int, source: tuple[str, int] | None, target: tuple[str, int]
+) -> socket.socket:
+    """A non-blocking UDP socket (``family``: AF_INET / AF_INET6) for a session's upstream leg, bound to ``source``
+    (the client's IP; with ``transparent``: IP_TRANSPARENT + SO_MARK) and connected to ``target``: the application's
+    replies reach it by the fwmark path, and a connected socket receives nothing else. SO_REUSEADDR: one client port
+    may have sessions to several destinations (the connected 4-tuples differ; the caller never makes two the same).
+
+    Error handling: raises OSError (the socket closed) when an option, the bind or the connect fails.
+    """
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        if source is not None:
+            if transparent:
+                level, opt = transparent_option(sock.family)
+                sock.setsockopt(level, opt, 1)
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(source)
+        sock.connect(target)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def udp_original_dst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """The original destination in a TPROXY'd datagram's ancillary data (``IP_ORIGDSTADDR``: a ``sockaddr_in``;
+    ``IPV6_ORIGDSTADDR``: a ``sockaddr_in6``), or None when it carries none. Pure."""
+    for level, kind, data in ancdata:
+        if level == SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            port, addr = _SOCKADDR_IN.unpack(data[:16].ljust(16, b"\0"))
+            return socket.inet_ntop(socket.AF_INET, addr), port
+        if level == SOL_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            port, addr = _SOCKADDR_IN6.unpack(data[:28].ljust(28, b"\0"))
+            return socket.inet_ntop(socket.AF_INET6, addr), port
+    return None
+
+
+def pktinfo(family: int, source: str) -> tuple[int, int, bytes]:
+    """The ancillary item that makes a raw socket's datagram leave from ``source`` (an address of this host).
+    ``in_pktinfo``: ifindex 0, spec_dst = source, addr unused; ``in6_pktinfo``: addr = source, ifindex 0. Pure."""
+    if family == 4 or family == socket.AF_INET:
+        return SOL_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, socket.inet_pton(socket.AF_INET, source), bytes(4))
+    return SOL_IPV6, IPV6_PKTINFO, struct.pack("=16si", socket.inet_pton(socket.AF_INET6, source), 0)

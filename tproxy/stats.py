@@ -11,6 +11,9 @@ import collections
 import attrs
 
 OUTCOMES = ("ok", "reset", "refused", "timeout", "idle", "cancelled")
+# Why a datagram was dropped: no session could be opened (max_sessions, upstream_error, loop, no_original_dst), or a
+# send would have blocked (would_block) or failed (send_error).
+UDP_DROPS = ("max_sessions", "would_block", "send_error", "upstream_error", "loop", "no_original_dst")
 
 
 @attrs.define
@@ -30,6 +33,13 @@ class Stats:
     log_dropped: int = 0  # log lines dropped because the log writer's queue was full (a slow reader)
     proxy_protocol_errors: collections.Counter = attrs.Factory(collections.Counter)  # reason -> bad PROXY headers
     rules_reinstalled: int = 0  # times the rule watcher put missing rules back
+    udp_sessions_open: int = 0  # UDP sessions currently open (gauge)
+    udp_sessions: int = 0  # UDP sessions opened
+    udp_datagrams_in: int = 0  # client -> application
+    udp_datagrams_out: int = 0  # application -> client
+    udp_bytes_in: int = 0
+    udp_bytes_out: int = 0
+    udp_dropped: collections.Counter = attrs.Factory(collections.Counter)  # reason (UDP_DROPS) -> datagrams
 
 
 @attrs.define

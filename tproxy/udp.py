@@ -1,0 +1,454 @@
+"""The UDP side of the proxy (tproxy mode): sessions of datagrams, the client's address preserved.
+
+Kernel side (DESIGN.md "UDP"): TPROXY hands every intercepted datagram to one UDP listener per family, which reads
+its original destination from the ancillary data. A *session* is keyed by (client address, original destination);
+per session, an upstream socket bound to the client's IP (``IP_TRANSPARENT`` + ``SO_MARK``) and connected to the
+destination (or the loopback target) carries the datagrams to the application, whose replies come back by the fwmark
+path. Replies go to the client from one raw ``IPPROTO_UDP`` socket per family, with a UDP header built here and the
+original destination as the source (``IP_PKTINFO``): the client sees the answer come from the address it wrote to,
+and nothing of ours is bound to the application's address and port.
+
+Shape (DESIGN.md "Architecture"): one receive task per listener, in the server's accept nursery; one task per session,
+in the server's connection nursery, owning it from the first datagram to its log line. A session ends when no datagram
+passed either way for ``proxy.udp_idle_timeout`` seconds (``idle``), when the application's port answers with an ICMP
+error (``refused``), at shutdown (``shutdown``: UDP has nothing to drain) or on an unexpected error (``error``).
+
+Source port of the upstream leg (``preserve_source``): with ``upstream = "original"`` one from ``proxy.upstream_ports``
+that is never the client port of a live session from the same client to the same destination (both legs would share a
+conntrack entry, and the replies meant for the client would be routed back to us); with ``"loopback"`` the client's
+own port unless it is below ``net.ipv4.ip_unprivileged_port_start`` (binding it would need CAP_NET_BIND_SERVICE).
+Two sessions never get the same upstream 4-tuple.
+
+Error handling: a datagram that cannot be delivered is dropped and counted in ``stats.udp_dropped[reason]``
+(:data:`~tproxy.stats.UDP_DROPS`): ``max_sessions`` (``proxy.udp_max_sessions`` sessions are open: live ones are never
+evicted), ``upstream_error`` (no upstream socket could be had), ``loop``, ``no_original_dst``, ``would_block`` (a send
+that would block: UDP never waits) and ``send_error``. Nothing here raises into the server but ``Cancelled`` and an
+error of the listener itself.
+
+Resource handling: a session's task closes its upstream socket, releases its port and logs its line in ``finally``.
+:meth:`UdpRelay.stop` ends every session at once and closes the listeners; :meth:`UdpRelay.close` the raw sockets too.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+
+from tproxy import log, sockets
+from tproxy.config import Config
+from tproxy.stats import Stats
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_PROTO_UDP = 17
+_UDP_HEADER = struct.Struct("!HHHH")
+BATCH = 64  # datagrams a receive loop reads in a row before yielding to the other tasks
+PORT_ATTEMPTS = 4  # chosen upstream ports tried before giving up on a session
+# errnos of recvmsg on the listener that concern one datagram or a passing shortage: go on with the next one
+_TRANSIENT = frozenset({errno.ENOBUFS, errno.ENOMEM, errno.EINTR, errno.ECONNREFUSED, errno.EHOSTUNREACH})
+
+_current_time = trio.current_time
+_wait_readable = trio.lowlevel.wait_readable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure parts: the checksum and the header
+
+
+def ones_complement_sum(data: bytes | bytearray | memoryview) -> int:
+    """The 16-bit one's complement sum of ``data`` (RFC 1071), odd lengths padded with a zero byte.
+
+    Since 2**16 = 1 (mod 0xffff), the sum of the big-endian 16-bit words is the whole buffer read as one big-endian
+    integer, modulo 0xffff: one C-level pass instead of a Python loop. A non-zero sum that is a multiple of 0xffff is
+    0xffff (one's complement has two zeros); an all-zero buffer sums to 0.
+    """
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    n = int.from_bytes(data, "big")
+    if n == 0:
+        return 0
+    s = n % 0xFFFF
+    return s or 0xFFFF
+
+
+def udp_header(src: str, dst: str, sport: int, dport: int, payload: bytes | memoryview, family: int) -> bytes:
+    """The 8-byte UDP header for ``payload`` from ``src:sport`` to ``dst:dport``, with its checksum over the IPv4 or
+    IPv6 pseudo-header (``family`` 4 or 6; the checksum is mandatory for IPv6). A computed checksum of 0 is sent as
+    0xffff (0 means "none" on the wire). Pure."""
+    length = 8 + len(payload)
+    af = _AF[family]
+    if family == 4:
+        pseudo = socket.inet_pton(af, src) + socket.inet_pton(af, dst) + struct.pack("!BBH", 0, _PROTO_UDP, length)
+    else:
+        pseudo = socket.inet_pton(af, src) + socket.inet_pton(af, dst) + struct.pack("!I3xB", length, _PROTO_UDP)
+    head = _UDP_HEADER.pack(sport, dport, length, 0)
+    total = ones_complement_sum(pseudo) + ones_complement_sum(head) + ones_complement_sum(payload)
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    checksum = ~total & 0xFFFF
+    return _UDP_HEADER.pack(sport, dport, length, checksum or 0xFFFF)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sessions
+
+
+@attrs.define(eq=False)
+class Session:
+    """One (client, original destination) flow. ``scope`` is the session task's cancel scope: its deadline is the
+    idle expiry, pushed forward by every datagram either way."""
+
+    family: int  # 4 or 6
+    client: tuple[str, int]
+    dst: tuple[str, int]
+    upstream: socket.socket
+    usrc: tuple[str, int]
+    target: tuple[str, int]
+    reserved: int | None  # a port taken from the chooser (released at the end)
+    scope: trio.CancelScope
+    t0: float
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reason: str | None = None  # set by whoever ends it (stop: "shutdown", ICMP: "refused"); idle when None
+
+
+class UdpRelay:
+    """The UDP side of a :class:`~tproxy.server.Server`: listeners, raw reply sockets, sessions.
+
+    The server starts it (:meth:`start`) with its two nurseries and stops it (:meth:`stop`) when it stops accepting.
+    ``is_loop(dst)``: whether ``dst`` is the proxy itself (the server's check for connections); ``mark``: the upstream
+    sockets' SO_MARK (the server's, so both protocols follow the same reply routing).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        listeners: Sequence[socket.socket],
+        stats: Stats,
+        *,
+        mark: int,
+        is_loop: Callable[[tuple[str, int]], bool] = lambda dst: False,
+        port_start: int | None = None,
+    ) -> None:
+        self.stats = stats
+        self.mark = mark
+        self.is_loop = is_loop
+        self.preserve = config.preserve_source
+        self.loopback = config.proxy.upstream == "loopback"
+        ports = config.proxy.upstream_ports
+        self.chooser = sockets.PortChooser(ports.lo, ports.hi)
+        if port_start is None:
+            from tproxy.privileges import _unprivileged_port_start
+
+            port_start = _unprivileged_port_start()
+        self.port_start = port_start
+        self.idle_timeout = config.proxy.udp_idle_timeout
+        self.max_sessions = config.proxy.udp_max_sessions
+        self.listeners: list[socket.socket] = list(listeners)
+        self.raws: dict[int, socket.socket] = {}
+        self.sessions: dict[tuple[tuple[str, int], tuple[str, int]], Session] = {}
+        self._tuples: set[tuple[str, int, tuple[str, int]]] = set()  # live upstream (ip, port, target)
+        self._receivers: dict[socket.socket, trio.CancelScope] = {}
+        self._accepts: trio.Nursery | None = None
+        self._conns: trio.Nursery | None = None
+        self._stopped = False
+        self._last_warning = -1e9
+
+    # -- lifecycle
+
+    async def start(self, accepts: trio.Nursery, conns: trio.Nursery) -> None:
+        """Receive on every listener: the loops in ``accepts``, the sessions in ``conns``."""
+        self._accepts, self._conns = accepts, conns
+        for lsock in self.listeners:
+            await accepts.start(self._receive, lsock)
+
+    async def adopt(self, socks: Sequence[socket.socket]) -> None:
+        """Receive on ``socks`` too (a reload); from now on they are ours to close."""
+        if self._stopped or self._accepts is None:
+            raise RuntimeError("the server is stopping")
+        for lsock in socks:
+            self.listeners.append(lsock)
+            await self._accepts.start(self._receive, lsock)
+
+    def retire(self, socks: Sequence[socket.socket]) -> None:
+        """Stop receiving on ``socks`` and close them; sessions are not touched (their replies use the raw sockets)."""
+        for lsock in socks:
+            scope = self._receivers.pop(lsock, None)
+            if scope is not None:
+                scope.cancel()
+            if lsock in self.listeners:
+                self.listeners.remove(lsock)
+            if lsock.fileno() >= 0:
+                trio.lowlevel.notify_closing(lsock)  # (its receive loop may still wait on it)
+            lsock.close()
+
+    def stop(self) -> None:
+        """No new datagram is read; every session ends now (``shutdown``). Idempotent."""
+        self._stopped = True
+        self.retire(list(self.listeners))
+        for s in self.sessions.values():
+            if s.reason is None:
+                s.reason = "shutdown"
+            s.scope.cancel()
+
+    def close(self) -> None:
+        """:meth:`stop`, and the raw sockets closed (once no session task runs)."""
+        self.stop()
+        for raw in self.raws.values():
+            raw.close()
+        self.raws.clear()
+
+    def apply_settings(self, config: Config) -> None:
+        """``udp_idle_timeout`` (for every session, from its next datagram) and ``udp_max_sessions`` (new sessions)."""
+        self.idle_timeout = config.proxy.udp_idle_timeout
+        self.max_sessions = config.proxy.udp_max_sessions
+
+    # -- client -> application
+
+    async def _receive(self, lsock: socket.socket, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        family = 6 if lsock.family == socket.AF_INET6 else 4
+        recvmsg = lsock.recvmsg
+        space = sockets.ORIGDST_CMSG_SPACE
+        size = sockets.UDP_MAX_PAYLOAD + 1
+        datagram = self._datagram
+        with trio.CancelScope() as scope:
+            self._receivers[lsock] = scope
+            task_status.started()
+            batch = 0
+            while True:
+                try:
+                    data, anc, _flags, addr = recvmsg(size, space)
+                except BlockingIOError:
+                    batch = 0
+                    try:
+                        await _wait_readable(lsock)
+                    except trio.ClosedResourceError:  # retire() closed it
+                        return
+                    continue
+                except OSError as e:
+                    if e.errno in _TRANSIENT:
+                        continue
+                    if lsock.fileno() < 0:  # closed by retire()
+                        return
+                    raise
+                datagram(family, data, anc, addr)
+                batch += 1
+                if batch >= BATCH:
+                    batch = 0
+                    await trio.lowlevel.checkpoint()
+
+    def _drop(self, reason: str) -> None:
+        self.stats.udp_dropped[reason] += 1
+
+    def _datagram(self, family: int, data: bytes, anc: list, addr: tuple) -> None:
+        """One datagram from a client: to its session, opened first if need be."""
+        dst = sockets.udp_original_dst(anc)
+        if dst is None:
+            self._drop("no_original_dst")
+            return
+        client = (addr[0], addr[1])
+        s = self.sessions.get((client, dst))
+        if s is None or s.scope.cancel_called:  # (an expired session whose task has not ended yet: a new one)
+            s = self._open(family, client, dst)
+            if s is None:
+                return
+        s.scope.deadline = _current_time() + self.idle_timeout
+        try:
+            s.upstream.send(data)
+        except BlockingIOError:
+            self._drop("would_block")
+            return
+        except OSError:  # e.g. ECONNREFUSED: the ICMP answer to an earlier datagram
+            self._drop("send_error")
+            return
+        stats = self.stats
+        s.datagrams_in += 1
+        s.bytes_in += len(data)
+        stats.udp_datagrams_in += 1
+        stats.udp_bytes_in += len(data)
+
+    def _open(self, family: int, client: tuple[str, int], dst: tuple[str, int]) -> Session | None:
+        if self._stopped or self._conns is None:
+            return None
+        if self.is_loop(dst):
+            self._drop("loop")
+            return None
+        if len(self.sessions) >= self.max_sessions:
+            self._drop("max_sessions")
+            self._warn("udp_max_sessions", open=len(self.sessions), hint="raise proxy.udp_max_sessions")
+            return None
+        af = _AF[family]
+        try:
+            if family not in self.raws:
+                self.raws[family] = sockets.raw_udp_socket(family)
+            upstream, usrc, reserved, target = self._connect(af, client, dst)
+        except OSError as e:
+            self._drop("upstream_error")
+            self._warn("udp_upstream_error", client=log.addr(client), error=e.strerror or str(e))
+            return None
+        s = Session(
+            family=family,
+            client=client,
+            dst=dst,
+            upstream=upstream,
+            usrc=usrc,
+            target=target,
+            reserved=reserved,
+            scope=trio.CancelScope(),
+            t0=_current_time(),
+        )
+        self.sessions[(client, dst)] = s
+        self.chooser.add_intercepted(client, dst)
+        self._tuples.add((usrc[0], usrc[1], target))
+        self.stats.udp_sessions += 1
+        self.stats.udp_sessions_open += 1
+        self._conns.start_soon(self._session, s, name="tproxy.udp_session")
+        return s
+
+    def _connect(
+        self, af: int, client: tuple[str, int], dst: tuple[str, int]
+    ) -> tuple[socket.socket, tuple[str, int], int | None, tuple[str, int]]:
+        """The upstream socket: (socket, its source, the chooser's port or None, target). Raises OSError."""
+        target = (sockets.LOOPBACK[af], dst[1]) if self.loopback else dst
+        if not self.preserve:
+            sock = sockets.udp_upstream_socket(af, transparent=False, mark=0, source=None, target=target)
+            return sock, sockets.sockname(sock), None, target
+        cip = client[0]
+        if self.loopback and client[1] >= self.port_start and (cip, client[1], target) not in self._tuples:
+            sock = sockets.udp_upstream_socket(af, transparent=True, mark=self.mark, source=client, target=target)
+            return sock, client, None, target
+        tried: set[int] = set()
+        err: OSError | None = None
+        for _ in range(PORT_ATTEMPTS):
+            port = self.chooser.choose(cip, dst, tried)
+            if port is None:
+                break
+            tried.add(port)
+            if (cip, port, target) in self._tuples:
+                continue
+            try:
+                sock = sockets.udp_upstream_socket(
+                    af, transparent=True, mark=self.mark, source=(cip, port), target=target
+                )
+            except OSError as e:
+                err = e
+                continue
+            self.chooser.reserve(cip, port)
+            return sock, (cip, port), port, target
+        raise err or OSError(errno.EADDRNOTAVAIL, "no free source port for the client's address")
+
+    def _warn(self, name: str, **fields: object) -> None:
+        now = _current_time()
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            log.event(name, logging.WARNING, **fields)
+
+    # -- one session: application -> client
+
+    async def _session(self, s: Session) -> None:
+        """The session from its first datagram to its log line: replies to the client until it expires or ends."""
+        note = None
+        try:
+            with s.scope:
+                await self._replies(s)
+        except Exception as e:
+            s.reason = "error"
+            note = errno.errorcode.get(e.errno, str(e)) if isinstance(e, OSError) and e.errno else repr(e)
+            if not isinstance(e, OSError):
+                log.event("udp_session_error", logging.ERROR, exc_info=e, client=log.addr(s.client))
+        except BaseException:
+            s.reason = s.reason or "cancelled"
+            raise
+        finally:
+            self._end(s, note)
+
+    async def _replies(self, s: Session) -> None:
+        up = s.upstream
+        recv = up.recv
+        size = sockets.UDP_MAX_PAYLOAD + 1
+        while True:
+            try:
+                data = recv(size)
+            except BlockingIOError:
+                await _wait_readable(up)
+                continue
+            except ConnectionRefusedError:  # ICMP port unreachable: nothing listens on the application's port
+                s.reason = "refused"
+                return
+            s.scope.deadline = _current_time() + self.idle_timeout
+            self._reply(s, data)
+
+    def _reply(self, s: Session, data: bytes) -> None:
+        raw = self.raws.get(s.family)
+        if raw is None:
+            self._drop("send_error")
+            return
+        src, dst = s.dst, s.client
+        head = udp_header(src[0], dst[0], src[1], dst[1], data, s.family)
+        try:
+            raw.sendmsg([head, data], [sockets.pktinfo(s.family, src[0])], 0, (dst[0], 0))
+        except BlockingIOError:
+            self._drop("would_block")
+            return
+        except OSError:
+            self._drop("send_error")
+            return
+        stats = self.stats
+        s.datagrams_out += 1
+        s.bytes_out += len(data)
+        stats.udp_datagrams_out += 1
+        stats.udp_bytes_out += len(data)
+
+    def _end(self, s: Session, note: str | None) -> None:
+        """Close, release, count, log. Never raises."""
+        try:
+            s.upstream.close()
+        finally:
+            if self.sessions.get((s.client, s.dst)) is s:
+                del self.sessions[(s.client, s.dst)]
+            self.chooser.remove_intercepted(s.client, s.dst)
+            self._tuples.discard((s.usrc[0], s.usrc[1], s.target))
+            if s.reserved is not None:
+                self.chooser.release(s.client[0], s.reserved)
+            self.stats.udp_sessions_open -= 1
+        fields: dict[str, object] = {
+            "client": log.addr(s.client),
+            "original_dst": log.addr(s.dst),
+            "upstream_src": log.addr(s.usrc),
+            "datagrams_in": s.datagrams_in,
+            "bytes_in": s.bytes_in,
+            "datagrams_out": s.datagrams_out,
+            "bytes_out": s.bytes_out,
+            "duration_ms": round((_current_time() - s.t0) * 1000, 1),
+            "reason": s.reason or "idle",
+        }
+        if note is not None:
+            fields["error"] = note
+        log.event("udp_session", **fields)
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    """One UDP listener per family, at the TCP listener's address and port; none when ``intercept.udp_ports`` is
+    empty or the mode is not tproxy.
+
+    Error handling: PrivilegeError / TproxyError (see :func:`tproxy.sockets.udp_listener`); sockets bound so far are
+    closed.
+    """
+    if config.mode != "tproxy" or not config.intercept.udp_ports:
+        return []
+    out: list[socket.socket] = []
+    try:
+        for family in config.families:
+            out.append(sockets.udp_listener(family, config.listener.address_for(family), config.listener.port))
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
