@@ -28,6 +28,40 @@ deps:
       echo "installed: ${need[*]}"
     fi
 
+# Install what `just image` needs when missing (mmdebstrap, podman, runc)
+image-deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+    command -v podman >/dev/null || need+=(podman)
+    command -v runc >/dev/null || need+=(runc)
+    if [ ${#need[@]} -gt 0 ]; then
+      if [ "$(id -u)" -ne 0 ]; then echo "just image-deps: need root to install: ${need[*]}" >&2; exit 1; fi
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+      echo "installed: ${need[*]}"
+    fi
+
+# Build the container image (root): a Debian base by mmdebstrap, `podman import`, conf/Containerfile on top, offline
+image tag="localhost/tproxy:latest": image-deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    out=build/image
+    rm -rf "$out" && mkdir -p "$out/context"
+    pip wheel --quiet --wheel-dir "$out/context/wheels" .
+    mmdebstrap --quiet --variant=minbase \
+      --include=python3,python3-venv,nftables,iptables,iproute2,libcap2-bin \
+      --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+      --dpkgopt='path-exclude=/usr/share/locale/*' \
+      bookworm "$out/base.tar"
+    podman import --quiet "$out/base.tar" localhost/tproxy-base:bookworm >/dev/null
+    rm "$out/base.tar"
+    # runc and low limits: crun and podman's default limits need cgroup v2 and CAP_SYS_RESOURCE (not on our machines)
+    podman build --quiet --layers=false --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --network none \
+      --build-arg BASE=localhost/tproxy-base:bookworm -f conf/Containerfile -t {{tag}} "$out/context"
+    echo "built {{tag}}"
+
 # Run the self-contained demo in network namespaces (root): the application sees the client's real IP, both modes
 demo *args: deps
     tproxy demo {{args}}
@@ -35,6 +69,10 @@ demo *args: deps
 # Run the whole test suite; options go to pytest (root-only tests skip elsewhere and say why)
 test *args: deps
     pytest {{args}}
+
+# Build the container image and test it (root, minutes): the tests marked `image`, left out of `just test`
+test-image *args: deps image-deps
+    pytest -m image tests/test_image.py {{args}}
 
 # Run only the end-to-end tests in network namespaces (root): mode x backend x family matrix, load, lifecycle, demo
 e2e *args: deps

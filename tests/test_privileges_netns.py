@@ -234,3 +234,66 @@ def test_privileged_parent_removes_rules_when_the_proxy_is_killed(lab, runtime):
     assert parent.proc.wait(30) == 128 + signal.SIGKILL, parent.log()
     assert "proxy_killed" in parent.log()
     assert rules_and_routes(lab) == before
+
+
+# As a container runtime (runc) starts a non-root container with NET_RAW added: bounding and permitted, never ambient
+# or inheritable; no_new_privs for allowPrivilegeEscalation: false. execve keeps NET_RAW only through the interpreter's
+# file capability (the image: `setcap cap_net_raw+p`, no effective bit), and `tproxy run` raises it to effective.
+AS_A_RUNTIME = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all,+net_raw", "--nnp"]
+
+
+@pytest.fixture(scope="module")
+def copied_runtime() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """The base interpreter with PYTHONPATH (a copy of it elsewhere would lose a venv)."""
+    workdir = Path(tempfile.mkdtemp(prefix="tpx-priv-"))
+    try:
+        yield runtime_argv(workdir, force_copy=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def file_capable_copy(argv: list[str], workdir: Path, caps: str) -> list[str]:
+    """``argv`` with its interpreter replaced by a copy carrying the file capabilities ``caps``."""
+    copy = workdir / f"python-{caps.replace('+', '-').replace('=', '-')}"
+    shutil.copy2(os.path.realpath(argv[0]), copy)
+    copy.chmod(0o755)
+    subprocess.run(["setcap", caps, str(copy)], check=True)
+    return [str(copy), *argv[1:]]
+
+
+def test_as_a_kubernetes_runtime_the_interpreters_file_capability_serves(lab, copied_runtime):
+    argv, env = copied_runtime
+    argv = file_capable_copy(argv, lab.workdir, "cap_net_raw+p")
+    config = lab.write_config(proxy_config("tproxy", "nftables"))
+    config.chmod(0o644)
+    lab.tproxy("rules", "apply", "-c", str(config))
+    proxy = start(lab, [*SETPRIV, *AS_A_RUNTIME, *argv, "run", "--no-rules", "-c", str(config)], env, config)
+
+    creds = ProcessCredentials.of(proxy.pid)
+    assert creds.uids == (NOBODY,) * 4 and creds.no_new_privs
+    assert creds.effective == creds.permitted == NET_RAW_ONLY and creds.ambient == creds.inheritable == 0
+    assert_client_address_seen_through_proxy(lab)
+    assert proxy.stop() == 0, proxy.log()
+    lab.tproxy("rules", "remove", "-c", str(config))
+
+
+def test_as_a_kubernetes_runtime_without_the_file_capability_net_raw_is_lost(lab, copied_runtime):
+    """The control: the same grant and a plain interpreter fail at start (so the test above proves the file cap)."""
+    argv, env = copied_runtime
+    config = lab.write_config(proxy_config("tproxy", "nftables"))
+    config.chmod(0o644)
+    r = lab.node.run([*SETPRIV, *AS_A_RUNTIME, *argv, "run", "--no-rules", "-c", str(config)], check=False, env=env)
+    assert r.returncode == 1 and r.stderr.startswith("tproxy: missing CAP_NET_RAW: "), r
+
+
+def test_the_permitted_only_file_capability_runs_without_net_raw_in_the_bounding_set(lab, copied_runtime):
+    """Why no effective bit: with cap_net_raw+ep the kernel refuses to execute the interpreter where NET_RAW is not in
+    the bounding set (capabilities drop ALL: the zero-capability pod); with +p it runs."""
+    argv, env = copied_runtime
+    no_caps = ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--nnp"]
+    plus_p = file_capable_copy(argv, lab.workdir, "cap_net_raw+p")
+    plus_ep = file_capable_copy(argv, lab.workdir, "cap_net_raw+ep")
+    ok = lab.node.run([*SETPRIV, *no_caps, *plus_p, "--version"], check=False, env=env, cwd="/")
+    assert ok.returncode == 0 and ok.stdout.startswith("tproxy "), ok
+    refused = lab.node.run([*SETPRIV, *no_caps, *plus_ep, "--version"], check=False, env=env, cwd="/")
+    assert refused.returncode == 126 and "Operation not permitted" in refused.stderr, refused

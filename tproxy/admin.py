@@ -149,7 +149,7 @@ def config_document(config: Config) -> dict:
     """``/config``: every key as the file spells it, with its effective value and where that value came from."""
     settings = config.settings()
     return {
-        "file": config.source,
+        "file": config.file,
         "settings": {key: {"value": value, "source": config.source_of(key)} for key, value in settings.items()},
     }
 

@@ -27,13 +27,13 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
 import attrs
 
-from tproxy.config import Config
+from tproxy.config import ENV_PREFIX, Config
 from tproxy.errors import TproxyError
 
 TIMEOUT = 20  # seconds for any one program we run
@@ -71,9 +71,15 @@ def failed(name: str, reason: str, fix: str) -> Result:
 
 
 def run_checks(
-    config_path: str | Path, *, mode: str | None = None, backend: str | None = None, out: TextIO | None = None
+    config_path: str | Path | None,
+    *,
+    mode: str | None = None,
+    backend: str | None = None,
+    out: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
-    """Run every check for the config at ``config_path`` (``mode``/``backend`` override it); print; exit status."""
+    """Run every check for the config at ``config_path`` overridden by the ``TPROXY_`` variables of ``environ``
+    (none when not given) and ``mode``/``backend``; print; exit status."""
     out = out or sys.stdout
     results: list[Result] = []
 
@@ -82,12 +88,14 @@ def run_checks(
         print(result.line(), file=out, flush=True)
 
     try:
-        config = Config.from_toml(config_path, mode=mode, backend=backend)
+        config = Config.load(config_path, environ or {}, mode=mode, backend=backend)
     except TproxyError as e:
         key = getattr(e, "key", "")
         source = getattr(e, "source", "")
         if source.startswith("--"):
             fix = f"correct the {source} flag"
+        elif source == "environment":
+            fix = f"correct the variable {key}" if key else "set TPROXY_INTERCEPT_PORTS or give -c a config file"
         elif key:
             fix = f"correct {key} in {source}"
         else:
@@ -98,7 +106,13 @@ def run_checks(
     emit(
         passed(
             "config valid",
-            f"{config_path} (mode {config.mode}, backend {config.backend}, {families}, relay {config.proxy.relay})",
+            f"{config_path or 'environment'} (mode {config.mode}, backend {config.backend}, {families}, "
+            f"relay {config.proxy.relay})"
+            + (
+                f"; from the environment: {', '.join(config.from_environment().values())}"
+                if config.from_environment()
+                else ""
+            ),
         )
     )
 
@@ -118,13 +132,16 @@ def run_checks(
 def check_capabilities(config: Config, config_path: object) -> Iterator[Result]:
     from tproxy.privileges import CAP_NET_ADMIN, ProcessCredentials, cap_name, cap_set, required_capabilities
 
-    have = cap_set(ProcessCredentials.of().effective)
+    creds = ProcessCredentials.of()
+    have, permitted = cap_set(creds.effective), cap_set(creds.permitted)
     need = {CAP_NET_ADMIN: "installing the interception rules and routes"}
     need.update(required_capabilities(config, binds_listener=True))
     for cap, why in need.items():
         name = cap_name(cap)
         if cap in have:
             yield passed(f"privilege {name}", why)
+        elif cap in permitted and cap != CAP_NET_ADMIN:  # (file capabilities: `tproxy run` raises it)
+            yield passed(f"privilege {name}", f"{why} (permitted; `tproxy run` makes it effective)")
         elif cap == CAP_NET_ADMIN:
             yield failed(
                 f"privilege {name}",
@@ -361,9 +378,11 @@ def _rules_roundtrip(ns, config: Config, config_path: object) -> Result:
         peer = ["peer", "name", f"tpxchk{i}"]
         ns.run(["ip", "link", "add", iface, "type", "veth", *peer], check=False, timeout=TIMEOUT)
     base = [sys.executable, "-m", "tproxy", "rules"]
-    flags = ["-c", str(config_path), "--mode", config.mode, "--backend", config.backend]
-    applied = ns.run([*base, "apply", *flags], check=False, timeout=60)
-    removed = ns.run([*base, "remove", *flags], check=False, timeout=60)
+    flags = ["-c", str(config_path)] if config_path else []
+    flags += ["--mode", config.mode, "--backend", config.backend]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | dict(config.environ)
+    applied = ns.run([*base, "apply", *flags], check=False, timeout=60, env=env)
+    removed = ns.run([*base, "remove", *flags], check=False, timeout=60, env=env)
     if applied.returncode != 0:
         return failed(
             name,
@@ -504,10 +523,11 @@ def check_leftovers(config: Config, config_path: object) -> Iterator[Result]:
     if not found:
         yield passed(name)
     else:
+        remove = "tproxy rules remove" + (f" -c {config_path}" if config_path else "")
         yield failed(
             name,
             "; ".join(found),
-            f"a tproxy is running or an earlier one was killed: stop it, or `tproxy rules remove -c {config_path}`; "
+            f"a tproxy is running or an earlier one was killed: stop it, or `{remove}`; "
             "if the rule or table is not tproxy's, choose another routing.mark / routing.table",
         )
 

@@ -6,6 +6,7 @@ work. Exit status: 0 success, 2 usage or configuration error, 1 runtime failure.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -26,7 +27,15 @@ rules_app = typer.Typer(help="Show, apply or remove the interception rules and p
 app.add_typer(rules_app, name="rules")
 
 ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="TOML config file.", dir_okay=False, show_default=False)
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file; TPROXY_<SECTION>_<KEY> variables override it, flags override both. "
+        "Optional when the environment sets the required keys.",
+        dir_okay=False,
+        show_default=False,
+    ),
 ]
 ModeOpt = Annotated[
     str | None, typer.Option("--mode", help="Override the config's mode: tproxy | nat.", show_default=False)
@@ -42,9 +51,9 @@ def _fail(err: TproxyError) -> NoReturn:
     raise typer.Exit(err.exit_code)
 
 
-def _load(path: Path, mode: str | None = None, backend: str | None = None) -> Config:
+def _load(path: Path | None, mode: str | None = None, backend: str | None = None) -> Config:
     try:
-        return Config.from_toml(path, mode=mode, backend=backend)
+        return Config.load(path, os.environ, mode=mode, backend=backend)
     except TproxyError as e:
         _fail(e)
 
@@ -66,7 +75,7 @@ def _root(
 
 @app.command()
 def run(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     mode: ModeOpt = None,
     backend: BackendOpt = None,
     no_rules: Annotated[
@@ -89,16 +98,19 @@ def run(
 
 
 @rules_app.command("show")
-def rules_show(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
+def rules_show(config: ConfigOpt = None, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
     """Print exactly what would be installed (rule file, then routing as ip commands), touching nothing."""
     cfg = _load(config, mode, backend)
     from tproxy import rules
 
+    env = cfg.from_environment()
+    if env:  # (comment lines: the output stays a file nft -f / iptables-restore accept)
+        sys.stdout.write("# from the environment: " + ", ".join(f"{k} ({v})" for k, v in env.items()) + "\n")
     sys.stdout.write(rules.show(cfg))
 
 
 @rules_app.command("apply")
-def rules_apply(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
+def rules_apply(config: ConfigOpt = None, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
     """Install the rules and routes atomically (idempotent: applying twice changes nothing)."""
     cfg = _load(config, mode, backend)
     from tproxy import rules
@@ -110,7 +122,7 @@ def rules_apply(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = N
 
 
 @rules_app.command("remove")
-def rules_remove(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
+def rules_remove(config: ConfigOpt = None, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
     """Remove every rule and route tproxy installed, and nothing else; watchers leave them out until the next apply."""
     cfg = _load(config, mode, backend)
     from tproxy import rules
@@ -126,7 +138,7 @@ REMOVED_BY_OPERATOR = 3
 
 @rules_app.command("check")
 def rules_check(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     mode: ModeOpt = None,
     backend: BackendOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only what is missing.")] = False,
@@ -152,11 +164,11 @@ def rules_check(
 
 
 @app.command()
-def check(config: ConfigOpt, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
+def check(config: ConfigOpt = None, mode: ModeOpt = None, backend: BackendOpt = None) -> None:
     """Preflight: validate the config and check the host. A line per check; exit 0 only when all pass."""
     from tproxy.check import run_checks
 
-    raise typer.Exit(run_checks(config, mode=mode, backend=backend))
+    raise typer.Exit(run_checks(config, mode=mode, backend=backend, environ=os.environ))
 
 
 @app.command()

@@ -1,8 +1,10 @@
-"""TOML configuration -> frozen attrs objects.
+"""TOML configuration (+ ``TPROXY_`` environment variables, + flags) -> frozen attrs objects.
 
 Nothing else in tproxy reads TOML or passes dicts of settings around: the loader below walks the document, names the
 file and key path of anything wrong (:class:`~tproxy.errors.ConfigError`), and builds the frozen objects. attrs
-validators guard the invariants of the objects themselves; the messages an operator sees come from the loader.
+validators guard the invariants of the objects themselves; the messages an operator sees come from the loader. The
+environment is turned into the same document first (:meth:`Config.load`), so a variable gets the same checks and
+messages as a key of the file, naming ``environment`` and the variable instead.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import re
 import tomllib
 import types
 from collections.abc import Callable, Mapping
@@ -205,7 +208,8 @@ class Privileges:
 
 @attrs.frozen(kw_only=True)
 class Config:
-    """The whole configuration. Build it with :meth:`from_toml`; override with :meth:`with_overrides`."""
+    """The whole configuration. Build it with :meth:`load` (file + environment + flags) or :meth:`from_toml`;
+    override with :meth:`with_overrides`."""
 
     mode: str = attrs.field(default="tproxy", validator=attrs.validators.in_(MODES))
     backend: str = attrs.field(default="nftables", validator=attrs.validators.in_(BACKENDS))
@@ -216,7 +220,14 @@ class Config:
     admin: Admin = Admin()
     log: Log = Log()
     privileges: Privileges = Privileges()
-    source: str = "<config>"  # the file it came from, for messages
+    source: str = "<config>"  # the file it came from ("environment" when there is none), for messages
+    file: str | None = None  # the config file, re-read on SIGHUP; None: the environment alone
+    # the TPROXY_ variables it was built from, fixed for the life of the process (a reload reuses them)
+    environ: Mapping[str, str] = attrs.field(
+        factory=dict, converter=lambda d: types.MappingProxyType(dict(d)), eq=False, repr=False
+    )
+    # TPROXY_ variables ignored as Kubernetes' service links for a Service named "tproxy" (logged at debug)
+    ignored: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
     # key path ("proxy.idle_timeout") -> "file" | "environment" | "flag" for every key not left at its default;
     # not part of equality: two configs that run the same are the same, wherever their values came from
     origins: Mapping[str, str] = attrs.field(
@@ -238,6 +249,17 @@ class Config:
     @property
     def families(self) -> tuple[int, ...]:
         return self.intercept.families
+
+    def where(self, key: str) -> tuple[str, str]:
+        """(source, key) to name in an error about ``key``: ``("environment", "TPROXY_...")`` when its value came
+        from the environment, else the file and the key path."""
+        if self.source_of(key) == "environment" or self.file is None:
+            return "environment", env_name(key)
+        return self.source, key
+
+    def from_environment(self) -> dict[str, str]:
+        """Key path -> the variable that set it, for every key whose value came from the environment."""
+        return {k: env_name(k) for k, v in sorted(self.origins.items()) if v == "environment"}
 
     def source_of(self, key: str) -> str:
         """Where the value of ``key`` (a path as the file spells it, e.g. ``"proxy.idle_timeout"``) came from: one
@@ -287,25 +309,46 @@ class Config:
         }
 
     @classmethod
+    def load(
+        cls,
+        path: str | Path | None,
+        environ: Mapping[str, str],
+        *,
+        mode: str | None = None,
+        backend: str | None = None,
+    ) -> Config:
+        """The file at ``path`` (optional), overridden by the ``TPROXY_`` variables of ``environ``, overridden by
+        ``mode``/``backend`` (command-line flags): flags > environment > file > defaults.
+
+        Every key has a variable: ``TPROXY_<SECTION>_<KEY>`` (top-level keys ``TPROXY_<KEY>``), lists
+        comma-separated, booleans ``true``/``false``, everything else as the file would spell it without quotes.
+        Only the ``TPROXY_`` variables are kept (:attr:`Config.environ`), so a reload sees the same environment.
+
+        Error handling: :class:`ConfigError`; a bad or unknown variable names ``environment`` and the variable, a key
+        of the file names the file and the key. The variables Kubernetes sets for a Service named ``tproxy``
+        (``TPROXY_PORT``, ``TPROXY_SERVICE_HOST``, ...) are not ours: they are skipped, listed in
+        :attr:`Config.ignored`.
+        """
+        env = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+        doc = _read_toml(str(path)) if path is not None else {}
+        overlay, names, ignored = _environment_document(env)
+        for section, values in overlay.items():
+            if not section:
+                doc.update(values)
+            elif isinstance(doc.setdefault(section, {}), dict):  # (else the walk reports the file's non-table)
+                doc[section].update(values)
+        loader = _Loader(str(path) if path is not None else "environment", env_names=names, env_only=path is None)
+        config = loader.load(doc, mode=mode, backend=backend)
+        return attrs.evolve(config, file=None if path is None else str(path), environ=env, ignored=ignored)
+
+    @classmethod
     def from_toml(cls, path: str | Path, *, mode: str | None = None, backend: str | None = None) -> Config:
         """Load ``path``; ``mode``/``backend`` (command-line flags) override the file.
 
         Error handling: any problem raises :class:`ConfigError` naming the file, the key path and the reason.
         """
-        source = str(path)
-        try:
-            raw = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(source, "", "no such file") from None
-        except OSError as e:
-            raise ConfigError(source, "", f"cannot read: {e.strerror}") from None
-        try:
-            doc = tomllib.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(source, "", "not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(source, "", f"invalid TOML: {e}") from None
-        return cls.from_dict(doc, source=source, mode=mode, backend=backend)
+        doc = _read_toml(str(path))
+        return cls.from_dict(doc, source=str(path), mode=mode, backend=backend)
 
     @classmethod
     def from_dict(
@@ -316,8 +359,9 @@ class Config:
         mode: str | None = None,
         backend: str | None = None,
     ) -> Config:
-        """Build from an already parsed TOML document (used by :meth:`from_toml` and by tests)."""
-        return _Loader(source).load(doc, mode=mode, backend=backend)
+        """Build from an already parsed TOML document of the file ``source`` (used by :meth:`from_toml` and by
+        tests); no environment."""
+        return attrs.evolve(_Loader(source).load(doc, mode=mode, backend=backend), file=source)
 
     def with_overrides(self, *, mode: str | None = None, backend: str | None = None) -> Config:
         """Command-line overrides (``--mode``, ``--backend``), checked like the file's values."""
@@ -327,12 +371,27 @@ class Config:
             raise ConfigError("--backend", "", f"unknown backend {backend!r} (expected one of: {', '.join(BACKENDS)})")
         if mode == "nat" and self.intercept.udp_ports:
             raise ConfigError(
-                self.source, "intercept.udp_ports", 'UDP needs mode = "tproxy" (--mode nat cannot intercept datagrams)'
+                *self.where("intercept.udp_ports"), 'UDP needs mode = "tproxy" (--mode nat cannot intercept datagrams)'
             )
         flags = {k: "flag" for k, v in (("mode", mode), ("backend", backend)) if v is not None}
         return attrs.evolve(
             self, mode=mode or self.mode, backend=backend or self.backend, origins={**self.origins, **flags}
         )
+
+
+def _read_toml(source: str) -> dict[str, Any]:
+    try:
+        raw = Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, "", "no such file") from None
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read: {e.strerror}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"invalid TOML: {e}") from None
 
 
 def _port_doc(r: PortRange) -> int | str:
@@ -365,6 +424,117 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
     "privileges": ("user", "group"),
 }
 
+# How a variable's text becomes the value the TOML walk expects, per key; lists are comma-separated, their items
+# stay text (ports are ints or "lo-hi" strings in the file alike). Every key of _SCHEMA has one (a test checks).
+_KINDS: dict[str, type] = {
+    "mode": str,
+    "backend": str,
+    "listener.address": str,
+    "listener.port": int,
+    "listener.proxy_protocol": str,
+    "listener.proxy_protocol_from": list,
+    "listener.proxy_protocol_timeout": float,
+    "intercept.ports": list,
+    "intercept.udp_ports": list,
+    "intercept.interfaces": list,
+    "intercept.exclude_ports": list,
+    "intercept.exclude_cidrs": list,
+    "intercept.ipv4": bool,
+    "intercept.ipv6": bool,
+    "routing.mark": int,
+    "routing.upstream_mark": int,
+    "routing.mask": int,
+    "routing.table": int,
+    "routing.check_interval": float,
+    "routing.reinstall": bool,
+    "proxy.preserve_source": bool,
+    "proxy.upstream": str,
+    "proxy.connect_timeout": float,
+    "proxy.idle_timeout": float,
+    "proxy.max_connections": int,
+    "proxy.shutdown_grace": float,
+    "proxy.upstream_ports": str,
+    "proxy.send_proxy_protocol": str,
+    "proxy.relay": str,
+    "proxy.udp_idle_timeout": float,
+    "proxy.udp_max_sessions": int,
+    "admin.address": str,
+    "log.level": str,
+    "log.format": str,
+    "privileges.user": str,
+    "privileges.group": str,
+}
+
+ENV_PREFIX = "TPROXY_"
+# What Kubernetes injects into every container of a namespace for a Service named "tproxy" (service links):
+# TPROXY_SERVICE_HOST, TPROXY_SERVICE_PORT[_<NAME>], TPROXY_PORT, TPROXY_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR].
+_SERVICE_LINK = re.compile(r"TPROXY_(SERVICE_HOST|SERVICE_PORT(_.+)?|PORT|PORT_[0-9]+_(TCP|UDP|SCTP)(_.+)?)")
+
+
+def env_name(key: str) -> str:
+    """The variable for key path ``key``: ``"proxy.idle_timeout"`` -> ``"TPROXY_PROXY_IDLE_TIMEOUT"``."""
+    return ENV_PREFIX + key.split("[", 1)[0].replace(".", "_").upper()
+
+
+def _env_keys() -> dict[str, str]:
+    """Variable name -> key path, for every key of the schema."""
+    out = {}
+    for section, keys in _SCHEMA.items():
+        for key in keys:
+            if section == "" and key in _SCHEMA:
+                continue  # a table, not a key
+            path = f"{section}.{key}" if section else key
+            out[env_name(path)] = path
+    return out
+
+
+def _environment_document(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], tuple]:
+    """The ``TPROXY_`` variables as the document the TOML walk validates: ``({section: {key: value}}, {key path:
+    variable}, ignored service-link variables)``. Section "" holds the top-level keys.
+
+    Only the text is converted here (an integer that is no integer, a boolean other than true/false); every check of
+    the value itself is the walk's, so a variable and a file key get the same messages.
+    """
+    known = _env_keys()
+    doc: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}
+    ignored = []
+    for name in sorted(env):
+        text = env[name]
+        path = known.get(name)
+        if path is None:
+            if _SERVICE_LINK.fullmatch(name):
+                ignored.append(name)
+                continue
+            hint = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            reason = "unknown variable" + (f" (did you mean {hint[0]}?)" if hint else "")
+            raise ConfigError("environment", name, f"{reason}; every key is TPROXY_<SECTION>_<KEY>")
+        section, _, key = path.rpartition(".")
+        doc.setdefault(section, {})[key] = _env_value(name, text, _KINDS[path])
+        names[path] = name
+    return doc, names, tuple(ignored)
+
+
+def _env_value(name: str, text: str, kind: type) -> Any:
+    if kind is list:
+        return [item.strip() for item in text.split(",")] if text.strip() else []
+    if kind is bool:
+        if text.strip() not in ("true", "false"):
+            raise ConfigError("environment", name, f"{text!r} is not a boolean (true or false)")
+        return text.strip() == "true"
+    if kind is int:
+        try:
+            return int(text.strip(), 0)
+        except ValueError:
+            raise ConfigError("environment", name, f"{text!r} is not an integer") from None
+    if kind is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ConfigError("environment", name, f"{text!r} is not a number") from None
+    return text
+
+
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
@@ -388,11 +558,16 @@ def _default(cls: type, name: str) -> Any:
 
 
 class _Loader:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, env_names: Mapping[str, str] = types.MappingProxyType({}), env_only=False):
         self.source = source
+        self.env_names = env_names  # key path -> the variable that set it
+        self.env_only = env_only  # no file: every key is named by its variable
         self.origins: dict[str, str] = {}  # what Config.origins will hold
 
     def error(self, key: str, reason: str) -> ConfigError:
+        path = key.split("[", 1)[0]
+        if path in self.env_names or (self.env_only and path):
+            return ConfigError("environment", self.env_names.get(path) or env_name(path), reason)
         return ConfigError(self.source, key, reason)
 
     # -- generic pieces
@@ -414,7 +589,8 @@ class _Loader:
                 raise self.error(path, reason)
         for key, item in value.items():
             if not isinstance(item, dict):
-                self.origins[f"{name}.{key}" if name else key] = "file"
+                path = f"{name}.{key}" if name else key
+                self.origins[path] = "environment" if path in self.env_names else "file"
         return value
 
     def typed(self, table: dict[str, Any], key: str, path: str, kind: type, default: Any) -> Any:

@@ -241,6 +241,9 @@ def check_capabilities(config: Config, *, manage_rules: bool, effective: int | N
     """
     if config.privileges.user is not None:
         resolve_identity(config)
+    if effective is None:
+        needed = set(required_capabilities(config, binds_listener=True)) | ({CAP_NET_ADMIN} if manage_rules else set())
+        raise_permitted(needed)
     have = cap_set(ProcessCredentials.of().effective if effective is None else effective)
     if manage_rules and CAP_NET_ADMIN not in have:
         raise PrivilegeError(
@@ -254,6 +257,23 @@ def check_capabilities(config: Config, *, manage_rules: bool, effective: int | N
                 f"`setpriv --inh-caps=+{cap_name(cap)[4:].lower()} --ambient-caps=+{cap_name(cap)[4:].lower()} ...` "
                 f"or systemd AmbientCapabilities={cap_name(cap)}"
             )
+
+
+def raise_permitted(caps: Iterable[int]) -> frozenset[int]:
+    """Make those of ``caps`` that are permitted but not effective effective; returns the ones raised.
+
+    Why: an interpreter with file capabilities in its permitted set only (``setcap cap_net_raw+p``, the container
+    image) starts with them permitted and not effective. Without the effective bit on the file, the kernel still runs
+    the interpreter where the capability is not in the bounding set (it refuses an effective-bit file there), so the
+    same image serves a pod with NET_RAW and one with none. Nothing outside the permitted set can be gained.
+
+    Error handling: :class:`PrivilegeError` if capset(2) refuses (it does not for a subset of the permitted set).
+    """
+    now = ProcessCredentials.of()
+    want = cap_mask(caps) & now.permitted & ~now.effective
+    if want:
+        _capset(effective=now.effective | want, permitted=now.permitted, inheritable=now.inheritable)
+    return cap_set(want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,22 +300,22 @@ def resolve_identity(config: Config) -> Identity:
         pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
         if not user.isdigit():
-            raise ConfigError(config.source, "privileges.user", f"no such user {user!r}") from None
+            raise ConfigError(*config.where("privileges.user"), f"no such user {user!r}") from None
         uid, gid = int(user), None
     else:
         uid, gid = pw.pw_uid, pw.pw_gid
     if uid == 0:
-        raise ConfigError(config.source, "privileges.user", f"{user!r} is root: that drops nothing")
+        raise ConfigError(*config.where("privileges.user"), f"{user!r} is root: that drops nothing")
     if group is not None:
         try:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             if not group.isdigit():
-                raise ConfigError(config.source, "privileges.group", f"no such group {group!r}") from None
+                raise ConfigError(*config.where("privileges.group"), f"no such group {group!r}") from None
             gid = int(group)
     if gid is None:
         raise ConfigError(
-            config.source, "privileges.group", f"uid {uid} has no passwd entry: set privileges.group as well"
+            *config.where("privileges.group"), f"uid {uid} has no passwd entry: set privileges.group as well"
         )
     return Identity(user=user, uid=uid, gid=gid)
 

@@ -211,11 +211,12 @@ def plan(old: Config, new: Config) -> Plan:
 
 
 def load(old: Config, overrides: dict[str, Any]) -> Config:
-    """Re-read ``old.source`` with the command-line overrides the process started with.
+    """Re-read ``old.file`` with the environment and the command-line overrides the process started with (the
+    environment is fixed for the life of the process: ``old.environ``, never ``os.environ`` again).
 
     Error handling: :class:`~tproxy.errors.ConfigError` (file, key, reason) for anything wrong; nothing else happens.
     """
-    return Config.from_toml(old.source, mode=overrides.get("mode"), backend=overrides.get("backend"))
+    return Config.load(old.file, old.environ, mode=overrides.get("mode"), backend=overrides.get("backend"))
 
 
 def install(old: Config, plan: Plan) -> str:
@@ -245,7 +246,9 @@ def install(old: Config, plan: Plan) -> str:
                 logging.ERROR,
                 backend=old.backend,
                 error=str(e),
-                hint=f"tproxy rules remove -c {old.source} --backend {old.backend}",
+                hint=f"tproxy rules remove -c {old.source} --backend {old.backend}"
+                if old.file
+                else f"tproxy rules remove --backend {old.backend}",
             )
     return summary
 

@@ -391,9 +391,9 @@ def _read_sysctl(s: Sysctl, config: Config) -> str:
         return s.path.read_text().strip()
     except FileNotFoundError:
         iface = s.parts[3]
+        where = ": ".join(config.where("intercept.interfaces"))
         raise RulesError(
-            f"{config.source}: intercept.interfaces: interface {iface!r} does not exist "
-            f'(needed to set {s.key} for proxy.upstream = "loopback")'
+            f'{where}: interface {iface!r} does not exist (needed to set {s.key} for proxy.upstream = "loopback")'
         ) from None
     except OSError as e:
         raise RulesError(f"cannot read {s.path}: {e.strerror}") from None
@@ -405,4 +405,7 @@ def _write_sysctl(path: Path, value: str) -> None:
     except PermissionError:
         raise RulesError(f"{NEEDS_ROOT}: cannot write {path}") from None
     except OSError as e:
-        raise RulesError(f"cannot write {path}: {e.strerror}") from None
+        hint = ""
+        if e.errno == errno.EROFS and path.name == "route_localnet":
+            hint = ' (in a container /proc/sys is read-only: use proxy.upstream = "original")'
+        raise RulesError(f"cannot write {path}: {e.strerror}{hint}") from None

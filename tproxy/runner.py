@@ -370,7 +370,7 @@ def _overrides(config: Config, mode: str | None, backend: str | None) -> dict[st
     """The command-line overrides to keep on reload: as given, or else what differs from the file as it is now."""
     out = {k: v for k, v in (("mode", mode), ("backend", backend)) if v is not None}
     try:
-        on_disk = Config.from_toml(config.source)
+        on_disk = Config.load(config.file, config.environ)
     except TproxyError:
         return out
     for key in ("mode", "backend"):
@@ -381,12 +381,17 @@ def _overrides(config: Config, mode: str | None, backend: str | None) -> dict[st
 
 def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend: str | None = None) -> int:
     """Install rules (when ``manage_rules``), serve until SIGTERM/SIGINT, remove the rules; returns the exit status.
-    SIGHUP reloads ``config.source``, keeping the command-line ``mode``/``backend`` overrides (:class:`Reloader`).
+    SIGHUP reloads ``config.file`` (if any) with the environment the process started with, keeping the command-line
+    ``mode``/``backend`` overrides (:class:`Reloader`).
 
     Error handling: raises TproxyError (PrivilegeError when a capability is missing) for anything that stops the
     proxy from starting; rules installed before the failure are removed first.
     """
     log.setup(config.log.level, config.log.format)
+    if config.ignored:
+        log.event(
+            "environment_ignored", logging.DEBUG, variables=",".join(config.ignored), why="kubernetes service links"
+        )
     from tproxy import privileges
 
     privileges.check_capabilities(config, manage_rules=manage_rules)
