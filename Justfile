@@ -115,3 +115,8 @@ bench-deps: deps
 # Benchmark (root): direct, HAProxy and tproxy side by side in namespaces; --quick for a short run, --json PATH
 bench *args: bench-deps
     python -m tests.bench {{args}}
+
+# Soak (root): mixed load through the real proxy in the lab for N minutes, sampled every 10 s; --minutes N (default
+# 10), --relay shared|tasks, --out DIR (soak.csv, soak.png, proxy.log)
+soak *args: deps
+    python -m tests.soak {{args}}

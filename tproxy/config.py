@@ -662,8 +662,11 @@ class _Loader:
     def interface(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise self.error(path, f"expected an interface name, got {_type_name(value)} {value!r}")
-        if not value or len(value) > 15 or any(c in value for c in "/ \t\n\"'") or value in (".", ".."):
-            raise self.error(path, f"{value!r} is not a valid interface name (1-15 characters, no '/' or spaces)")
+        bad = any(c.isspace() or not c.isprintable() or c in "/:\"'" for c in value)  # (the kernel's rule, and quotes)
+        if not value or len(value.encode()) > 15 or bad or value in (".", ".."):
+            raise self.error(
+                path, f"{value!r} is not a valid interface name (1-15 bytes, no '/', ':', quotes, spaces or controls)"
+            )
         if value == "lo":
             raise self.error(path, "lo can never be intercepted (the proxy's own upstream traffic arrives on it)")
         if "+" in value or "*" in value:

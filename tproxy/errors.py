@@ -17,12 +17,23 @@ class ConfigError(TproxyError):
     """Bad configuration or command-line input: names the file, the key path and what is wrong."""
 
     exit_code = 2
+    MAX_PART = 200  # characters of the key and of the reason kept (a 5,000-item list quoted in full is no message)
+
+    # (key and reason are clipped and their unprintable characters escaped: a quoted TOML key may hold a newline)
 
     def __init__(self, source: str, key: str, reason: str) -> None:
+        key, reason = _clip(key, self.MAX_PART), _clip(reason, self.MAX_PART)
         self.source = source
         self.key = key
         self.reason = reason
         super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+def _clip(text: str, limit: int) -> str:
+    """One line of at most ``limit`` characters (and a count): unprintable characters escaped as Python does."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class RulesError(TproxyError):

@@ -807,6 +807,8 @@ class TaskRelay:
                     held -= sent
                     self._moved(flow, inbound, sent)
             flow.state |= done_bit
+            if flow.aborted:  # the other direction failed first (its error consumed the reset): no FIN before it
+                return
             if not flow.state & other_bit or not self.close_sends_fin:
                 _eof(dst)
         except OSError as e:
