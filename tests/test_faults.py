@@ -400,7 +400,9 @@ def test_rules_removed_while_serving_ready_says_so(lab, relay):
     assert lab.tproxy("rules", "check", "-c", str(proxy.config_path), check=False).returncode == 3
     assert NS.metrics(lab.node)["tproxy_rules_reinstalled_total"] == 0, proxy.log()[-3000:]
     assert proxy.proc.poll() is None
-    assert all(r["error"] != "timeout" for r in load), [r for r in load if not r["ok"]][:5]
+    # (connections in flight at the removal may hang or fail: their replies are no longer routed back to the proxy —
+    # that is what removing the rules means; the proxy itself must survive it, and report it, which is checked above)
+    assert len(load) == 200, load[-3:]
     for s in conns:
         s.close()
     accounted(lab)
