@@ -38,7 +38,7 @@ import fcntl
 import os
 import select
 import socket
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import attrs
@@ -254,32 +254,14 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(
-    name: str,
-    stats: Stats,
-    nursery: trio.Nursery,
-    *,
-    use_splice: bool = True,
-    pipes: PipePool = PIPES,
-    buffers: BufferPool = BUFFERS,
-    close_sends_fin: bool = False,
-    after_turn: Callable[[], None] | None = None,
-) -> Engine:
-    """The engine called ``name`` (``"shared"`` or ``"tasks"``). ``close_sends_fin``: the caller closes both sockets
-    as soon as :meth:`Engine.splice` returns, so the last EOF needs no ``shutdown`` (the close sends the same FIN).
-    ``nursery`` holds the shared engine's task."""
+def make_engine(name: str, stats: Stats, nursery: trio.Nursery, **options: Any) -> Engine:
+    """The engine called ``name`` (``"shared"`` or ``"tasks"``); ``options`` are its constructor's (``use_splice``,
+    ``pipes``, ``buffers``, ``close_sends_fin``: the caller closes both sockets as soon as :meth:`Engine.splice`
+    returns, so the last EOF needs no ``shutdown``). ``nursery`` holds the shared engine's task."""
     if name == "shared":
-        return SharedRelay(
-            stats,
-            nursery,
-            use_splice=use_splice,
-            pipes=pipes,
-            buffers=buffers,
-            close_sends_fin=close_sends_fin,
-            after_turn=after_turn,
-        )
+        return SharedRelay(stats, nursery, **options)
     if name == "tasks":
-        return TaskRelay(stats, use_splice=use_splice, pipes=pipes, buffers=buffers, close_sends_fin=close_sends_fin)
+        return TaskRelay(stats, **options)
     raise ValueError(f"unknown relay engine {name!r} (expected shared or tasks)")
 
 
@@ -318,7 +300,7 @@ class SharedRelay:
     ``await engine.splice(flow)``. The relay task runs in ``nursery`` while there are flows (it is started again
     when needed) and, after :meth:`close_when_empty`, ends with the last flow. When the relay task is cancelled
     every flow ends with outcome ``"cancelled"`` (and its connection task is woken); when a connection task is
-    cancelled, its flow ends with outcome ``"cancelled"``. ``after_turn()``, if given, is called after every turn.
+    cancelled, its flow ends with outcome ``"cancelled"``.
 
     Resource handling: the relay never closes the sockets (the caller does, after :meth:`splice`); when
     ``close_sends_fin`` is false the sockets are unregistered from the epoll fd when the flow ends. :meth:`close`
@@ -336,12 +318,10 @@ class SharedRelay:
         pipes: PipePool = PIPES,
         buffers: BufferPool = BUFFERS,
         close_sends_fin: bool = False,
-        after_turn: Callable[[], None] | None = None,
     ) -> None:
         self.stats = stats
         self.close_sends_fin = close_sends_fin
         self.nursery = nursery
-        self.after_turn = after_turn
         self.use_splice = use_splice
         self.pipes = pipes
         self.buffers = buffers
@@ -425,13 +405,9 @@ class SharedRelay:
                 else:
                     await _wait_readable(self.epfd)
                 self._turn()
-                if self.after_turn is not None:
-                    self.after_turn()
         except BaseException:
             self.running = False
             self._cancel_all()
-            if self.after_turn is not None:
-                self.after_turn()
             raise
         self.running = False
 
