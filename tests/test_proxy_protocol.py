@@ -486,3 +486,35 @@ async def test_a_malformed_header_is_refused_at_once_and_left_unread(pair, autoj
         await read_header(server, allow="v1", timeout=3)
     assert info.value.reason == "bad_address" and trio.current_time() == 0
     assert server.recv(100).endswith(b"x")
+
+
+_ADDRESS_TEXT = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4}){0,4}", fullmatch=True),  # leading zeros, octets > 255, 3 or 5 parts
+    st.text(alphabet="0123456789.: \x00x", max_size=20),
+    st.ip_addresses(v=6).map(str),
+)
+
+
+@FUZZ
+@given(_ADDRESS_TEXT, st.sampled_from(["v1", "v2"]))
+def test_build_takes_the_addresses_ipaddress_takes_and_writes_what_it_would(text, version):
+    """build() checks IPv4 text with inet_pton (it runs per connection; ipaddress costs ten times more): it must
+    accept exactly what ipaddress accepts and write the same header."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            build(version, (text, 1), ("198.18.0.2" if ":" not in text else "fd00::2", 2))
+        return
+    other = ipaddress.ip_address("198.18.0.2" if address.version == 4 else "fd00::2")
+    if version == "v1":
+        expected = f"PROXY TCP{address.version} {address} {other} 1 2\r\n".encode()
+    else:
+        block = address.packed + other.packed + b"\x00\x01\x00\x02"
+        family = 0x11 if address.version == 4 else 0x21
+        expected = pp.V2_SIGNATURE + bytes((0x21, family)) + len(block).to_bytes(2, "big") + block
+    assert build(version, (text, 1), (str(other), 2)) == expected
+    assert parse(expected, allow=version).source == (str(address), 1)
