@@ -25,7 +25,18 @@ from hypothesis import strategies as st
 
 from tproxy.backends import get_backend
 from tproxy.backends.iptables import split
-from tproxy.config import BACKENDS, LOG_FORMATS, LOG_LEVELS, MODES, RELAYS, UPSTREAMS, Config
+from tproxy.config import (
+    _SCHEMA,
+    BACKENDS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MODES,
+    PROXY_PROTOCOL_IN,
+    PROXY_PROTOCOL_OUT,
+    RELAYS,
+    UPSTREAMS,
+    Config,
+)
 from tproxy.errors import ConfigError
 from tproxy.netns import netns
 
@@ -85,18 +96,23 @@ _ifname = st.one_of(
 ).filter(lambda s: s != "lo")
 _mark = st.one_of(st.integers(1, 2**32 - 1), st.integers(0, 31).map(lambda b: 1 << b))
 _seconds = st.one_of(st.floats(0.001, 1e7), st.integers(1, 10**6))
+_cidrs = st.builds(_cidr, _ip, st.integers(0, 200))
 
 VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "": {"mode": st.sampled_from(MODES), "backend": st.sampled_from(BACKENDS)},
     "listener": {
         "address": st.one_of(st.sampled_from(["0.0.0.0", "::"]), st.sampled_from(["127.0.0.1", "::1"]), _ip),
         "port": _port,
+        "proxy_protocol": st.sampled_from(PROXY_PROTOCOL_IN),
+        "proxy_protocol_from": st.lists(_cidrs, max_size=5),
+        "proxy_protocol_timeout": _seconds,
     },
     "intercept": {
         "ports": st.lists(_port_value, min_size=1, max_size=30),
+        "udp_ports": st.lists(_port_value, max_size=10),
         "interfaces": st.lists(_ifname, max_size=4),
         "exclude_ports": st.lists(_port_value, max_size=10),
-        "exclude_cidrs": st.lists(st.builds(_cidr, _ip, st.integers(0, 200)), max_size=10),
+        "exclude_cidrs": st.lists(_cidrs, max_size=10),
         "ipv4": st.booleans(),
         "ipv6": st.booleans(),
     },
@@ -116,7 +132,10 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_connections": st.integers(1, 10_000_000),
         "shutdown_grace": _seconds,
         "upstream_ports": st.tuples(_port, _port).map(lambda t: f"{min(t)}-{max(t)}"),
+        "send_proxy_protocol": st.sampled_from(PROXY_PROTOCOL_OUT),
         "relay": st.sampled_from(RELAYS),
+        "udp_idle_timeout": _seconds,
+        "udp_max_sessions": st.integers(1, 10_000_000),
     },
     "admin": {
         "address": st.one_of(
@@ -208,6 +227,14 @@ def load_dict(doc: dict[str, Any]) -> Config | None:
         msg = str(e)
         assert msg.startswith("fuzz.toml") and "\n" not in msg and len(msg) < 2000, msg
         return None
+
+
+def test_the_generators_cover_every_key_of_the_loader():
+    """VALID is the fuzzer's schema: a key the loader gained since would never be fuzzed."""
+    assert set(VALID) == set(_SCHEMA)
+    for name, keys in _SCHEMA.items():
+        own = {k for k in keys if not (name == "" and k in _SCHEMA)}
+        assert set(VALID[name]) == own, f"give VALID[{name!r}] a generator for every key of _SCHEMA[{name!r}]"
 
 
 def test_a_huge_value_gives_a_short_message():
