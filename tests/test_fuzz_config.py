@@ -8,7 +8,7 @@ Documents are built from the schema: each key gets a valid value or junk (wrong 
 Unicode, huge lists, nested tables), unknown keys appear, whole sections are replaced. Fixed example budgets keep
 the file well under a minute; a failure prints the example and the seed to reproduce it.
 
-Environment-variable configuration (TPROXY_*) is not part of this project yet; fuzz it here when it lands.
+The ``TPROXY_`` variables are fuzzed in tests/test_fuzz_env.py, with these generators.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tproxy.config import (
     Config,
 )
 from tproxy.errors import ConfigError
-from tproxy.netns import netns
+from tproxy.netns import Netns, netns
 
 FUZZ = settings(
     max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -302,6 +302,23 @@ def test_any_bytes_as_a_file_load_or_raise_our_one_line_error(raw):
             assert str(e).startswith(str(path)) and "\n" not in str(e), str(e)
 
 
+def assert_tools_accept(ns: Netns, config: Config, what: Any) -> None:
+    """Render ``config`` with both backends and have the real tools check the text inside ``ns`` (``nft -c``,
+    ``iptables-restore --test``: nothing is installed); ``what`` (the document, the variables) goes in the message."""
+    for backend in BACKENDS:
+        text = get_backend(backend).render(config.with_overrides(backend=backend))
+        if backend == "nftables":
+            argvs = [(["nft", "-c", "-f", "-"], text)]
+        else:
+            argvs = [
+                ([f"{'ip' if fam == 4 else 'ip6'}tables-restore", "--test", "--noflush"], body)
+                for fam, body in split(text).items()
+            ]
+        for argv, body in argvs:
+            r = ns.run(argv, input=body, check=False)
+            assert r.returncode == 0, f"{' '.join(argv)} rejected:\n{r.stderr}\n--- config ---\n{what}"
+
+
 @pytest.mark.root
 def test_rules_of_accepted_configs_pass_the_real_tools():
     """A bounded sample: 150 generated valid-shaped documents; every one the loader accepts is rendered with both
@@ -316,18 +333,7 @@ def test_rules_of_accepted_configs_pass_the_real_tools():
             if config is None:
                 return
             accepted.append(config)
-            for backend in BACKENDS:
-                text = get_backend(backend).render(Config.from_dict(doc, source="fuzz.toml", backend=backend))
-                if backend == "nftables":
-                    argvs = [(["nft", "-c", "-f", "-"], text)]
-                else:
-                    argvs = [
-                        ([f"{'ip' if fam == 4 else 'ip6'}tables-restore", "--test", "--noflush"], body)
-                        for fam, body in split(text).items()
-                    ]
-                for argv, body in argvs:
-                    r = ns.run(argv, input=body, check=False)
-                    assert r.returncode == 0, f"{' '.join(argv)} rejected:\n{r.stderr}\n--- config ---\n{doc}"
+            assert_tools_accept(ns, config, doc)
 
         check()
         assert ns.run(["nft", "list", "ruleset"]).stdout == ""
