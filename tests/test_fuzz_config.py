@@ -61,7 +61,7 @@ def _junk(depth: int = 2) -> st.SearchStrategy[Any]:
     scalars = st.one_of(
         st.booleans(),
         st.integers(min_value=-(2**63), max_value=2**63 - 1),
-        st.sampled_from([0, -1, 65536, 2**32, 2**31, 2**63 - 1]),
+        st.sampled_from([0, -1, 65536, 2**32, 2**31, 2**63 - 1, 10**400, -(10**400)]),  # (10**400: no float holds it)
         st.floats(allow_nan=True, allow_infinity=True),
         _odd_text(),
         st.builds(lambda n: list(range(n)), st.integers(0, 5000)),  # huge lists
@@ -252,6 +252,34 @@ def test_a_key_with_a_newline_gives_one_line():
     assert str(e.value) == "fuzz.toml: mode\\nx: unknown key in the top level (did you mean 'mode'?)"
 
 
+def test_a_huge_integer_where_seconds_go_is_one_line():
+    """Found by the fuzzer: TOML integers have no size limit, and 10**400 seconds raised OverflowError (no float
+    holds it)."""
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"intercept": {"ports": [80]}, "proxy": {"idle_timeout": 10**400}}, source="fuzz.toml")
+    assert str(e.value) == "fuzz.toml: proxy.idle_timeout: too large a number (more than 1.8e308)"
+
+
+def test_an_integer_of_5000_digits_in_a_file_is_one_line(tmp_path):
+    """Found by the fuzzer (files with huge numbers): tomllib raises a plain ValueError, not TOMLDecodeError, for an
+    integer of more than 4,300 digits (Python's limit for converting text to int)."""
+    path = tmp_path / "t.toml"
+    path.write_text("[intercept]\nports = [80]\n[listener]\nport = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError) as e:
+        Config.from_toml(path)
+    assert str(e.value) == (
+        f"{path}: invalid TOML: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+    )
+
+
+@pytest.mark.parametrize("text", ["８０８０", "٨٠٨٠", "80-٩٠", "+8080", "8_080", "80-"])
+def test_a_port_string_is_ascii_digits(text):
+    """Found while fuzzing the environment (whose numbers must be spelled as TOML spells them): Python's int() also
+    reads other scripts' digits, a sign and underscores, so the string "８０８０" was port 8080."""
+    with pytest.raises(ConfigError, match='is not a port or a "lo-hi" range'):
+        Config.from_dict({"intercept": {"ports": [text]}}, source="fuzz.toml")
+
+
 @pytest.mark.parametrize("name", ["\r", "eth0\x0b", "a:b", "\u00e9" * 8, "eth\u20280"])
 def test_interface_names_the_kernel_or_the_tools_refuse_are_refused(name):
     """Found by the fuzzer: "\\r" passed the loader and broke iptables-restore ("-i" without an argument); the
@@ -263,6 +291,26 @@ def test_interface_names_the_kernel_or_the_tools_refuse_are_refused(name):
 @settings(FUZZ, max_examples=1000)
 @given(documents(broken=True))
 def test_broken_documents_load_or_raise_our_one_line_error(doc):
+    load_dict(doc)
+
+
+_KEY_PATHS = sorted((section, key) for section, keys in VALID.items() for key in keys)
+
+
+_EDGES = st.sampled_from([10**400, -(10**400), 2**64, -(2**63), -0.0, 1e308, 5e-324, math.nan, math.inf, "", [], {}])
+
+
+@settings(FUZZ, max_examples=500)
+@given(
+    st.one_of(st.builds(lambda: {"intercept": {"ports": [8080]}}), documents(broken=False)),
+    st.sampled_from(_KEY_PATHS),
+    st.one_of(_junk(), _EDGES),
+)
+def test_one_junk_value_in_a_sane_document_loads_or_raises_our_one_line_error(doc, where, junk):
+    """In a broken document the walk stops at the first bad key; here every key's junk meets the loader's check (in
+    the smallest valid document, or in a valid-shaped one)."""
+    section, key = where
+    (doc.setdefault(section, {}) if section else doc)[key] = junk
     load_dict(doc)
 
 
@@ -291,7 +339,13 @@ def test_toml_files_load_the_same_as_their_documents(doc):
 
 
 @settings(FUZZ, max_examples=200)
-@given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=300).map(str.encode),
+        st.integers(4000, 5000).map(lambda n: f"[listener]\nport = {'9' * n}\n".encode()),  # huge numbers
+    )
+)
 def test_any_bytes_as_a_file_load_or_raise_our_one_line_error(raw):
     with tempfile.TemporaryDirectory(prefix="tpx-fuzz-") as d:
         path = Path(d) / "fuzz.toml"

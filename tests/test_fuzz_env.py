@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_fuzz_config import FUZZ, _odd_text, assert_tools_accept, documents, to_toml
-from tproxy.config import _KINDS, _SERVICE_LINK, Config, env_name
+from tproxy.config import _KINDS, _SERVICE_LINK, Config, _env_value, env_name
 from tproxy.errors import ConfigError
 from tproxy.netns import netns
 
@@ -182,6 +182,42 @@ def same_config(a: Config, b: Config) -> bool:
 
 def unknown_names(env: dict[str, str]) -> list[str]:
     return [n for n in env if n.startswith("TPROXY_") and n not in VARIABLES and not _SERVICE_LINK.fullmatch(n)]
+
+
+_number_spellings = st.one_of(
+    st.from_regex(r"[+-]?(0|[1-9](_?[0-9]){0,12})(\.[0-9](_?[0-9]){0,5})?([eE][+-]?[0-9]{1,3})?", fullmatch=True),
+    st.from_regex(r"0[xob][0-9a-fA-F_]{1,10}", fullmatch=True),
+    st.from_regex(r"[+-]?0[xXoObB][0-9a-f]{1,4}|[+-]?(inf|nan|Infinity|NaN)|[+-]?[0-9]*\.[0-9]*", fullmatch=True),
+    st.sampled_from(["٨٠٨٠", "８０８０", "1__0", "_1", "1_", "00", "07", "1e", "0x", "0b2", "1.5.5", "9" * 400]),
+    _junk_text,
+).map(lambda t: t if t.isprintable() and "#" not in t and "=" not in t else "0")
+
+
+def _as_toml(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return None
+
+
+@settings(FUZZ, max_examples=300)
+@given(_number_spellings, st.sampled_from([int, float]), st.sampled_from(["", " ", "\t\n"]))
+def test_numbers_are_spelled_as_the_file_spells_them(text, kind, pad):
+    """The README: integers "as TOML writes them"; a number key takes an integer too, as in the file. So a variable
+    holds a number exactly when TOML reads its text as one (ASCII digits, ``_`` between digits, ``0x``/``0o``/``0b``
+    without a sign, ``inf``/``nan``), and the same number."""
+    toml = _as_toml(text) if text.strip() == text and text else None
+    if kind is int:
+        expected = toml if isinstance(toml, int) and not isinstance(toml, bool) else None
+    else:
+        expected = toml if isinstance(toml, (int, float)) and not isinstance(toml, bool) else None
+    try:
+        got = _env_value("TPROXY_X", pad + text + pad, kind)
+    except ConfigError as e:
+        assert expected is None, f"{text!r} is {expected!r} in TOML, refused: {e}"
+        return
+    assert expected is not None, f"{text!r} is no {kind.__name__} in TOML, accepted as {got!r}"
+    assert got == expected or (got != got and expected != expected), (text, got, expected)
 
 
 @settings(FUZZ, max_examples=300)
