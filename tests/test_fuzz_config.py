@@ -278,6 +278,8 @@ def test_a_port_string_is_ascii_digits(text):
     reads other scripts' digits, a sign and underscores, so the string "８０８０" was port 8080."""
     with pytest.raises(ConfigError, match='is not a port or a "lo-hi" range'):
         Config.from_dict({"intercept": {"ports": [text]}}, source="fuzz.toml")
+    with pytest.raises(ConfigError, match=r"^fuzz.toml: admin.address: '.*' is not a port \(1-65535\)$"):
+        Config.from_dict({"intercept": {"ports": [80]}, "admin": {"address": f"127.0.0.1:{text}"}}, source="fuzz.toml")
 
 
 @pytest.mark.parametrize("name", ["\r", "eth0\x0b", "a:b", "\u00e9" * 8, "eth\u20280"])

@@ -912,10 +912,9 @@ class _Loader:
             ipaddress.ip_address(host)
         except ValueError:
             raise self.error(path, f"{host!r} is not an IP address") from None
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise self.error(path, f"{port_s!r} is not a port (1-65535)") from None
+        if not re.fullmatch(r"[0-9]{1,10}", port_s):  # (int() also takes " 80", "+80", "8_0", "٨٠")
+            raise self.error(path, f"{port_s!r} is not a port (1-65535)")
+        port = int(port_s)
         if not 1 <= port <= 65535:
             raise self.error(path, f"{port} is not a port (1-65535)")
         return Admin(host=host, port=port)
