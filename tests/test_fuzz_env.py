@@ -6,10 +6,11 @@ in their own text syntax (comma lists, ``true``/``false``, integers in decimal o
 junk (odd Unicode, empty strings, 5,000-item lists, numbers out of range), or are names that are not ours (unknown
 ``TPROXY_`` names: refused; Kubernetes' service links for a Service named ``tproxy``: ignored, changing nothing).
 
-The README promises that a variable is a key of the file spelled as text, with the same checks and messages:
-variables made from a document load to the same config as the document, or fail with the same reason naming the
-variable; over a file, they replace the file's keys one by one (a list whole); a number is a number exactly when TOML
-would read its text as one. Accepted configs' rules pass the real tools (root). Fixed example budgets, a few seconds each; a failure prints the example.
+The README promises that a variable is a key of the file spelled as text, with the same checks and messages: variables
+made from a document load to the same config as the document, or fail with the same reason naming the variable; over a
+file, they replace the file's keys one by one (a list whole); a number is a number exactly when TOML would read its
+text as one. Accepted configs' rules pass the real tools (root). Fixed example budgets, a few seconds each; a failure
+prints the example.
 """
 
 from __future__ import annotations
