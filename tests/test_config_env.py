@@ -173,6 +173,38 @@ def test_integers_as_the_file_spells_them():
 
 
 @pytest.mark.parametrize(
+    "name, text, value",
+    [
+        ("TPROXY_ROUTING_TABLE", "0o17", 15),
+        ("TPROXY_ROUTING_TABLE", "0b101", 5),
+        ("TPROXY_ROUTING_TABLE", "1_000", 1000),
+        ("TPROXY_ROUTING_TABLE", "+5", 5),
+        ("TPROXY_PROXY_IDLE_TIMEOUT", "7", 7.0),
+        ("TPROXY_PROXY_IDLE_TIMEOUT", "0x10", 16.0),  # (the file takes an integer for seconds too)
+        ("TPROXY_PROXY_IDLE_TIMEOUT", "1_000.5", 1000.5),
+        ("TPROXY_PROXY_IDLE_TIMEOUT", "1e3", 1000.0),
+    ],
+)
+def test_numbers_as_toml_writes_them(name, text, value):
+    c = Config.load(None, {"TPROXY_INTERCEPT_PORTS": "80", name: text})
+    assert (c.routing.table if "TABLE" in name else c.proxy.idle_timeout) == value
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        *(("TPROXY_ROUTING_TABLE", t) for t in ("٨٠", "８０", "0X10", "-0x10", "+0x10", "0x", "1__0", "010", "1.0")),
+        *(("TPROXY_PROXY_IDLE_TIMEOUT", t) for t in (".5", "5.", "Infinity", "1e", "٨٠", "1_e3")),
+    ],
+)
+def test_numbers_toml_would_not_read_are_refused(name, text):
+    """Found by the environment fuzzer: Python's int() and float() read "٨٠" (Arabic-Indic digits) as 80, "0X10",
+    ".5" and "Infinity"; the README promises integers as TOML writes them."""
+    kind = "an integer" if "TABLE" in name else "a number"
+    assert env_error({"TPROXY_INTERCEPT_PORTS": "80", name: text}) == f"environment: {name}: {text!r} is not {kind}"
+
+
+@pytest.mark.parametrize(
     "name, text, reason",
     [
         ("TPROXY_LISTENER_PORT", "80x", "'80x' is not an integer"),

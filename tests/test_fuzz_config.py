@@ -8,7 +8,7 @@ Documents are built from the schema: each key gets a valid value or junk (wrong 
 Unicode, huge lists, nested tables), unknown keys appear, whole sections are replaced. Fixed example budgets keep
 the file well under a minute; a failure prints the example and the seed to reproduce it.
 
-Environment-variable configuration (TPROXY_*) is not part of this project yet; fuzz it here when it lands.
+The ``TPROXY_`` variables are fuzzed in tests/test_fuzz_env.py, with these generators.
 """
 
 from __future__ import annotations
@@ -25,9 +25,20 @@ from hypothesis import strategies as st
 
 from tproxy.backends import get_backend
 from tproxy.backends.iptables import split
-from tproxy.config import BACKENDS, LOG_FORMATS, LOG_LEVELS, MODES, RELAYS, UPSTREAMS, Config
+from tproxy.config import (
+    _SCHEMA,
+    BACKENDS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MODES,
+    PROXY_PROTOCOL_IN,
+    PROXY_PROTOCOL_OUT,
+    RELAYS,
+    UPSTREAMS,
+    Config,
+)
 from tproxy.errors import ConfigError
-from tproxy.netns import netns
+from tproxy.netns import Netns, netns
 
 FUZZ = settings(
     max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -50,7 +61,7 @@ def _junk(depth: int = 2) -> st.SearchStrategy[Any]:
     scalars = st.one_of(
         st.booleans(),
         st.integers(min_value=-(2**63), max_value=2**63 - 1),
-        st.sampled_from([0, -1, 65536, 2**32, 2**31, 2**63 - 1]),
+        st.sampled_from([0, -1, 65536, 2**32, 2**31, 2**63 - 1, 10**400, -(10**400)]),  # (10**400: no float holds it)
         st.floats(allow_nan=True, allow_infinity=True),
         _odd_text(),
         st.builds(lambda n: list(range(n)), st.integers(0, 5000)),  # huge lists
@@ -85,18 +96,23 @@ _ifname = st.one_of(
 ).filter(lambda s: s != "lo")
 _mark = st.one_of(st.integers(1, 2**32 - 1), st.integers(0, 31).map(lambda b: 1 << b))
 _seconds = st.one_of(st.floats(0.001, 1e7), st.integers(1, 10**6))
+_cidrs = st.builds(_cidr, _ip, st.integers(0, 200))
 
 VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "": {"mode": st.sampled_from(MODES), "backend": st.sampled_from(BACKENDS)},
     "listener": {
         "address": st.one_of(st.sampled_from(["0.0.0.0", "::"]), st.sampled_from(["127.0.0.1", "::1"]), _ip),
         "port": _port,
+        "proxy_protocol": st.sampled_from(PROXY_PROTOCOL_IN),
+        "proxy_protocol_from": st.lists(_cidrs, max_size=5),
+        "proxy_protocol_timeout": _seconds,
     },
     "intercept": {
         "ports": st.lists(_port_value, min_size=1, max_size=30),
+        "udp_ports": st.lists(_port_value, max_size=10),
         "interfaces": st.lists(_ifname, max_size=4),
         "exclude_ports": st.lists(_port_value, max_size=10),
-        "exclude_cidrs": st.lists(st.builds(_cidr, _ip, st.integers(0, 200)), max_size=10),
+        "exclude_cidrs": st.lists(_cidrs, max_size=10),
         "ipv4": st.booleans(),
         "ipv6": st.booleans(),
     },
@@ -116,7 +132,10 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "max_connections": st.integers(1, 10_000_000),
         "shutdown_grace": _seconds,
         "upstream_ports": st.tuples(_port, _port).map(lambda t: f"{min(t)}-{max(t)}"),
+        "send_proxy_protocol": st.sampled_from(PROXY_PROTOCOL_OUT),
         "relay": st.sampled_from(RELAYS),
+        "udp_idle_timeout": _seconds,
+        "udp_max_sessions": st.integers(1, 10_000_000),
     },
     "admin": {
         "address": st.one_of(
@@ -210,6 +229,14 @@ def load_dict(doc: dict[str, Any]) -> Config | None:
         return None
 
 
+def test_the_generators_cover_every_key_of_the_loader():
+    """VALID is the fuzzer's schema: a key the loader gained since would never be fuzzed."""
+    assert set(VALID) == set(_SCHEMA)
+    for name, keys in _SCHEMA.items():
+        own = {k for k in keys if not (name == "" and k in _SCHEMA)}
+        assert set(VALID[name]) == own, f"give VALID[{name!r}] a generator for every key of _SCHEMA[{name!r}]"
+
+
 def test_a_huge_value_gives_a_short_message():
     """Found by the fuzzer: the loader quotes a wrong value, and a 5,000-item list made a 30,000-character line."""
     with pytest.raises(ConfigError) as e:
@@ -225,6 +252,36 @@ def test_a_key_with_a_newline_gives_one_line():
     assert str(e.value) == "fuzz.toml: mode\\nx: unknown key in the top level (did you mean 'mode'?)"
 
 
+def test_a_huge_integer_where_seconds_go_is_one_line():
+    """Found by the fuzzer: TOML integers have no size limit, and 10**400 seconds raised OverflowError (no float
+    holds it)."""
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"intercept": {"ports": [80]}, "proxy": {"idle_timeout": 10**400}}, source="fuzz.toml")
+    assert str(e.value) == "fuzz.toml: proxy.idle_timeout: too large a number (more than 1.8e308)"
+
+
+def test_an_integer_of_5000_digits_in_a_file_is_one_line(tmp_path):
+    """Found by the fuzzer (files with huge numbers): tomllib raises a plain ValueError, not TOMLDecodeError, for an
+    integer of more than 4,300 digits (Python's limit for converting text to int)."""
+    path = tmp_path / "t.toml"
+    path.write_text("[intercept]\nports = [80]\n[listener]\nport = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError) as e:
+        Config.from_toml(path)
+    assert str(e.value) == (
+        f"{path}: invalid TOML: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+    )
+
+
+@pytest.mark.parametrize("text", ["８０８０", "٨٠٨٠", "80-٩٠", "+8080", "8_080", "80-"])
+def test_a_port_string_is_ascii_digits(text):
+    """Found while fuzzing the environment (whose numbers must be spelled as TOML spells them): Python's int() also
+    reads other scripts' digits, a sign and underscores, so the string "８０８０" was port 8080."""
+    with pytest.raises(ConfigError, match='is not a port or a "lo-hi" range'):
+        Config.from_dict({"intercept": {"ports": [text]}}, source="fuzz.toml")
+    with pytest.raises(ConfigError, match=r"^fuzz.toml: admin.address: '.*' is not a port \(1-65535\)$"):
+        Config.from_dict({"intercept": {"ports": [80]}, "admin": {"address": f"127.0.0.1:{text}"}}, source="fuzz.toml")
+
+
 @pytest.mark.parametrize("name", ["\r", "eth0\x0b", "a:b", "\u00e9" * 8, "eth\u20280"])
 def test_interface_names_the_kernel_or_the_tools_refuse_are_refused(name):
     """Found by the fuzzer: "\\r" passed the loader and broke iptables-restore ("-i" without an argument); the
@@ -236,6 +293,26 @@ def test_interface_names_the_kernel_or_the_tools_refuse_are_refused(name):
 @settings(FUZZ, max_examples=1000)
 @given(documents(broken=True))
 def test_broken_documents_load_or_raise_our_one_line_error(doc):
+    load_dict(doc)
+
+
+_KEY_PATHS = sorted((section, key) for section, keys in VALID.items() for key in keys)
+
+
+_EDGES = st.sampled_from([10**400, -(10**400), 2**64, -(2**63), -0.0, 1e308, 5e-324, math.nan, math.inf, "", [], {}])
+
+
+@settings(FUZZ, max_examples=500)
+@given(
+    st.one_of(st.builds(lambda: {"intercept": {"ports": [8080]}}), documents(broken=False)),
+    st.sampled_from(_KEY_PATHS),
+    st.one_of(_junk(), _EDGES),
+)
+def test_one_junk_value_in_a_sane_document_loads_or_raises_our_one_line_error(doc, where, junk):
+    """In a broken document the walk stops at the first bad key; here every key's junk meets the loader's check (in
+    the smallest valid document, or in a valid-shaped one)."""
+    section, key = where
+    (doc.setdefault(section, {}) if section else doc)[key] = junk
     load_dict(doc)
 
 
@@ -264,7 +341,13 @@ def test_toml_files_load_the_same_as_their_documents(doc):
 
 
 @settings(FUZZ, max_examples=200)
-@given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=300).map(str.encode),
+        st.integers(4000, 5000).map(lambda n: f"[listener]\nport = {'9' * n}\n".encode()),  # huge numbers
+    )
+)
 def test_any_bytes_as_a_file_load_or_raise_our_one_line_error(raw):
     with tempfile.TemporaryDirectory(prefix="tpx-fuzz-") as d:
         path = Path(d) / "fuzz.toml"
@@ -273,6 +356,23 @@ def test_any_bytes_as_a_file_load_or_raise_our_one_line_error(raw):
             Config.from_toml(path)
         except ConfigError as e:
             assert str(e).startswith(str(path)) and "\n" not in str(e), str(e)
+
+
+def assert_tools_accept(ns: Netns, config: Config, what: Any) -> None:
+    """Render ``config`` with both backends and have the real tools check the text inside ``ns`` (``nft -c``,
+    ``iptables-restore --test``: nothing is installed); ``what`` (the document, the variables) goes in the message."""
+    for backend in BACKENDS:
+        text = get_backend(backend).render(config.with_overrides(backend=backend))
+        if backend == "nftables":
+            argvs = [(["nft", "-c", "-f", "-"], text)]
+        else:
+            argvs = [
+                ([f"{'ip' if fam == 4 else 'ip6'}tables-restore", "--test", "--noflush"], body)
+                for fam, body in split(text).items()
+            ]
+        for argv, body in argvs:
+            r = ns.run(argv, input=body, check=False)
+            assert r.returncode == 0, f"{' '.join(argv)} rejected:\n{r.stderr}\n--- config ---\n{what}"
 
 
 @pytest.mark.root
@@ -289,18 +389,7 @@ def test_rules_of_accepted_configs_pass_the_real_tools():
             if config is None:
                 return
             accepted.append(config)
-            for backend in BACKENDS:
-                text = get_backend(backend).render(Config.from_dict(doc, source="fuzz.toml", backend=backend))
-                if backend == "nftables":
-                    argvs = [(["nft", "-c", "-f", "-"], text)]
-                else:
-                    argvs = [
-                        ([f"{'ip' if fam == 4 else 'ip6'}tables-restore", "--test", "--noflush"], body)
-                        for fam, body in split(text).items()
-                    ]
-                for argv, body in argvs:
-                    r = ns.run(argv, input=body, check=False)
-                    assert r.returncode == 0, f"{' '.join(argv)} rejected:\n{r.stderr}\n--- config ---\n{doc}"
+            assert_tools_accept(ns, config, doc)
 
         check()
         assert ns.run(["nft", "list", "ruleset"]).stdout == ""

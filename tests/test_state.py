@@ -188,3 +188,31 @@ def test_rules_remove_refuses_a_state_file_naming_another_path(tmp_path):
             assert r.returncode == 1 and "not valid JSON" in r.stderr and "Traceback" not in r.stderr
         finally:
             path.unlink(missing_ok=True)
+
+
+@root
+def test_forget_netns_drops_the_files_of_that_inode_only(sdir):
+    state.ensure_dir()
+    mine = [sdir / "removed-netns123.json", sdir / "routing-netns123-mark4096-table100.json"]
+    others = [sdir / "removed-netns1234.json", sdir / "routing-netns12-mark4096-table100.json", sdir / "netns123"]
+    for path in mine + others:
+        path.write_text("{}")
+    assert sorted(state.forget_netns(123)) == sorted(mine)
+    assert sorted(sdir.iterdir()) == sorted(others)
+
+
+@root
+def test_a_namespace_deleted_takes_its_state_files_with_it(tmp_path):
+    """`tproxy rules remove` leaves a marker named by the namespace's inode (so no watcher undoes it); a namespace of
+    ours (the tests', the lab's, `tproxy check`'s throwaway one) takes it along when deleted, before its inode can be
+    another namespace's."""
+    conf = tmp_path / "t.toml"
+    conf.write_text("[intercept]\nports = [8080]\n")
+    with netns("fgt") as ns:
+        inode = ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
+        for verb in ("apply", "remove"):
+            ns.run([sys.executable, "-m", "tproxy", "rules", verb, "-c", str(conf)], cwd=str(REPO))
+        marker = state.STATE_DIR / f"removed-netns{inode}.json"
+        written = marker.read_text()
+    # (gone; unless another run's namespace got the freed inode at once and wrote its own)
+    assert not marker.exists() or marker.read_text() != written

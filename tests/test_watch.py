@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from tests.test_admin import admin_get, scrape
 from tests.test_privileges_netns import assert_client_address_seen_through_proxy, runtime_argv, serving_child, start
 from tproxy import watch
 from tproxy.lab import Lab, Proxy, proxy_config
+from tproxy.netns import Netns, netns
+from tproxy.state import STATE_DIR
 from tproxy.stats import State, Stats
 
 root = pytest.mark.root  # the lab: namespaces, real rules, a real proxy
@@ -65,6 +68,10 @@ def wait_for(what: str, pred: Callable[[], bool], timeout: float = 10.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(0.1)
+
+
+def inode_of(ns: Netns) -> str:
+    return ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
 
 
 def rules_check(lab: Lab, conf: Path) -> int:
@@ -140,6 +147,33 @@ def test_rules_removed_by_the_operator_stay_removed(lab, backend):
     lab.tproxy("rules", "apply", "-c", str(conf))  # the next install clears the operator's note
     assert rules_check(lab, conf) == 0
     wait_for("/ready 200", lambda: admin_get(lab, "/ready") == (200, "ready\n"))
+    assert proxy.stop() == 0, proxy.log()
+
+
+@root
+def test_a_marker_an_earlier_namespace_left_under_this_inode_is_not_this_ones(lab):
+    """`tproxy rules remove` marks the namespace by its inode, which the kernel gives to a new namespace once the old
+    one is freed (seen here: a namespace deleted, and the next one created a second later had its inode). The marker
+    holds the namespace's cookie too: an earlier namespace's marker must not say "removed by the operator" here."""
+    conf = config(lab, "nftables")
+    with netns("old") as old:
+        for verb in ("apply", "remove"):
+            old.run([sys.executable, "-m", "tproxy", "rules", verb, "-c", str(conf)])
+        left = (STATE_DIR / f"removed-netns{inode_of(old)}.json").read_bytes()
+    here = STATE_DIR / f"removed-netns{inode_of(lab.node)}.json"
+    fd = os.open(here, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(left)  # as if that namespace had had this one's inode
+    r = lab.tproxy("rules", "check", "-c", str(conf), check=False)
+    assert r.returncode == 1 and "missing" in r.stdout, r  # not 3, "removed by the operator"
+    proxy = lab.start_proxy(conf)
+    lab.node.run(["nft", "flush", "ruleset"])
+    wait_for("healed", lambda: scrape(lab)["tproxy_rules_reinstalled_total"] == 1)
+    lab.tproxy("rules", "remove", "-c", str(conf))  # this namespace's own marker
+    assert rules_check(lab, conf) == 3
+    wait_for(
+        "/ready says removed", lambda: admin_get(lab, "/ready") == (503, "not ready: rules removed by the operator\n")
+    )
     assert proxy.stop() == 0, proxy.log()
 
 

@@ -392,6 +392,8 @@ def _read_toml(source: str) -> dict[str, Any]:
         raise ConfigError(source, "", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"invalid TOML: {e}") from None
+    except ValueError as e:  # an integer of more than 4,300 digits (Python's limit for converting text to int)
+        raise ConfigError(source, "", f"invalid TOML: {str(e).split(';')[0]}") from None
 
 
 def _port_doc(r: PortRange) -> int | str:
@@ -515,6 +517,17 @@ def _environment_document(env: Mapping[str, str]) -> tuple[dict[str, dict[str, A
     return doc, names, tuple(ignored)
 
 
+# A number as the file spells it (TOML): ASCII digits, "_" only between digits, no leading zero, lower-case base
+# prefixes without a sign; a float has a fraction or an exponent (or is inf/nan). Python's int() and float() take more
+# ("٨٠٨٠", "0X10", "-0x10", ".5", "Infinity"), which a variable must not.
+_TOML_INT = re.compile(
+    r"[+-]?(?:0|[1-9](?:_?[0-9])*)|0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|0o[0-7](?:_?[0-7])*|0b[01](?:_?[01])*"
+)
+_TOML_FLOAT = re.compile(
+    r"[+-]?(?:(?:0|[1-9](?:_?[0-9])*)(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?|inf|nan)"
+)
+
+
 def _env_value(name: str, text: str, kind: type) -> Any:
     if kind is list:
         return [item.strip() for item in text.split(",")] if text.strip() else []
@@ -522,18 +535,20 @@ def _env_value(name: str, text: str, kind: type) -> Any:
         if text.strip() not in ("true", "false"):
             raise ConfigError("environment", name, f"{text!r} is not a boolean (true or false)")
         return text.strip() == "true"
-    if kind is int:
+    if kind is int or kind is float:  # (a number key takes an integer too, as in the file)
+        number = text.strip()
         try:
-            return int(text.strip(), 0)
-        except ValueError:
-            raise ConfigError("environment", name, f"{text!r} is not an integer") from None
-    if kind is float:
-        try:
-            return float(text.strip())
-        except ValueError:
-            raise ConfigError("environment", name, f"{text!r} is not a number") from None
+            if _TOML_INT.fullmatch(number):
+                return int(number, 0)
+            if kind is float and _TOML_FLOAT.fullmatch(number):
+                return float(number.replace("_", ""))
+        except ValueError:  # more than 4,300 digits
+            pass
+        raise ConfigError("environment", name, f"{text!r} is not {'an integer' if kind is int else 'a number'}")
     return text
 
+
+_PORT_RANGE = re.compile(r"([0-9]{1,10})(?:\s*-\s*([0-9]{1,10}))?")  # ASCII digits (int() also takes "８０", "+8_0")
 
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
@@ -598,7 +613,10 @@ class _Loader:
             return default
         value = table[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # (TOML integers have no size limit; a float's is about 1.8e308)
+                raise self.error(path, "too large a number (more than 1.8e308)") from None
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
             raise self.error(path, f"expected {_TYPE_NAMES[kind]}, got {_type_name(value)} {value!r}")
         return value
@@ -630,11 +648,11 @@ class _Loader:
             text = value.strip()
             if not text:
                 raise self.error(path, 'empty port range (expected a port or "lo-hi")')
-            lo_s, sep, hi_s = text.partition("-")
-            try:
-                lo, hi = int(lo_s), int(hi_s if sep else lo_s)
-            except ValueError:
-                raise self.error(path, f'{value!r} is not a port or a "lo-hi" range') from None
+            match = _PORT_RANGE.fullmatch(text)
+            if match is None:
+                raise self.error(path, f'{value!r} is not a port or a "lo-hi" range')
+            lo = int(match[1])
+            hi = int(match[2]) if match[2] is not None else lo
             for p in (lo, hi):
                 if not 1 <= p <= 65535:
                     raise self.error(path, f"{p} is not a port (1-65535)")
@@ -894,10 +912,9 @@ class _Loader:
             ipaddress.ip_address(host)
         except ValueError:
             raise self.error(path, f"{host!r} is not an IP address") from None
-        try:
-            port = int(port_s)
-        except ValueError:
-            raise self.error(path, f"{port_s!r} is not a port (1-65535)") from None
+        if not re.fullmatch(r"[0-9]{1,10}", port_s):  # (int() also takes " 80", "+80", "8_0", "٨٠")
+            raise self.error(path, f"{port_s!r} is not a port (1-65535)")
+        port = int(port_s)
         if not 1 <= port <= 65535:
             raise self.error(path, f"{port} is not a port (1-65535)")
         return Admin(host=host, port=port)

@@ -1,8 +1,9 @@
 """Network namespaces for the lab, the demo and the tests: unique names, always deleted.
 
-Resource handling: :func:`netns` deletes the namespace (and so every interface, rule and route inside it) when the
-block ends, whether it ends normally, by an exception or by KeyboardInterrupt. Processes started inside with
-:meth:`Netns.popen` are the caller's to end; :meth:`Netns.delete` kills what is left in the namespace by PID.
+Resource handling: :func:`netns` deletes the namespace (and so every interface, rule and route inside it, and
+tproxy's state files under /run/tproxy that name it) when the block ends, whether it ends normally, by an exception
+or by KeyboardInterrupt. Processes started inside with :meth:`Netns.popen` are the caller's to end;
+:meth:`Netns.delete` kills what is left in the namespace by PID.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import secrets
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
+
+from tproxy.errors import StateError
+from tproxy.state import forget_netns
 
 PREFIX = "tpx-"
 
@@ -46,9 +50,13 @@ class Netns:
         return [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
 
     def delete(self) -> None:
+        """Kill what runs inside (by PID), drop tproxy's state files of the namespace (``tproxy rules remove`` leaves
+        one), then delete it. (The files go first: once deleted, its inode may be another namespace's.)"""
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, StateError):
+            forget_netns(os.stat(f"/run/netns/{self.name}").st_ino)
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
 
     def __repr__(self) -> str:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tproxy import routing, state
+from tproxy import routing, sockets, state
 from tproxy.backends import get_backend
 from tproxy.backends.base import require_net_admin
 from tproxy.config import BACKENDS, Config
@@ -94,7 +94,8 @@ def uninstall(config: Config, *, by_operator: bool = False) -> str:
     require_net_admin()
     with exclusive():
         if by_operator:
-            state.save_state(_removed_path(), {"removed_by": "tproxy rules remove", "at": time.time()})
+            marker = {"removed_by": "tproxy rules remove", "at": time.time(), "netns_cookie": sockets.netns_cookie()}
+            state.save_state(_removed_path(), marker)
         return _uninstall(config)
 
 
@@ -138,8 +139,19 @@ def _removed_path() -> Path:
 
 def removed_by_operator() -> bool:
     """Whether ``tproxy rules remove`` ran in this network namespace since the last install: a watcher then reports
-    the rules as removed by the operator and never puts them back."""
-    return state.load_state(_removed_path()) is not None
+    the rules as removed by the operator and never puts them back.
+
+    The marker is named by the namespace's inode, which the kernel gives to a new namespace once the old one is
+    freed; it also holds the namespace's cookie (:func:`~tproxy.sockets.netns_cookie`, never reused), and a marker
+    whose cookie is another namespace's was left by a namespace that no longer exists: it says nothing about this one.
+    A marker without a cookie (a kernel without cookies) is honoured."""
+    marker = state.load_state(_removed_path())
+    if marker is None:
+        return False
+    cookie = marker.get("netns_cookie")
+    if isinstance(cookie, int) and not isinstance(cookie, bool):
+        return cookie == sockets.netns_cookie()
+    return True
 
 
 def missing(config: Config) -> list[str]:

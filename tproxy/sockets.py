@@ -40,6 +40,7 @@ IP_RECVORIGDSTADDR = 20  # also the ancillary type of the original destination (
 IPV6_RECVORIGDSTADDR = 74  # (IPV6_ORIGDSTADDR)
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
+SO_NETNS_COOKIE = 71  # Linux >= 5.14
 UDP_MAX_PAYLOAD = 65507  # the largest IPv4 UDP payload (65535 - 20 - 8); IPv6 takes the same
 UDP_RCVBUF = 32 << 20  # the UDP listener's receive buffer when it can be forced (root, before a privilege drop)
 ORIGDST_CMSG_SPACE = socket.CMSG_SPACE(28)  # room for a sockaddr_in6
@@ -164,6 +165,17 @@ def accepter(lsock: socket.socket) -> Callable[[], tuple[socket.socket, Any]]:
             raise
 
     return accept
+
+
+def netns_cookie() -> int | None:
+    """The cookie of the current network namespace: unique for the life of the kernel, never given to another
+    namespace (its inode number is reused once it is freed); None on a kernel without ``SO_NETNS_COOKIE``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError:
+            return None
+    return struct.unpack("=Q", raw)[0] if len(raw) == 8 else None
 
 
 def sockname(sock: socket.socket) -> tuple[str, int]:

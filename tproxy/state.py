@@ -138,6 +138,18 @@ def drop_state(path: Path) -> None:
         path.unlink()
 
 
+def forget_netns(inode: int) -> list[Path]:
+    """Remove every state file of the network namespace with this inode (:func:`state_path`); returns them. For
+    whoever deletes a namespace it created: the files describe nothing once it is gone, and the kernel gives its
+    inode to the next namespace."""
+    if not check_dir():
+        return []
+    paths = [*STATE_DIR.glob(f"*-netns{inode}.json"), *STATE_DIR.glob(f"*-netns{inode}-*.json")]
+    for path in paths:
+        drop_state(path)
+    return paths
+
+
 def sysctls(state: dict[str, Any], path: Path) -> dict[str, str]:
     """The ``sysctls`` entry of a state file (sysctl path -> value to restore), each checked.
 
