@@ -163,7 +163,24 @@ def _restart_keys(old: Config, new: Config) -> set[str]:
 
 
 def _keep_running(old: Config, new: Config) -> Config:
-    """``new`` with the running value of every key that needs a restart (:func:`_restart_keys`)."""
+    """``new`` with the running value of every key that needs a restart (:func:`_restart_keys`), and where that value
+    came from (the running config's source, not the file's); the file's value and source of each such key that
+    differs are in ``restart_pending`` (``/config`` shows both)."""
+    config = _keep_running_values(old, new)
+    running, before, wanted = config.settings(), old.settings(), new.settings()
+    origins = dict(new.origins)
+    pending = {}
+    for key in _restart_keys(old, new):
+        if running[key] == before[key]:
+            origins.pop(key, None)
+            if key in old.origins:
+                origins[key] = old.origins[key]
+        if wanted[key] != running[key]:
+            pending[key] = {"value": wanted[key], "source": new.source_of(key)}
+    return attrs.evolve(config, origins=origins, restart_pending=pending)
+
+
+def _keep_running_values(old: Config, new: Config) -> Config:
     proxy = attrs.evolve(
         new.proxy,
         preserve_source=old.preserve_source,  # the effective value: the running mode decides the default

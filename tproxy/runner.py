@@ -208,6 +208,7 @@ class Reloader:
         for c in plan.restart:
             log.event("reload", logging.WARNING, key=c.key, old=c.old, new=c.new, applied="no: needs a restart")
         if plan.empty:
+            self.config = plan.config  # the same values; /config shows what waits for a restart
             retire, self.lingering = list(self.lingering.values()), {}
             await server.retire_listeners(retire)
             log.event("reloaded", changes=0, restart_needed=len(plan.restart))
