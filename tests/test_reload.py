@@ -337,6 +337,18 @@ def test_listening_ports_reads_only_listen_sockets():
     assert reload.listening_ports("  sl  local_address\n") == set()
 
 
+PROC_NET_UDP = """\
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  120: 00000000:102F 00000000:0000 07 00000000:00000000 00:00000000 00000000 65534        0 48213 2 0 0
+  121: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 48214 2 0 0
+"""
+
+
+def test_socket_entries_read_port_and_inode_of_every_udp_socket():
+    assert reload.socket_entries(PROC_NET_UDP) == {(4143, 48213), (53, 48214)}
+    assert reload.socket_entries(PROC_NET_TCP, listen_only=True) == {(4143, 1)}
+
+
 def test_the_parent_forwards_an_invalid_config_to_the_proxy_and_keeps_its_rules(tmp_path):
     path = tmp_path / "tproxy.toml"
     path.write_text("[intercept]\nports = []\n")
