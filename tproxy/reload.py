@@ -247,8 +247,10 @@ def load(old: Config, overrides: dict[str, Any]) -> Config:
 def install(old: Config, plan: Plan) -> str:
     """The new rules in, then (backend change) the old backend's rules out.
 
-    Error handling: when the new rules fail (the kernel rejects them, routing fails after they went in), the running
-    config's rules are installed again (idempotent), so the host is left serving as before; then the error is raised.
+    Error handling: when the new rules fail (the kernel rejects them, routing fails after they went in),
+    :func:`tproxy.rules.install` has put back what was installed; the running config's rules are then installed once
+    more (idempotent: it also mends pieces that were missing), so the host is left serving as before; then the error
+    is raised.
     """
     from tproxy import rules
 
