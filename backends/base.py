@@ -6,6 +6,8 @@ A backend turns a :class:`~tproxy.config.Config` into rule text and installs it:
 - :meth:`Backend.apply` installs rendered text in one atomic step; applying the same text again changes nothing.
 - :meth:`Backend.remove` takes out everything tproxy installed (whatever config installed it) and nothing else.
 - :meth:`Backend.installed` says whether any of our rules are present.
+- :meth:`Backend.snapshot` / :meth:`Backend.restore` take what of ours is installed and put it back later, so that a
+  replacement that fails after its rules went in leaves the previous rules, not the new ones.
 
 Error handling: a missing program raises :class:`MissingBinaryError` naming the Debian package; lack of privilege
 raises :class:`RulesError` ``needs CAP_NET_ADMIN (run as root)``; text the tool rejects raises :class:`RulesError`
@@ -19,7 +21,7 @@ import os
 import re
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tproxy.config import Config, PortRange
 from tproxy.errors import MissingBinaryError, RulesError
@@ -71,6 +73,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def check(self, text: str) -> None:
         """Have the tool validate ``text`` without installing it (raises :class:`RulesError`)."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> object:
+        """What of ours is installed now, for :meth:`restore` (an opaque value; ``None``: nothing)."""
+
+    @abc.abstractmethod
+    def restore(self, snapshot: object) -> None:
+        """Put back exactly what :meth:`snapshot` saw, replacing what is installed now (with ``None``: remove
+        everything of ours): how a replacement that fails after :meth:`apply` (routing, say) is undone."""
 
     def describe(self) -> str:
         """A short name for messages, e.g. ``nftables`` or ``iptables (nf_tables variant)``."""
@@ -152,6 +163,17 @@ def run(argv: Sequence[str], *, input: str | None = None, check: bool = True) ->
     if check and r.returncode != 0:
         raise tool_error(argv, r)
     return r
+
+
+def put_back(restore: Callable[[], None], err: BaseException) -> None:
+    """Undo a failed change with ``restore`` while ``err`` is being raised; if the undo fails too, raise one
+    RulesError (one line) naming both, so the operator learns that the host is not as it was."""
+    try:
+        restore()
+    except Exception as undo:
+        if not isinstance(err, Exception):
+            return  # an interrupt stays an interrupt
+        raise RulesError(f"{err}; putting the previous rules back failed too: {undo}") from err
 
 
 def tool_error(argv: Sequence[str], r: subprocess.CompletedProcess) -> RulesError:

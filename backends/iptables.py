@@ -27,6 +27,7 @@ from tproxy.backends.base import (
     loopback_guard,
     mark_hex,
     port_ranges,
+    put_back,
     require_net_admin,
     run,
 )
@@ -207,6 +208,14 @@ def split(text: str) -> dict[int, str]:
             continue
         out[current].append(line)
     return {f: "\n".join(lines) + "\n" for f, lines in out.items()}
+
+
+@attrs.frozen
+class IptablesSnapshot:
+    """What :meth:`IptablesBackend.snapshot` saw: restore files per family, and the state's ``created`` objects."""
+
+    files: dict[int, str]
+    created: dict[str, list[list[str]]]
 
 
 @attrs.frozen
@@ -406,39 +415,81 @@ class IptablesBackend(Backend):
             run(restore_argv(fam, "--test", "--noflush"), input=body)
 
     def apply(self, text: str) -> None:
-        """Install both families' files; if the second is rejected, the first comes out again.
+        """Install both families' files (each a restore per family, one commit per table).
 
-        Error handling: the tool's message is in the RulesError; what was there before is left as it was (apart
-        from a previous installation of ours, which is replaced or, on failure, left in place).
+        Error handling: the tool's message is in the RulesError; whatever step fails (the second family, a later
+        table), what was installed before — our previous rules or none — is put back (:meth:`restore`), and what
+        else was there is left as it was.
         """
         require_net_admin()
         self.check_not_mixed()
-        files = split(text)
         self.check(text)
-        was_installed = self.installed()
-        state = (load_state(self._state_path()) if was_installed else None) or {}
-        created: dict[str, list[list[str]]] = {k: list(v) for k, v in state.get("created", {}).items()}
+        before = self.snapshot()
         try:
-            for fam, body in files.items():
-                before_objs = self._nft_objects(fam)
-                before = self._save(fam)
-                try:
-                    run(restore_argv(fam, "--noflush"), input=self._without_existing_jumps(body, before))
-                finally:
-                    new = sorted(self._nft_objects(fam) - before_objs)
-                    mine = created.setdefault(str(fam), [])
-                    mine += [list(o) for o in new if list(o) not in mine]
-                    save_state(self._state_path(), {"created": created})
-            declared = {
-                fam: {c for t in parse_save(body).values() for c in t.chains if c.startswith("TPROXY_")}
-                for fam, body in files.items()
-            }
-            for fam in (4, 6):
-                self._remove_family(fam, keep=declared.get(fam, set()))
-        except BaseException:
-            if not was_installed:
-                self.remove()
+            self._apply(split(text))
+        except BaseException as e:
+            put_back(lambda: self.restore(before), e)
             raise
+
+    def _apply(self, files: dict[int, str]) -> None:
+        state = (load_state(self._state_path()) if self.installed() else None) or {}
+        created: dict[str, list[list[str]]] = {k: list(v) for k, v in state.get("created", {}).items()}
+        for fam, body in files.items():
+            before_objs = self._nft_objects(fam)
+            before = self._save(fam)
+            try:
+                run(restore_argv(fam, "--noflush"), input=self._without_existing_jumps(body, before))
+            finally:
+                new = sorted(self._nft_objects(fam) - before_objs)
+                mine = created.setdefault(str(fam), [])
+                mine += [list(o) for o in new if list(o) not in mine]
+                save_state(self._state_path(), {"created": created})
+        declared = {
+            fam: {c for t in parse_save(body).values() for c in t.chains if c.startswith("TPROXY_")}
+            for fam, body in files.items()
+        }
+        for fam in (4, 6):
+            self._remove_family(fam, keep=declared.get(fam, set()))
+
+    def snapshot(self) -> IptablesSnapshot | None:
+        """Our chains, their rules and the jumps to them (at their positions), per family, as restore files; and
+        which built-in tables and chains iptables-nft created for us. None when nothing of ours is installed."""
+        require_net_admin()
+        if not self.installed():
+            return None
+        files: dict[int, str] = {}
+        for fam in (4, 6):
+            lines: list[str] = []
+            for name, table in parse_save(self._save(fam)).items():
+                ours = [c for c in table.chains if c in OUR_CHAINS.get(name, ())]
+                if not ours:
+                    continue
+                body = [f":{c} - [0:0]" for c in ours]
+                position: Counter[str] = Counter()
+                for r in table.rules:
+                    position[r.chain] += 1
+                    if r.chain not in ours and r.target in ours:
+                        body.append(f"-I {r.chain} {position[r.chain]} {r.spec}")
+                body += [f"-A {r.chain} {r.spec}" for r in table.rules if r.chain in ours]
+                lines += [f"*{name}", *body, "COMMIT"]
+            if lines:
+                files[fam] = "\n".join([HEADER[fam], *lines]) + "\n"
+        state = load_state(self._state_path()) or {}
+        return IptablesSnapshot(files=files, created=state.get("created", {}))
+
+    def restore(self, snapshot: object) -> None:
+        """Our chains as :meth:`snapshot` saw them (every other chain of ours removed, missing jumps put back where
+        they were), and the built-in tables and chains iptables-nft created since deleted again where empty."""
+        if snapshot is None:
+            self.remove()
+            return
+        assert isinstance(snapshot, IptablesSnapshot)
+        self._apply(snapshot.files)
+        now = (load_state(self._state_path()) or {}).get("created", {})
+        for fam in (4, 6):
+            kept = snapshot.created.get(str(fam), [])
+            self._drop_created(fam, [o for o in now.get(str(fam), []) if o not in kept])
+        save_state(self._state_path(), {"created": snapshot.created})
 
     def remove(self) -> None:
         require_net_admin()

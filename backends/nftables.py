@@ -252,6 +252,21 @@ class NftablesBackend(Backend):
         if self.installed():
             run(["nft", "delete", "table", FAMILY, TABLE])
 
+    def snapshot(self) -> str | None:
+        """Our table as ``nft list table`` prints it (text ``nft -f`` reads back), or None when there is none."""
+        require_net_admin()
+        if not self.installed():
+            return None
+        return run(["nft", "list", "table", FAMILY, TABLE]).stdout
+
+    def restore(self, snapshot: object) -> None:
+        """Replace our table with ``snapshot`` in one transaction, as :meth:`apply` does; None: delete it."""
+        if snapshot is None:
+            self.remove()
+            return
+        assert isinstance(snapshot, str)
+        self.apply(f"table {FAMILY} {TABLE} {{\n}}\ndelete table {FAMILY} {TABLE}\n{snapshot}")
+
     def installed(self) -> bool:
         tables = nft_json(["list", "tables", FAMILY], "table") or []
         return any(t.get("family") == FAMILY and t.get("name") == TABLE for t in tables)

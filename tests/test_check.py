@@ -171,6 +171,16 @@ def test_port_free_sees_a_listener():
     assert check.port_free(4, "127.0.0.1", port) is None
 
 
+def test_port_free_sees_a_bound_udp_socket():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        reason = check.port_free(4, "127.0.0.1", port, udp=True)
+        assert reason is not None and reason.startswith("in use")
+        assert check.port_free(4, "127.0.0.1", port) is None  # the TCP port of that number is free
+    assert check.port_free(4, "127.0.0.1", port, udp=True) is None
+
+
 def test_port_free_names_a_foreign_address():
     assert check.port_free(4, "198.18.255.254", 0) == "198.18.255.254 is not an address of this host"
 
@@ -251,6 +261,39 @@ def test_listener_port_taken(cfg_file):
         (fail,) = failures(r.stdout)
         assert fail.startswith('FAIL listener 0.0.0.0:4143 free: in use (held by users:(("python')
         assert "change listener.port" in fail
+
+
+@pytest.mark.root
+def test_udp_listener_port_taken(cfg_file):
+    """With ``intercept.udp_ports`` the proxy also binds the listener port over UDP: a socket holding it fails the
+    check (the TCP port stays free), and without ``udp_ports`` nothing asks for it."""
+    udp = cfg_file("[intercept]\nports = [8080]\nudp_ports = [53]\n")
+    tcp_only = cfg_file()
+    with netns("chkt") as ns:
+        holder = ns.popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket,time\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+                "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,1)\ns.bind(('::',4143))\n"
+                "print('ready',flush=True)\ntime.sleep(60)",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline() == "ready\n"
+            r = run_check(ns, udp)
+            plain = run_check(ns, tcp_only)
+        finally:
+            holder.kill()
+            holder.wait()
+    assert r.returncode == 1, r.stdout
+    (fail,) = failures(r.stdout)
+    assert fail.startswith('FAIL udp listener [::]:4143 free: in use (held by users:(("python'), fail
+    assert "change listener.port" in fail
+    assert "PASS udp listener 0.0.0.0:4143 free\n" in r.stdout and "PASS listener [::]:4143 free\n" in r.stdout
+    assert plain.returncode == 0 and "udp listener" not in plain.stdout, plain.stdout
 
 
 @pytest.mark.root

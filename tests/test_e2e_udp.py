@@ -360,3 +360,96 @@ def test_no_conntrack_entry_for_the_client_leg_and_the_upstream_leg_tracked(lab,
     client_legs = [e for r in results for e in entries_of(entries, tuple(r["src"]), server)]
     assert client_legs == [], client_legs
     assert all(entries_of(entries, tuple(r["peer"]), server) for r in results), (results, entries)
+
+
+def test_a_privileged_parent_moves_the_udp_rules_only_once_the_proxy_holds_the_udp_port(runtime):
+    """Behind a privileged parent (the proxy runs as nobody), with iptables (a TPROXY rule without a transparent
+    socket drops the datagram):
+
+    - a reload that turns ``udp_ports`` on while someone else holds UDP port 4143: the proxy cannot bind it (one
+      line, it keeps its running config), and the parent, which waits for the *proxy's* UDP socket, installs nothing:
+      UDP still reaches the application directly instead of being dropped;
+    - once the port is free, the same reload: the proxy binds it, then the parent installs the rules;
+    - a reload that moves ``listener.port``: the rules point at 4144 once the proxy holds it over TCP and UDP; the old
+      UDP listener receives until the next reload, which closes it.
+    """
+    from tests.test_privileges_netns import start
+
+    argv, env = runtime
+    nobody = '\n[privileges]\nuser = "nobody"\n'
+    with L.Lab.up(app=False) as lab:
+        lab.workdir.chmod(0o755)
+        app = lab.node.popen(
+            [sys.executable, "-m", "tproxy.lab_udp", "app", *map(str, PORTS)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        holder = lab.node.popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',4143))\n"
+                "print('ready',flush=True)\ntime.sleep(120)",
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert app.stdout.readline().strip() == "UDP APP READY"
+            assert holder.stdout.readline() == "ready\n"
+            path = lab.write_config(L.proxy_config("tproxy", "iptables") + nobody)
+            path.chmod(0o644)
+            parent = start(lab, [*argv, "run", "-c", str(path)], env, path)
+
+            def reload(text: str, expect: str) -> str:
+                since = len(parent.log())
+                path.write_text(text + nobody)
+                parent.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 30
+                while expect not in parent.log()[since:]:
+                    assert parent.proc.poll() is None and time.monotonic() < deadline, parent.log()[since:]
+                    time.sleep(0.05)
+                return parent.log()[since:]
+
+            def through_proxy() -> None:
+                for f in (4, 6):
+                    r = flows(lab, [{"dst": L.NODE[f], "port": PORTS[0], "sizes": [5, 1472]}])[0]
+                    assert r["ok"] and r["peer"][0] == r["src"][0] and r["peer"][1] != r["src"][1], r
+                    assert sessions_logged(parent, *r["src"]), parent.log()
+
+            def udp_bound(port: int) -> str:
+                return lab.node.run(["ss", "-uanpH", f"sport = :{port}"]).stdout
+
+            out = reload(udp_config("iptables"), "installed=")
+            assert "tproxy: reload failed: cannot listen on udp 0.0.0.0:4143: Address already in use" in out, out
+            assert 'installed="nothing: the proxy does not listen on the new port"' in out, out
+            assert "intercept-udp" not in lab.node.run(["iptables-save"]).stdout
+            r = flows(lab, [{"dst": L.NODE[4], "port": PORTS[0], "sizes": [5]}])[0]
+            assert r["ok"] and r["peer"] == r["src"], r  # straight to the application: not intercepted, not dropped
+
+            holder.kill()
+            holder.wait()
+            out = reload(udp_config("iptables"), 'by="privileged parent"')
+            assert "reload failed" not in out, out
+            assert "intercept-udp" in lab.node.run(["iptables-save"]).stdout
+            through_proxy()
+
+            moved = udp_config("iptables").replace(f"port = {L.LISTENER_PORT}", "port = 4144")
+            out = reload(moved, 'by="privileged parent"')
+            assert "reload failed" not in out, out
+            save = lab.node.run(["iptables-save"]).stdout + lab.node.run(["ip6tables-save"]).stdout
+            assert "--on-port 4144" in save and f"--on-port {L.LISTENER_PORT}" not in save, save
+            assert udp_bound(4144).count("python") == 2, udp_bound(4144)  # IPv4 and IPv6, the proxy's
+            through_proxy()
+            assert udp_bound(L.LISTENER_PORT), "the old UDP listener closed before the next reload"
+            reload(moved, "reloaded")
+            assert not udp_bound(L.LISTENER_PORT), udp_bound(L.LISTENER_PORT)
+            assert parent.stop() == 0, parent.log()
+            assert "TPROXY" not in lab.node.run(["iptables-save"]).stdout
+        finally:
+            for proc in (holder, app):
+                proc.kill()
+                proc.wait()

@@ -262,6 +262,53 @@ async def test_a_key_that_needs_a_restart_is_logged_and_ignored(tmp_path, log_li
     assert [(e["changes"], e["restart_needed"]) for e in events if e["event"] == "reloaded"] == [(0, 1)]
 
 
+async def test_config_shows_the_running_value_of_a_key_that_needs_a_restart(tmp_path):
+    """``/config`` after a reload: a key that needs a restart shows the value in force and where *that* came from,
+    with the file's new value and source under ``restart_pending``; also when nothing else changed, and no longer
+    once the file agrees with what runs again."""
+    from tproxy.admin import config_document
+
+    path = tmp_path / "tproxy.toml"
+    port = free_port()
+    write(path, port, extra='relay = "tasks"\n')
+
+    def settings() -> dict:
+        return config_document(reloader.config)["settings"]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            reloader, server = await start(nursery, path)
+            write(path, port, extra="idle_timeout = 600\n")
+            path.write_text(path.read_text().replace("[admin]", "[routing]\ntable = 16\n[admin]"))
+            assert await reloader.reload() is True
+            doc = settings()
+            assert doc["proxy.idle_timeout"] == {"value": 600.0, "source": "file"}
+            assert doc["routing.table"] == {
+                "value": 100,
+                "source": "default",
+                "restart_pending": {"value": 16, "source": "file"},
+            }
+            assert doc["proxy.relay"] == {
+                "value": "tasks",
+                "source": "file",
+                "restart_pending": {"value": "shared", "source": "default"},
+            }
+            assert reloader.config.proxy.relay == "tasks" and reloader.config.routing.table == 100
+
+            write(path, port, extra="idle_timeout = 600\n")  # only keys that need a restart differ now
+            assert await reloader.reload() is True
+            assert settings()["routing.table"] == {"value": 100, "source": "default"}
+            assert settings()["proxy.relay"]["restart_pending"] == {"value": "shared", "source": "default"}
+
+            write(path, port, extra='idle_timeout = 600\nrelay = "tasks"\n')  # the file agrees with what runs
+            assert await reloader.reload() is True
+            assert not [k for k, v in settings().items() if "restart_pending" in v]
+            assert settings()["proxy.relay"] == {"value": "tasks", "source": "file"}
+            server.shutdown()
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()  # the application
+
+
 # -- signals and the privileged parent's pieces
 
 
@@ -288,6 +335,18 @@ PROC_NET_TCP = """\
 def test_listening_ports_reads_only_listen_sockets():
     assert reload.listening_ports(PROC_NET_TCP) == {4143}
     assert reload.listening_ports("  sl  local_address\n") == set()
+
+
+PROC_NET_UDP = """\
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  120: 00000000:102F 00000000:0000 07 00000000:00000000 00:00000000 00000000 65534        0 48213 2 0 0
+  121: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 48214 2 0 0
+"""
+
+
+def test_socket_entries_read_port_and_inode_of_every_udp_socket():
+    assert reload.socket_entries(PROC_NET_UDP) == {(4143, 48213), (53, 48214)}
+    assert reload.socket_entries(PROC_NET_TCP, listen_only=True) == {(4143, 1)}
 
 
 def test_the_parent_forwards_an_invalid_config_to_the_proxy_and_keeps_its_rules(tmp_path):

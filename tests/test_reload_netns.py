@@ -283,3 +283,35 @@ def test_rules_that_fail_to_apply_leave_the_running_ones(lab):
     finally:
         held.close()
     assert proxy.stop() == 0, proxy.log()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reload_whose_routing_fails_after_the_new_rules_leaves_the_running_ones(lab, backend):
+    """A reload that adds IPv6 while routing.table already holds someone else's IPv6 default route: the new rules (both
+    families) go in, then the kernel refuses our local route ("File exists"). One line says so; the node's rules and
+    routes read exactly as before (with iptables-nft: no ip6 table left behind either), and the proxy serves on."""
+    v4 = config(backend).replace("ipv6 = true", "ipv6 = false")
+    path = lab.write_config(v4)
+    proxy = lab.start_proxy(path)
+    lab.node.run(["ip", "-6", "route", "add", "blackhole", "default", "table", "100"])
+
+    def state() -> str:  # (the kernel adds IPv6 link-local routes by itself, whenever DAD is done)
+        return "\n".join(line for line in lab.snapshot().splitlines() if "fe80:" not in line)
+
+    before = state()
+    held = Held(lab, 4, L.ECHO_PORT)
+    try:
+        out = hup(proxy, path, config(backend), expect="reload failed")
+        failed = [ln for ln in out.splitlines() if "reload failed" in ln]
+        assert len(failed) == 1 and "IPv6" in failed[0] and "File exists" in failed[0], out
+        assert failed[0].endswith("keeping the running config"), out
+        assert state() == before
+        assert held.echo("after") == "after"
+        since = len(proxy.log())
+        (r,) = lab.connect([{"dst": L.NODE[4], "port": L.ECHO_PORT, "sizes": [100]}])
+        assert r["ok"] and r["peer"][0] == L.CLIENT[4], r
+        assert not wait_logged(proxy, [tuple(r["src"])], since=since), proxy.log()[since:]
+    finally:
+        held.close()
+    assert proxy.stop() == 0, proxy.log()
+    lab.node.run(["ip", "-6", "route", "del", "blackhole", "default", "table", "100"])

@@ -224,6 +224,99 @@ except RulesError as e:
 
 
 @pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_a_replacement_whose_routing_fails_leaves_the_previous_rules(ns, tmp_path, backend):
+    """Installed for IPv4, then applied again with IPv6 too while routing.table already holds someone else's IPv6
+    default route (a real conflict: the kernel refuses our local route, "File exists"). The new rules went in first
+    (both families; iptables-nft also creates its ip6 tables): afterwards the IPv4 install reads exactly as before,
+    rules, routes and all, and one line says why."""
+    v4 = str(write_config(tmp_path, "tproxy-v4", backend))
+    both = str(write_config(tmp_path, "tproxy-both", backend))
+    pristine = snapshot(ns)
+    assert cli(ns, "apply", "-c", v4).returncode == 0
+    ns.run(["ip", "-6", "route", "add", "blackhole", "default", "table", "100"])
+    before = snapshot(ns)
+    r = cli(ns, "apply", "-c", both)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "IPv6" in r.stderr and "File exists" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert snapshot(ns) == before
+    ns.run(["ip", "-6", "route", "del", "blackhole", "default", "table", "100"])
+    assert cli(ns, "remove", "-c", v4).returncode == 0
+    assert snapshot(ns) == pristine
+
+
+_ROUNDTRIP = """
+import re, subprocess, sys
+from tests import golden_gen
+from tproxy.backends import get_backend
+backend = sys.argv[1]
+b = get_backend(backend)
+def ruleset():
+    out = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    if backend == "iptables":  # nft lists iptables-nft's chains in creation order: a chain put back comes last
+        out = "".join(sorted(out.splitlines(True)))
+    for save in ("iptables-save", "ip6tables-save"):
+        out += subprocess.run([save], capture_output=True, text=True, check=True).stdout
+    out = "".join(ln + "\\n" for ln in out.splitlines() if not ln.startswith(("# Generated", "# Completed")))
+    return re.sub(r"\\[\\d+:\\d+\\]", "[:]", out)
+bad = []
+other = b.render(golden_gen.config("nat_preserve-exclusions", backend))
+for case in golden_gen.cases():
+    b.apply(b.render(golden_gen.config(case, backend)))
+    installed, snap = ruleset(), b.snapshot()
+    b.apply(other)
+    b.restore(snap)
+    if ruleset() != installed:
+        bad.append(case)
+    b.restore(None)
+print(" ".join(bad) or "ok", ruleset() == "")
+"""
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_snapshot_and_restore_put_back_every_golden_rule_set(ns, backend):
+    """What undoes a failed replacement: for every golden case, installed, replaced by another rule set, restored:
+    the ruleset reads as it did (nft reads back its own listing; iptables gets its chains, rules and jumps back, and
+    the tables iptables-nft created for the other set are deleted again); restoring "nothing" leaves nothing. (With
+    iptables-nft, a chain the other set deleted is listed last by nft once it is back: ``iptables-save`` reads as it
+    did, ``nft list ruleset`` holds the same lines.)"""
+    r = ns.run([PYTHON, "-c", _ROUNDTRIP, backend], check=False, cwd=str(Path(__file__).parent.parent), timeout=300)
+    assert r.stdout.split() == ["ok", "True"], r.stdout + r.stderr
+
+
+def _apply_with_read_only_proc_sys(ns: Netns, conf: Path) -> subprocess.CompletedProcess:
+    """`tproxy rules apply` in a private mount namespace where /proc/sys is read-only (as in a container)."""
+    script = "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+    script += f"exec {TPROXY} rules apply -c {conf}"
+    return ns.run(["unshare", "-m", "sh", "-c", script], check=False)
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
+def test_a_replacement_whose_sysctl_cannot_be_set_leaves_the_previous_rules(ns, tmp_path, backend):
+    """Installed with the loopback upstream on veth0, then applied again with veth1 added where route_localnet cannot
+    be written (/proc/sys read-only): the new rules went in before the sysctl step; afterwards the running install
+    reads exactly as before, and removing it still restores veth0's route_localnet (its state file is intact)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    good = write_config(tmp_path / "a", "tproxy-loopback-interfaces", backend)
+    more = write_config(
+        tmp_path / "b", "tproxy-loopback-interfaces", backend, intercept={"interfaces": ["veth0", "veth1"]}
+    )
+    pristine = snapshot(ns)
+    assert cli(ns, "apply", "-c", str(good)).returncode == 0
+    before = snapshot(ns)
+    assert "net.ipv4.conf.veth0.route_localnet = 1" in before["sysctl"]
+    r = _apply_with_read_only_proc_sys(ns, more)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.startswith("tproxy: cannot write /proc/sys/net/ipv4/conf/veth1/route_localnet: Read-only"), r
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert snapshot(ns) == before
+    assert ns.run(["sysctl", "-n", "net.ipv4.conf.veth1.route_localnet"]).stdout.strip() == "0"
+    assert cli(ns, "remove", "-c", str(good)).returncode == 0
+    assert snapshot(ns) == pristine
+
+
+@pytest.mark.parametrize("backend", golden_gen.BACKENDS)
 def test_rejected_rule_file_reports_the_tools_message_and_changes_nothing(ns, backend):
     """A file the kernel/tool refuses (here: the IPv6 half, after the IPv4 half went in for iptables)."""
     cfg_case = "tproxy-both"

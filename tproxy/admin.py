@@ -146,12 +146,15 @@ class _Admin:
 
 
 def config_document(config: Config) -> dict:
-    """``/config``: every key as the file spells it, with its effective value and where that value came from."""
-    settings = config.settings()
-    return {
-        "file": config.file,
-        "settings": {key: {"value": value, "source": config.source_of(key)} for key, value in settings.items()},
-    }
+    """``/config``: every key as the file spells it, with its effective value (the one in force) and where that value
+    came from; a key whose new value a reload left for a restart also has ``restart_pending``: the file's value and
+    source."""
+    settings: dict[str, dict] = {}
+    for key, value in config.settings().items():
+        settings[key] = {"value": value, "source": config.source_of(key)}
+        if key in config.restart_pending:
+            settings[key]["restart_pending"] = dict(config.restart_pending[key])
+    return {"file": config.file, "settings": settings}
 
 
 async def read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:

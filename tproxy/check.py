@@ -2,8 +2,9 @@
 
 Checks, in order: the config is valid; this process holds the capabilities the rules and the proxy need; the
 backend's programs are installed and of the expected variant; the kernel supports every feature the mode uses; the
-whole rule set installs and comes out again; the listener and admin ports are free; nothing of an earlier run is left
-behind (our nft table or iptables chains, fwmark rules or routes in our table); ``src_valid_mark`` is off.
+whole rule set installs and comes out again; the listener (TCP, and UDP with ``intercept.udp_ports``) and admin
+ports are free; nothing of an earlier run is left behind (our nft table or iptables chains, fwmark rules or routes in
+our table); ``src_valid_mark`` is off.
 
 Kernel support is asked of the kernel, not read from files: each feature is loaded as a tiny rule set into a
 throwaway network namespace (:mod:`tproxy.netns`), so a module the kernel can autoload counts as present and a
@@ -402,25 +403,27 @@ def _rules_roundtrip(ns, config: Config, config_path: object) -> Result:
 # Ports
 
 
-def _who_listens(port: int) -> str:
+def _who_listens(port: int, *, udp: bool = False) -> str:
     if shutil.which("ss") is None:
         return ""
-    r = _run(["ss", "-Htlnp", f"sport = :{port}"])
+    r = _run(["ss", "-Hulnp" if udp else "-Htlnp", f"sport = :{port}"])
     users = sorted({part for line in r.stdout.splitlines() for part in line.split() if part.startswith("users:")})
     return f" (held by {', '.join(users)})" if users else ""
 
 
-def port_free(family: int, host: str, port: int, *, transparent: bool = False) -> str | None:
+def port_free(family: int, host: str, port: int, *, transparent: bool = False, udp: bool = False) -> str | None:
     """None if ``host:port`` can be bound for listening now; else the reason.
 
     ``transparent``: bind as the tproxy listener does (IP_TRANSPARENT, so a non-local address is allowed), when this
-    process may set it.
+    process may set it. ``udp``: a UDP port, bound as the UDP listener binds it (without SO_REUSEADDR: any socket on
+    that port, wildcard or not, makes its bind fail).
     """
     from tproxy import sockets
 
     af = socket.AF_INET if family == 4 else socket.AF_INET6
-    with socket.socket(af, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(af, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
+        if not udp:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == 6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
@@ -428,10 +431,11 @@ def port_free(family: int, host: str, port: int, *, transparent: bool = False) -
                 sockets.set_transparent(s)
         try:
             s.bind((host, port))
-            s.listen(1)
+            if not udp:
+                s.listen(1)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                return f"in use{_who_listens(port)}"
+                return f"in use{_who_listens(port, udp=udp)}"
             if e.errno == errno.EADDRNOTAVAIL:
                 return f"{host} is not an address of this host"
             if e.errno == errno.EACCES:
@@ -458,6 +462,20 @@ def check_ports(config: Config, config_path: object) -> Iterator[Result]:
                 reason,
                 "stop what holds it (an earlier tproxy? `ss -tlnp 'sport = :PORT'`), or change listener.port",
             )
+    if config.mode == "tproxy" and config.intercept.udp_ports:  # the UDP listeners share the TCP one's address
+        for fam in config.families:
+            host = config.listener.address_for(fam)
+            name = f"udp listener {_hostport(host, port)} free"
+            reason = port_free(fam, host, port, transparent=True, udp=True)
+            if reason is None:
+                yield passed(name)
+            else:
+                yield failed(
+                    name,
+                    reason,
+                    "stop what holds it (an earlier tproxy? `ss -ulnp 'sport = :PORT'`), or change listener.port "
+                    "(intercept.udp_ports uses it for UDP too)",
+                )
     if config.admin.enabled:
         host, aport = config.admin.host, config.admin.port
         name = f"admin {_hostport(host, aport)} free"

@@ -233,6 +233,11 @@ class Config:
     origins: Mapping[str, str] = attrs.field(
         factory=dict, converter=lambda d: types.MappingProxyType(dict(d)), eq=False, repr=False
     )
+    # key path -> {"value", "source"} as the file now says, for each key a reload could not apply (it needs a
+    # restart: tproxy/reload.py); the running value stays in the fields above. Empty unless built by a reload.
+    restart_pending: Mapping[str, Mapping[str, Any]] = attrs.field(
+        factory=dict, converter=lambda d: types.MappingProxyType(dict(d)), eq=False, repr=False
+    )
 
     @property
     def preserve_source(self) -> bool:

@@ -501,7 +501,7 @@ def _supervise(config: Config, child: int, sockets: Iterable[object], status_w: 
         except ProcessLookupError:
             pass
 
-    on_hup = ParentReload(config, lambda: forward(signal.SIGHUP, None))  # moves the rules, then forwards
+    on_hup = ParentReload(config, lambda: forward(signal.SIGHUP, None), child=child)  # moves the rules, forwards
     hups: list[int] = []
     wake_r, wake_w = os.pipe()
     for fd in (wake_r, wake_w):

@@ -135,6 +135,14 @@ def listener_key(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
     return tuple((f, config.listener.address_for(f), config.listener.port, transparent) for f in config.families)
 
 
+def udp_listener_key(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
+    """The UDP listeners ``config`` needs, keyed like :func:`listener_key`: none without ``intercept.udp_ports``
+    (or outside tproxy mode)."""
+    if config.mode != "tproxy" or not config.intercept.udp_ports:
+        return ()
+    return listener_key(config)
+
+
 @attrs.frozen(kw_only=True)
 class Plan:
     """What a reload does. ``config`` is the config to run with: the new one, with :data:`RESTART_KEYS` kept."""
@@ -163,7 +171,24 @@ def _restart_keys(old: Config, new: Config) -> set[str]:
 
 
 def _keep_running(old: Config, new: Config) -> Config:
-    """``new`` with the running value of every key that needs a restart (:func:`_restart_keys`)."""
+    """``new`` with the running value of every key that needs a restart (:func:`_restart_keys`), and where that value
+    came from (the running config's source, not the file's); the file's value and source of each such key that
+    differs are in ``restart_pending`` (``/config`` shows both)."""
+    config = _keep_running_values(old, new)
+    running, before, wanted = config.settings(), old.settings(), new.settings()
+    origins = dict(new.origins)
+    pending = {}
+    for key in _restart_keys(old, new):
+        if running[key] == before[key]:
+            origins.pop(key, None)
+            if key in old.origins:
+                origins[key] = old.origins[key]
+        if wanted[key] != running[key]:
+            pending[key] = {"value": wanted[key], "source": new.source_of(key)}
+    return attrs.evolve(config, origins=origins, restart_pending=pending)
+
+
+def _keep_running_values(old: Config, new: Config) -> Config:
     proxy = attrs.evolve(
         new.proxy,
         preserve_source=old.preserve_source,  # the effective value: the running mode decides the default
@@ -222,8 +247,10 @@ def load(old: Config, overrides: dict[str, Any]) -> Config:
 def install(old: Config, plan: Plan) -> str:
     """The new rules in, then (backend change) the old backend's rules out.
 
-    Error handling: when the new rules fail (the kernel rejects them, routing fails after they went in), the running
-    config's rules are installed again (idempotent), so the host is left serving as before; then the error is raised.
+    Error handling: when the new rules fail (the kernel rejects them, routing fails after they went in),
+    :func:`tproxy.rules.install` has put back what was installed; the running config's rules are then installed once
+    more (idempotent: it also mends pieces that were missing), so the host is left serving as before; then the error
+    is raised.
     """
     from tproxy import rules
 
@@ -264,22 +291,51 @@ def failed_line(err: Exception) -> str:
 
 def listening_ports(proc_net_tcp: str) -> set[int]:
     """The local ports in LISTEN state in the text of ``/proc/net/tcp`` or ``/proc/net/tcp6`` (pure)."""
+    return {port for port, _inode in socket_entries(proc_net_tcp, listen_only=True)}
+
+
+def socket_entries(proc_net: str, *, listen_only: bool = False) -> set[tuple[int, int]]:
+    """(local port, socket inode) of each socket in the text of ``/proc/net/{tcp,tcp6,udp,udp6}`` (pure);
+    ``listen_only``: TCP sockets in LISTEN state only."""
     out = set()
-    for line in proc_net_tcp.splitlines()[1:]:
+    for line in proc_net.splitlines()[1:]:
         parts = line.split()
-        if len(parts) > 3 and parts[3] == "0A":
-            out.add(int(parts[1].rpartition(":")[2], 16))
+        if len(parts) > 9 and (not listen_only or parts[3] == "0A"):
+            out.add((int(parts[1].rpartition(":")[2], 16), int(parts[9])))
     return out
 
 
-def _listening(ports: set[int]) -> bool:
-    found: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            found |= listening_ports(Path(f"/proc/net/{name}").read_text())
-        except OSError:
-            pass
-    return ports <= found
+def _socket_inodes(pid: int) -> set[int] | None:
+    """The inodes of the sockets process ``pid`` holds open; None when it cannot be read (then any socket counts)."""
+    inodes = set()
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(fd.path)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    except OSError:
+        return None
+    return inodes
+
+
+def _listening(ports: set[int], udp_ports: set[int] = frozenset(), pid: int | None = None) -> bool:
+    """Whether TCP ``ports`` are listening and UDP ``udp_ports`` bound, by process ``pid``'s own sockets when given
+    (a port someone else holds does not count: the proxy's bind failed there)."""
+    inodes = _socket_inodes(pid) if pid is not None else None
+    for names, want, listen_only in ((("tcp", "tcp6"), ports, True), (("udp", "udp6"), udp_ports, False)):
+        found: set[int] = set()
+        for name in names:
+            try:
+                entries = socket_entries(Path(f"/proc/net/{name}").read_text(), listen_only=listen_only)
+            except OSError:
+                continue
+            found |= {port for port, inode in entries if inodes is None or inode in inodes}
+        if not want <= found:
+            return False
+    return True
 
 
 class ParentReload:
@@ -287,17 +343,20 @@ class ParentReload:
 
     ``config`` is the config whose rules are in force (the parent removes those at the end). An invalid file is left
     to the proxy to report (one line); no rule change: just forward. Otherwise the rules go in before the proxy hears
-    of it, except when the listener moves: then the proxy first binds the new port (keeping the old one open until
-    its next reload) and the rules follow once the port is listening (at most :data:`LISTEN_WAIT` seconds). A SIGHUP
-    arriving meanwhile runs one more reload afterwards.
+    of it, except when a listener moves or appears (``listener.*``, or UDP listeners with ``intercept.udp_ports``):
+    then the proxy first binds the new ports (keeping the old ones open until its next reload) and the rules follow
+    once the proxy (``child``, the serving process, when given) holds every one of them, TCP listening and UDP bound
+    (at most :data:`LISTEN_WAIT` seconds; otherwise no rule changes: the proxy's bind failed and it keeps its running
+    config too). A SIGHUP arriving meanwhile runs one more reload afterwards.
 
     Error handling: never raises. Rules the kernel rejects leave the host as it was and print the one failure line;
     the signal is then not forwarded, so proxy and rules stay on the running config.
     """
 
-    def __init__(self, config: Config, forward: Callable[[], None]) -> None:
+    def __init__(self, config: Config, forward: Callable[[], None], *, child: int | None = None) -> None:
         self.config = config
         self.forward = forward
+        self.child = child
         self._busy = False
         self._again = False
 
@@ -325,17 +384,20 @@ class ParentReload:
         if not p.rules:
             self.forward()
             return
-        if p.listeners:
+        binds = p.listeners or udp_listener_key(p.config) != udp_listener_key(old)
+        if binds:
             self.forward()
             ports = {key[2] for key in listener_key(p.config)}
+            udp_ports = {key[2] for key in udp_listener_key(p.config)}
             deadline = time.monotonic() + LISTEN_WAIT
-            while not _listening(ports):
+            while not _listening(ports, udp_ports, self.child):
                 if time.monotonic() > deadline:
                     log.event(
                         "reload_rules",
                         logging.WARNING,
                         installed="nothing: the proxy does not listen on the new port",
                         ports=",".join(str(x) for x in sorted(ports)),
+                        udp_ports=",".join(str(x) for x in sorted(udp_ports)),
                     )
                     return
                 time.sleep(0.02)
@@ -346,5 +408,5 @@ class ParentReload:
             return
         self.config = p.config
         log.event("reload_rules", installed=summary, by="privileged parent", pid=os.getpid())
-        if not p.listeners:
+        if not binds:
             self.forward()

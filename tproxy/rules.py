@@ -1,8 +1,10 @@
 """The rules facade: show, install and uninstall the interception rules and the policy routing together.
 
 - :func:`show` touches nothing: the rule file(s), then the routing as ``ip``/``sysctl`` commands.
-- :func:`install` is atomic as a whole: rules in one step, then routes, then sysctls; if routing fails after the rules
-  went in, the rules come out again. Idempotent: installing twice leaves one copy of everything.
+- :func:`install` is atomic as a whole: rules in one step, then routes, then sysctls; whatever step fails, what was
+  installed before is what remains (the previous rules of ours, or none; routes and sysctls as they were), also when
+  it replaces an earlier install (``tproxy rules apply`` again, a reload, the watcher). Idempotent: installing twice
+  leaves one copy of everything.
 - :func:`uninstall` restores the sysctls it changed (remembered under /run/tproxy/ across processes), then removes
   everything tproxy installs (rules of either backend's making are found by name), and nothing else.
 - :func:`missing` says which pieces are not in place (the watcher, ``tproxy rules check``).
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from tproxy import routing, sockets, state
 from tproxy.backends import get_backend
-from tproxy.backends.base import require_net_admin
+from tproxy.backends.base import put_back, require_net_admin
 from tproxy.config import BACKENDS, Config
 from tproxy.errors import MissingBinaryError
 
@@ -70,13 +72,12 @@ def _install(config: Config) -> str:
     backend = get_backend(config.backend)
     text = backend.render(config)
     routing.check(config)
-    was_installed = backend.installed()
-    backend.apply(text)
+    before = backend.snapshot()
+    backend.apply(text)  # (itself all or nothing)
     try:
-        routing.install(config)
-    except BaseException:
-        if not was_installed:
-            backend.remove()
+        routing.install(config)  # (undoes its own steps when one fails)
+    except BaseException as e:
+        put_back(lambda: backend.restore(before), e)
         raise
     families = "+".join(f"IPv{f}" for f in config.families)
     extra = f", fwmark {config.routing.mark:#x} -> table {config.routing.table}" if config.needs_routing else ""

@@ -179,6 +179,7 @@ class Reloader:
         self.owns_rules = owns_rules
         self.overrides = overrides or {}
         self.lingering: dict[tuple, socket.socket] = {}  # replaced listeners kept open until the next reload
+        self.udp_lingering: dict[tuple, socket.socket] = {}  # the same for UDP
         self.server = None
         self.serving = trio.Event()  # a SIGHUP received during start-up waits for the server
         self._lock = trio.Lock()
@@ -208,8 +209,10 @@ class Reloader:
         for c in plan.restart:
             log.event("reload", logging.WARNING, key=c.key, old=c.old, new=c.new, applied="no: needs a restart")
         if plan.empty:
+            self.config = plan.config  # the same values; /config shows what waits for a restart
             retire, self.lingering = list(self.lingering.values()), {}
             await server.retire_listeners(retire)
+            self._retire_udp_lingering(server)
             log.event("reloaded", changes=0, restart_needed=len(plan.restart))
             return True
         # 1. new listeners, accepting before any rule points at them
@@ -259,8 +262,14 @@ class Reloader:
         else:  # the rules move when a privileged step says so: keep accepting on the old port until the next reload
             self.lingering = replaced
         await server.retire_listeners(retire)
-        if self.owns_rules:  # (otherwise the rules move later: the old UDP listeners stay until the next reload)
-            self._retire_udp(server, {k: s for k, s in self.udp_sockets.items() if k not in _udp_keys(plan.config)})
+        replaced_udp = {k: s for k, s in self.udp_sockets.items() if k not in _udp_keys(plan.config)}
+        self._retire_udp_lingering(server)
+        if self.owns_rules:
+            self._retire_udp(server, replaced_udp)
+        else:  # the rules move later: the old UDP listeners receive until the next reload
+            for key in replaced_udp:
+                self.udp_sockets.pop(key)
+            self.udp_lingering = replaced_udp
         server.apply_settings(plan.config)
         if (old.log.level, old.log.format) != (plan.config.log.level, plan.config.log.format):
             log.setup(plan.config.log.level, plan.config.log.format)
@@ -284,7 +293,9 @@ class Reloader:
             return fresh
         try:
             for key in _udp_keys(config):
-                if key not in self.udp_sockets:
+                if key in self.udp_lingering:  # moved back: still open, still receiving
+                    self.udp_sockets[key] = self.udp_lingering.pop(key)
+                elif key not in self.udp_sockets:
                     family, address, port, _transparent = key
                     fresh[key] = sockets.udp_listener(family, address, port)
             await server.udp.adopt(list(fresh.values()))
@@ -295,6 +306,11 @@ class Reloader:
         self.udp_sockets.update(fresh)
         return fresh
 
+    def _retire_udp_lingering(self, server) -> None:
+        socks, self.udp_lingering = list(self.udp_lingering.values()), {}
+        if server.udp is not None:
+            server.udp.retire(socks)
+
     def _retire_udp(self, server, socks: dict[tuple, socket.socket]) -> None:
         for key in socks:
             self.udp_sockets.pop(key, None)
@@ -302,11 +318,7 @@ class Reloader:
             server.udp.retire(list(socks.values()))
 
 
-def _udp_keys(config: Config) -> tuple[tuple[int, str, int, bool], ...]:
-    """The UDP listeners ``config`` needs, keyed like the TCP ones: none without ``intercept.udp_ports``."""
-    if config.mode != "tproxy" or not config.intercept.udp_ports:
-        return ()
-    return reload.listener_key(config)
+_udp_keys = reload.udp_listener_key
 
 
 async def _main(
@@ -452,7 +464,7 @@ def run(config: Config, manage_rules: bool, *, mode: str | None = None, backend:
             if reloader is not None:
                 config = reloader.config  # the rules in force are the last reload's
                 listeners = [*listeners, *reloader.sockets.values(), *reloader.lingering.values()]
-                udp_listeners = [*udp_listeners, *reloader.udp_sockets.values()]
+                udp_listeners = [*udp_listeners, *reloader.udp_sockets.values(), *reloader.udp_lingering.values()]
             for s in listeners + udp_listeners:
                 s.close()
             with logs:  # (the writer thread ends after the last line, however this ends)
