@@ -96,7 +96,8 @@ fix:
 golden:
     python -m tests.golden_gen
 
-# Install the benchmark's Debian packages when missing (iperf3, wrk, haproxy, nginx-light)
+# Install the benchmark's Debian packages when missing (iperf3, wrk, haproxy, nginx-light; for --udp dnsperf,
+# libnginx-mod-stream, and gcc + libc6-dev for nginx's IP_TRANSPARENT shim)
 bench-deps: deps
     #!/usr/bin/env bash
     set -euo pipefail
@@ -105,6 +106,10 @@ bench-deps: deps
     command -v wrk >/dev/null || need+=(wrk)
     command -v haproxy >/dev/null || need+=(haproxy)
     command -v nginx >/dev/null || need+=(nginx-light)
+    command -v dnsperf >/dev/null || need+=(dnsperf)
+    [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+    command -v gcc >/dev/null || need+=(gcc)
+    [ -e /usr/include/dlfcn.h ] || need+=(libc6-dev)
     if [ ${#need[@]} -gt 0 ]; then
       if [ "$(id -u)" -ne 0 ]; then echo "just bench-deps: need root to install: ${need[*]}" >&2; exit 1; fi
       apt-get update -qq

@@ -179,3 +179,117 @@ def test_the_proxy_protocol_subjects_configs_are_valid_and_differ_from_their_bas
         S.Tproxy("tproxy", "original", send_proxy_protocol="v2").config_text(None),
     ):
         Config.from_dict(tomllib.loads(text))  # raises on a bad key or value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The UDP run (--udp)
+
+DNSPERF_OUTPUT = """\
+DNS Performance Testing Tool
+Version 2.10.0
+
+[Status] Command line: dnsperf -s 198.18.0.3 -p 5300 -d q.txt -c 100 -q 500 -l 3 -t 2
+[Status] Sending queries (to 198.18.0.3:5300)
+[Status] Started at: Tue Dec  1 06:15:00 2026
+[Status] Stopping after 3.000000 seconds
+[Status] Testing complete (time limit)
+
+Statistics:
+
+  Queries sent:         152345
+  Queries completed:    152300 (99.97%)
+  Queries lost:         45 (0.03%)
+
+  Response codes:       NOERROR 152290 (99.99%), SERVFAIL 10 (0.01%)
+  Average packet size:  request 28, response 44
+  Run time (s):         3.001234
+  Queries per second:   50746.123456
+
+  Average Latency (s):  0.001234 (min 0.000050, max 0.012000)
+  Latency StdDev (s):   0.000321
+
+"""
+
+
+def test_dnsperf_statistics_give_counts_rate_latency_and_noerror_answers():
+    r = loads.parse_dnsperf(DNSPERF_OUTPUT)
+    assert r == {
+        "sent": 152345,
+        "completed": 152300,
+        "lost": 45,
+        "qps": pytest.approx(50746.123456),
+        "avg_ms": pytest.approx(1.234),
+        "noerror": 152290,
+    }
+
+
+def test_dnsperf_output_without_statistics_is_an_error():
+    with pytest.raises(ValueError, match="Queries sent"):
+        loads.parse_dnsperf("[Fatal] bind: Address already in use\n")
+
+
+def test_iperf_udp_figures_are_what_the_server_received():
+    doc = {
+        "end": {
+            "sum": {
+                "seconds": 2.0,
+                "bits_per_second": 800e6,
+                "packets": 100_000,
+                "lost_packets": 25_000,
+                "lost_percent": 25.0,
+            }
+        }
+    }
+    r = loads.parse_iperf_udp(doc, 1400)
+    assert r["packets"] == 100_000 and r["lost"] == 25_000 and r["received"] == 75_000
+    assert r["recv_mbps"] == pytest.approx(75_000 * 1400 * 8 / 2.0 / 1e6)  # 420 Mb/s, not the 800 sent
+    assert r["sent_mbps"] == pytest.approx(800) and r["lost_percent"] == 25.0
+
+
+DNSMASQ_LOG = """\
+Dec  1 06:15:00 dnsmasq[4242]: started, version 2.89 cache disabled
+Dec  1 06:15:01 dnsmasq[4242]: 1 198.18.0.1/40404 query[A] bench.test from 198.18.0.1
+Dec  1 06:15:01 dnsmasq[4242]: 1 198.18.0.1/40404 config bench.test is 198.18.0.9
+Dec  1 06:15:01 dnsmasq[4242]: 2 198.18.0.1/1234 query[AAAA] bench.test from 198.18.0.1
+Dec  1 06:15:01 dnsmasq[4242]: 3 198.18.0.1/2222 query[A] other.test from 198.18.0.1
+Dec  1 06:15:01 dnsmasq[4242]: 4 198.18.0.2/50000 query[A] bench.test from 198.18.0.2
+"""
+
+
+def test_the_query_log_names_each_clients_address_and_port():
+    assert loads.parse_dnsmasq_log(DNSMASQ_LOG) == [("198.18.0.1", 40404), ("198.18.0.2", 50000)]
+    assert loads.parse_dnsmasq_log("") == []
+
+
+def test_udp_targets_are_against_nginx_and_lost_datagrams_are_counts():
+    runs = {
+        "direct": {"dns_qps": [90_000, 80_000], "dns_rate_lost": [0, 0]},
+        "nginx": {"dns_qps": [40_000, 50_000], "bulk_mbps": [900, 1000], "dns_rate_lost": [0, 0]},
+        "tproxy-original": {"dns_qps": [44_000, 45_000], "bulk_mbps": [800, 900], "dns_rate_lost": [0, 3]},
+    }
+    s = report.summarize(runs, peer="nginx", metrics=report.UDP_METRICS)
+    t = s["tproxy-original"]
+    assert t["dns_qps"]["x_nginx"] == pytest.approx((1.1 + 0.9) / 2) and t["dns_qps"]["target"] == "met"
+    assert t["bulk_mbps"]["x_nginx"] == pytest.approx((800 / 900 + 0.9) / 2) and t["bulk_mbps"]["target"] == "missed"
+    assert t["dns_rate_lost"]["median"] == 1.5 and t["dns_rate_lost"]["target"] == "missed"  # must be 0
+    text = report.table(s, list(runs), {}, peer="nginx", peer_label="nginx", metrics=report.UDP_METRICS)
+    assert "| × nginx |" in text.splitlines()[0]
+    assert "| DNS queries/s, saturated (dnsperf -c 100) (q/s) | tproxy-original | 44,500 | 0.53 | 1.00 | met" in text
+    lost = [ln for ln in text.splitlines() if ln.startswith("| DNS queries lost at the fixed rate")]
+    assert lost[-1].endswith("| tproxy-original | 2 | — | — | missed (≤ 0 queries) |")
+
+
+def test_the_udp_subjects_and_their_config():
+    import tomllib
+
+    from tests.bench import topology as T
+    from tests.bench.run import make_udp_subjects
+    from tproxy.config import Config
+
+    subjects = make_udp_subjects(None)[0]
+    assert [s.name for s in subjects] == ["direct", "nginx", "tproxy-original"]
+    assert [s.name for s in make_udp_subjects(["nginx-remote-port", "direct"])[0]] == ["direct", "nginx-remote-port"]
+    doc = tomllib.loads(subjects[2].config_text(None))
+    assert doc["intercept"]["udp_ports"] == list(T.UDP_PORTS) and doc["mode"] == "tproxy"
+    assert doc["intercept"]["ports"] == [5399]  # no TCP application listens there
+    assert Config.from_dict(doc).intercept.udp_ports  # a valid config

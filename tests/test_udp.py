@@ -249,3 +249,86 @@ async def test_relay_max_sessions_idle_expiry_and_loopback_ports():
                 accepts.cancel_scope.cancel()
             relay.close()
         outer.cancel_scope.cancel()
+
+
+async def start_talker(nursery, count: int, interval: float):
+    """An application that answers a client's first datagram with ``count`` datagrams, ``interval`` seconds apart
+    (replies only: the client sends nothing more)."""
+    import trio
+
+    app = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await app.bind(("127.0.0.1", 0))
+
+    async def serve():
+        _data, peer = await app.recvfrom(65536)
+        for i in range(count):
+            await app.sendto(b"tick %d" % i, peer)
+            await trio.sleep(interval)
+
+    nursery.start_soon(serve)
+    return app.getsockname()
+
+
+@pytest.mark.root
+async def test_datagrams_either_way_keep_a_session_and_it_expires_the_timeout_after_the_last():
+    """Expiry is counted from the latest datagram in either direction: client datagrams alone, then the
+    application's alone, each spaced under the timeout, keep one session; it ends a timeout after the last one."""
+    import trio
+
+    from tproxy.stats import Stats
+    from tproxy.udp import UdpRelay
+
+    idle = 0.4
+    stats = Stats()
+    async with trio.open_nursery() as outer:
+        echo = await start_echo(outer)
+        talker = await start_talker(outer, count=8, interval=0.15)
+        relay = UdpRelay(relay_config(udp_idle_timeout=idle), [], stats, mark=0, port_start=1024)
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accepts:
+                await relay.start(accepts, conns)
+                client = ("127.0.0.1", 40100)
+                for _ in range(8):  # client -> application, 1.2 s in all
+                    hand_over(relay, client, echo, b"ping")
+                    await trio.sleep(0.15)
+                assert stats.udp_sessions == 1 and len(relay.sessions) == 1
+                hand_over(relay, client, talker, b"go")  # application -> client from now on
+                with trio.fail_after(5):
+                    while stats.udp_datagrams_out < 8 + 8:
+                        await trio.sleep(0.01)
+                last_reply = trio.current_time()
+                assert stats.udp_sessions == 2 and (client, talker) in relay.sessions  # replies alone kept it 1 s
+                with trio.fail_after(5):
+                    while relay.sessions:
+                        await trio.sleep(0.01)
+                assert trio.current_time() - last_reply >= idle - 0.05
+                assert stats.udp_sessions == 2 and stats.udp_sessions_open == 0
+                accepts.cancel_scope.cancel()
+            relay.close()
+        outer.cancel_scope.cancel()
+
+
+@pytest.mark.root
+async def test_a_reload_shortens_the_idle_timeout_of_live_sessions_at_once():
+    import trio
+
+    from tproxy.stats import Stats
+    from tproxy.udp import UdpRelay
+
+    stats = Stats()
+    async with trio.open_nursery() as outer:
+        echo = await start_echo(outer)
+        relay = UdpRelay(relay_config(udp_idle_timeout=600), [], stats, mark=0, port_start=1024)
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accepts:
+                await relay.start(accepts, conns)
+                hand_over(relay, ("127.0.0.1", 40200), echo, b"ping")
+                await trio.sleep(0.2)
+                relay.apply_settings(relay_config(udp_idle_timeout=0.3))
+                with trio.fail_after(3):  # not 600 s, and not waiting for a next datagram
+                    while relay.sessions:
+                        await trio.sleep(0.01)
+                assert stats.udp_sessions == 1 and stats.udp_sessions_open == 0
+                accepts.cancel_scope.cancel()
+            relay.close()
+        outer.cancel_scope.cancel()

@@ -47,6 +47,7 @@ from tproxy.stats import Stats
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _PROTO_UDP = 17
 _UDP_HEADER = struct.Struct("!HHHH")
+DST_CACHE = 1024  # original destinations remembered by their raw ancillary data (cleared when full)
 BATCH = 64  # datagrams a receive loop reads in a row before yielding to the other tasks
 PORT_ATTEMPTS = 4  # chosen upstream ports tried before giving up on a session
 # errnos of recvmsg on the listener that concern one datagram or a passing shortage: go on with the next one
@@ -76,22 +77,30 @@ def ones_complement_sum(data: bytes | bytearray | memoryview) -> int:
     return s or 0xFFFF
 
 
-def udp_header(src: str, dst: str, sport: int, dport: int, payload: bytes | memoryview, family: int) -> bytes:
-    """The 8-byte UDP header for ``payload`` from ``src:sport`` to ``dst:dport``, with its checksum over the IPv4 or
-    IPv6 pseudo-header (``family`` 4 or 6; the checksum is mandatory for IPv6). A computed checksum of 0 is sent as
+def checksum_base(src: str, dst: str, sport: int, dport: int, family: int) -> int:
+    """The part of a UDP checksum that every datagram of one flow shares: both addresses and the protocol (of the
+    IPv4 or IPv6 pseudo-header) and both ports, summed. :func:`header_from_base` adds the length and the payload.
+    Computed once per session instead of once per datagram. Pure."""
+    af = _AF[family]
+    addrs = socket.inet_pton(af, src) + socket.inet_pton(af, dst)
+    return ones_complement_sum(addrs) + _PROTO_UDP + sport + dport
+
+
+def header_from_base(base: int, sport: int, dport: int, payload: bytes | memoryview) -> bytes:
+    """The 8-byte UDP header for ``payload`` given its flow's :func:`checksum_base`. The length appears twice in the
+    sum (the pseudo-header's, IPv4 16-bit or IPv6 32-bit, and the header's); a computed checksum of 0 is sent as
     0xffff (0 means "none" on the wire). Pure."""
     length = 8 + len(payload)
-    af = _AF[family]
-    if family == 4:
-        pseudo = socket.inet_pton(af, src) + socket.inet_pton(af, dst) + struct.pack("!BBH", 0, _PROTO_UDP, length)
-    else:
-        pseudo = socket.inet_pton(af, src) + socket.inet_pton(af, dst) + struct.pack("!I3xB", length, _PROTO_UDP)
-    head = _UDP_HEADER.pack(sport, dport, length, 0)
-    total = ones_complement_sum(pseudo) + ones_complement_sum(head) + ones_complement_sum(payload)
+    total = base + 2 * length + ones_complement_sum(payload)
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
-    checksum = ~total & 0xFFFF
-    return _UDP_HEADER.pack(sport, dport, length, checksum or 0xFFFF)
+    return _UDP_HEADER.pack(sport, dport, length, (~total & 0xFFFF) or 0xFFFF)
+
+
+def udp_header(src: str, dst: str, sport: int, dport: int, payload: bytes | memoryview, family: int) -> bytes:
+    """The 8-byte UDP header for ``payload`` from ``src:sport`` to ``dst:dport``, with its checksum over the IPv4 or
+    IPv6 pseudo-header (``family`` 4 or 6; the checksum is mandatory for IPv6). Pure."""
+    return header_from_base(checksum_base(src, dst, sport, dport, family), sport, dport, payload)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,8 +109,10 @@ def udp_header(src: str, dst: str, sport: int, dport: int, payload: bytes | memo
 
 @attrs.define(eq=False)
 class Session:
-    """One (client, original destination) flow. ``scope`` is the session task's cancel scope: its deadline is the
-    idle expiry, pushed forward by every datagram either way."""
+    """One (client, original destination) flow. ``scope`` is the session task's cancel scope (cancelled to end it);
+    ``last`` the time of its latest datagram either way, and ``idle`` the scope whose deadline is ``last`` plus the
+    idle timeout as of the task's latest look (a datagram only stamps ``last``: moving a deadline per datagram costs a
+    heap entry in trio's run loop). ``cmsg``, ``reply_to`` and ``csum`` are what every reply to the client reuses."""
 
     family: int  # 4 or 6
     client: tuple[str, int]
@@ -112,6 +123,11 @@ class Session:
     reserved: int | None  # a port taken from the chooser (released at the end)
     scope: trio.CancelScope
     t0: float
+    last: float
+    cmsg: list[tuple[int, int, bytes]]  # IP_PKTINFO / IPV6_PKTINFO: the original destination as the source
+    reply_to: tuple[str, int]  # the raw socket's destination (the client's address, port 0)
+    csum: int  # checksum_base(original destination -> client)
+    idle: trio.CancelScope | None = None
     datagrams_in: int = 0
     datagrams_out: int = 0
     bytes_in: int = 0
@@ -156,6 +172,8 @@ class UdpRelay:
         self.raws: dict[int, socket.socket] = {}
         self.sessions: dict[tuple[tuple[str, int], tuple[str, int]], Session] = {}
         self._tuples: set[tuple[str, int, tuple[str, int]]] = set()  # live upstream (ip, port, target)
+        self._dsts: dict[bytes, tuple[str, int]] = {}  # original destinations by their ancillary data, as parsed
+        self._rbuf = bytearray(sockets.UDP_MAX_PAYLOAD + 1)  # every session's replies are read here, one at a time
         self._receivers: dict[socket.socket, trio.CancelScope] = {}
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
@@ -207,31 +225,39 @@ class UdpRelay:
         self.raws.clear()
 
     def apply_settings(self, config: Config) -> None:
-        """``udp_idle_timeout`` (for every session, from its next datagram) and ``udp_max_sessions`` (new sessions)."""
+        """``udp_idle_timeout`` (for every session at once, counted from its latest datagram) and
+        ``udp_max_sessions`` (new sessions)."""
         self.idle_timeout = config.proxy.udp_idle_timeout
         self.max_sessions = config.proxy.udp_max_sessions
+        for s in self.sessions.values():
+            if s.idle is not None:
+                s.idle.deadline = s.last + self.idle_timeout
 
     # -- client -> application
 
     async def _receive(self, lsock: socket.socket, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         family = 6 if lsock.family == socket.AF_INET6 else 4
-        recvmsg = lsock.recvmsg
+        recvmsg_into = lsock.recvmsg_into
         space = sockets.ORIGDST_CMSG_SPACE
-        size = sockets.UDP_MAX_PAYLOAD + 1
+        buf = bytearray(sockets.UDP_MAX_PAYLOAD + 1)  # one per listener, reused: each datagram is sent on at once
+        bufs = [buf]
+        view = memoryview(buf)
         datagram = self._datagram
         with trio.CancelScope() as scope:
             self._receivers[lsock] = scope
             task_status.started()
             batch = 0
+            now = _current_time()  # the time stamped on the sessions of a batch of datagrams
             while True:
                 try:
-                    data, anc, _flags, addr = recvmsg(size, space)
+                    n, anc, _flags, addr = recvmsg_into(bufs, space)
                 except BlockingIOError:
                     batch = 0
                     try:
                         await _wait_readable(lsock)
                     except trio.ClosedResourceError:  # retire() closed it
                         return
+                    now = _current_time()
                     continue
                 except OSError as e:
                     if e.errno in _TRANSIENT:
@@ -239,28 +265,38 @@ class UdpRelay:
                     if lsock.fileno() < 0:  # closed by retire()
                         return
                     raise
-                datagram(family, data, anc, addr)
+                datagram(family, view[:n], anc, addr, now)
                 batch += 1
                 if batch >= BATCH:
                     batch = 0
                     await trio.lowlevel.checkpoint()
+                    now = _current_time()
 
     def _drop(self, reason: str) -> None:
         self.stats.udp_dropped[reason] += 1
 
-    def _datagram(self, family: int, data: bytes, anc: list, addr: tuple) -> None:
-        """One datagram from a client: to its session, opened first if need be."""
-        dst = sockets.udp_original_dst(anc)
+    def _datagram(
+        self, family: int, data: bytes | memoryview, anc: list, addr: tuple, now: float | None = None
+    ) -> None:
+        """One datagram from a client (sent on before this returns: ``data`` may be a view of a reused buffer), to
+        its session, opened first if need be. ``now``: the receive loop's time of the batch (else the current one)."""
+        dst = self._dsts.get(anc[0][2]) if len(anc) == 1 else None
         if dst is None:
-            self._drop("no_original_dst")
-            return
-        client = (addr[0], addr[1])
+            dst = sockets.udp_original_dst(anc)
+            if dst is None:
+                self._drop("no_original_dst")
+                return
+            if len(anc) == 1:
+                if len(self._dsts) >= DST_CACHE:
+                    self._dsts.clear()
+                self._dsts[anc[0][2]] = dst
+        client = addr if len(addr) == 2 else (addr[0], addr[1])
         s = self.sessions.get((client, dst))
-        if s is None or s.scope.cancel_called:  # (an expired session whose task has not ended yet: a new one)
+        if s is None or s.scope.cancel_called:  # (a session ended by stop() whose task has not run yet: a new one)
             s = self._open(family, client, dst)
             if s is None:
                 return
-        s.scope.deadline = _current_time() + self.idle_timeout
+        s.last = _current_time() if now is None else now
         try:
             s.upstream.send(data)
         except BlockingIOError:
@@ -294,6 +330,7 @@ class UdpRelay:
             self._drop("upstream_error")
             self._warn("udp_upstream_error", client=log.addr(client), error=e.strerror or str(e))
             return None
+        now = _current_time()
         s = Session(
             family=family,
             client=client,
@@ -303,7 +340,11 @@ class UdpRelay:
             target=target,
             reserved=reserved,
             scope=trio.CancelScope(),
-            t0=_current_time(),
+            t0=now,
+            last=now,
+            cmsg=[sockets.pktinfo(family, dst[0])],
+            reply_to=(client[0], 0),
+            csum=checksum_base(dst[0], client[0], dst[1], client[1], family),
         )
         self.sessions[(client, dst)] = s
         self.chooser.add_intercepted(client, dst)
@@ -371,30 +412,44 @@ class UdpRelay:
             self._end(s, note)
 
     async def _replies(self, s: Session) -> None:
+        """Replies until the application's port refuses or no datagram passed either way for ``idle_timeout``: the
+        idle scope's deadline is looked at only when it passes (then moved to the latest datagram's, if any came)."""
+        while True:
+            with trio.CancelScope(deadline=s.last + self.idle_timeout) as idle:
+                s.idle = idle
+                await self._relay_replies(s)
+                return  # refused
+            s.idle = None
+            if _current_time() >= s.last + self.idle_timeout:
+                return  # idle
+
+    async def _relay_replies(self, s: Session) -> None:
         up = s.upstream
-        recv = up.recv
-        size = sockets.UDP_MAX_PAYLOAD + 1
+        recv_into = up.recv_into
+        buf = self._rbuf
+        view = memoryview(buf)
+        reply = self._reply
         while True:
             try:
-                data = recv(size)
+                n = recv_into(buf)
             except BlockingIOError:
                 await _wait_readable(up)
                 continue
             except ConnectionRefusedError:  # ICMP port unreachable: nothing listens on the application's port
                 s.reason = "refused"
                 return
-            s.scope.deadline = _current_time() + self.idle_timeout
-            self._reply(s, data)
+            s.last = _current_time()
+            reply(s, view[:n])  # (sent before the next read: the buffer is shared by every session)
 
-    def _reply(self, s: Session, data: bytes) -> None:
+    def _reply(self, s: Session, data: bytes | memoryview) -> None:
         raw = self.raws.get(s.family)
         if raw is None:
             self._drop("send_error")
             return
-        src, dst = s.dst, s.client
-        head = udp_header(src[0], dst[0], src[1], dst[1], data, s.family)
+        sport, dport = s.dst[1], s.client[1]
+        head = header_from_base(s.csum, sport, dport, data)
         try:
-            raw.sendmsg([head, data], [sockets.pktinfo(s.family, src[0])], 0, (dst[0], 0))
+            raw.sendmsg([head, data], s.cmsg, 0, s.reply_to)
         except BlockingIOError:
             self._drop("would_block")
             return

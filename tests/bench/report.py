@@ -25,6 +25,23 @@ METRICS: dict[str, tuple[str, str, bool, tuple[str, float] | None]] = {
     "idle_lost_or_refused": ("idle conns refused or lost", "conns", False, ("abs<=", 0)),
 }
 
+# The UDP run (--udp): targets of the UDP issue, against nginx's stream module (1 worker) of the same rounds. The
+# fixed-rate loads run at a fraction (default half) of the subject's own saturated rate of the same round.
+UDP_METRICS: dict[str, tuple[str, str, bool, tuple[str, float] | None]] = {
+    "dns_qps": ("DNS queries/s, saturated (dnsperf -c 100)", "q/s", True, (">=", 1.0)),
+    "dns_avg_ms": ("DNS latency, average, saturated", "ms", False, None),
+    "dns_lost": ("DNS queries lost, saturated", "queries", False, None),
+    "dns_rate_qps": ("DNS fixed rate below saturation", "q/s", True, None),
+    "dns_rate_lost": ("DNS queries lost at the fixed rate", "queries", False, ("abs<=", 0)),
+    "cpu_us_per_query": ("proxy CPU per DNS query (2 datagrams)", "µs", False, None),
+    "bulk_mbps": ("bulk iperf3 -u -b 0 -l 1400, received", "Mb/s", True, (">=", 1.0)),
+    "bulk_lost_pct": ("bulk datagrams lost, saturated", "%", False, None),
+    "bulk_rate_mbps": ("bulk fixed rate below saturation", "Mb/s", True, None),
+    "bulk_rate_lost": ("bulk datagrams lost at the fixed rate", "datagrams", False, ("abs<=", 0)),
+    "cpu_us_per_datagram": ("proxy CPU per bulk datagram (1,400 bytes)", "µs", False, None),
+}
+COUNT_UNITS = ("conns", "queries", "datagrams")  # counts of failures: printed whole, never as ratios
+
 
 # Subjects compared with a plain-tproxy subject of the same run instead of HAProxy (the PROXY protocol issue):
 # subject -> (baseline subject, metric, minimum ratio, what the pair isolates)
@@ -46,34 +63,37 @@ def paired_ratio(values: list, refs: list) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def summarize(runs: dict[str, dict[str, list]]) -> dict[str, dict[str, dict]]:
+def summarize(
+    runs: dict[str, dict[str, list]], *, peer: str = "haproxy", metrics: dict = METRICS
+) -> dict[str, dict[str, dict]]:
     """``runs[subject][metric] = [per-round values]`` (aligned by round) -> medians, and ratios against direct and
-    haproxy: ``x_REF`` is the median of the per-round ratios (paired), ``x_REF_of_medians`` the ratio of medians."""
+    the ``peer`` (the proxy the targets name): ``x_REF`` is the median of the per-round ratios (paired),
+    ``x_REF_of_medians`` the ratio of medians; ``target`` by ``metrics``' spec against the peer."""
     med = {s: {m: median(v) for m, v in ms.items()} for s, ms in runs.items()}
     out: dict[str, dict[str, dict]] = {}
     for s, ms in med.items():
         out[s] = {}
         for m, v in ms.items():
             entry = {"median": v, "runs": runs[s][m]}
-            for ref in ("direct", "haproxy"):
+            for ref in ("direct", peer):
                 r = med.get(ref, {}).get(m)
                 entry[f"x_{ref}_of_medians"] = (v / r) if (v is not None and r) else None
                 entry[f"x_{ref}"] = paired_ratio(runs[s][m], runs.get(ref, {}).get(m, []))
-            entry["target"] = check_target(m, v, entry["x_haproxy"])
+            entry["target"] = check_target(m, v, entry[f"x_{peer}"], metrics)
             out[s][m] = entry
     return out
 
 
-def check_target(metric: str, value: float | None, x_haproxy: float | None) -> str | None:
-    spec = METRICS.get(metric, (None, None, None, None))[3]
+def check_target(metric: str, value: float | None, x_peer: float | None, metrics: dict = METRICS) -> str | None:
+    spec = metrics.get(metric, (None, None, None, None))[3]
     if spec is None or value is None:
         return None
     op, limit = spec
     if op == "abs<=":
         return "met" if value <= limit else "missed"
-    if x_haproxy is None:
+    if x_peer is None:
         return None
-    ok = x_haproxy >= limit if op == ">=" else x_haproxy <= limit
+    ok = x_peer >= limit if op == ">=" else x_peer <= limit
     return "met" if ok else "missed"
 
 
@@ -127,7 +147,7 @@ def baseline_table(checks: list[dict], invalid: dict[str, str]) -> str:
 def fmt(v: float | None, unit: str = "") -> str:
     if v is None:
         return "—"
-    if unit in ("req/s", "conn/s", "conns") or abs(v) >= 1000:
+    if unit in ("req/s", "conn/s", "q/s", *COUNT_UNITS) or abs(v) >= 1000:
         return f"{v:,.0f}"
     if abs(v) >= 100:
         return f"{v:.0f}"
@@ -136,13 +156,21 @@ def fmt(v: float | None, unit: str = "") -> str:
     return f"{v:.2f}"
 
 
-def table(summary: dict[str, dict[str, dict]], subjects: list[str], invalid: dict[str, str]) -> str:
+def table(
+    summary: dict[str, dict[str, dict]],
+    subjects: list[str],
+    invalid: dict[str, str],
+    *,
+    peer: str = "haproxy",
+    peer_label: str = "HAProxy",
+    metrics: dict = METRICS,
+) -> str:
     """Markdown: one row per metric and subject, with the ratios and, for tproxy rows, the target."""
     lines = [
-        "| metric | subject | median | × direct | × HAProxy | target |",  # ratios: medians of per-round ratios
+        f"| metric | subject | median | × direct | × {peer_label} | target |",  # ratios: medians of per-round ratios
         "|---|---|---:|---:|---:|---|",
     ]
-    for m, (label, unit, _, spec) in METRICS.items():
+    for m, (label, unit, _, spec) in metrics.items():
         for s in subjects:
             e = summary.get(s, {}).get(m)
             if e is None or (e["median"] is None and s == "direct"):
@@ -150,12 +178,12 @@ def table(summary: dict[str, dict[str, dict]], subjects: list[str], invalid: dic
             target = ""
             if s.startswith("tproxy") and spec is not None:
                 op, lim = spec
-                want = f"≤ {fmt(lim)} {unit}" if op == "abs<=" else f"{op} {lim}× HAProxy"
+                want = f"≤ {fmt(lim, unit)} {unit}" if op == "abs<=" else f"{op} {lim}× {peer_label}"
                 target = f"{e['target'] or '?'} ({want})"
             name = s + (" (INVALID)" if s in invalid else "")
-            counts = unit == "conns"  # a count of failures: ratios mean nothing
+            counts = unit in COUNT_UNITS  # a count of failures: ratios mean nothing
             xd = "—" if e["x_direct"] is None or counts else f"{e['x_direct']:.2f}"
-            xh = "—" if e["x_haproxy"] is None or counts else f"{e['x_haproxy']:.2f}"
+            xh = "—" if e[f"x_{peer}"] is None or counts else f"{e[f'x_{peer}']:.2f}"
             lines.append(f"| {label} ({unit}) | {name} | {fmt(e['median'], unit)} | {xd} | {xh} | {target} |")
     return "\n".join(lines)
 
@@ -166,8 +194,11 @@ if __name__ == "__main__":
     import sys
 
     doc = json.load(open(sys.argv[1]))
-    runs = {s: {m: [r.get(m) for r in rounds] for m in METRICS} for s, rounds in doc["rounds"].items()}
-    print(table(summarize(runs), list(doc["rounds"]), doc.get("invalid", {})))
+    udp = doc.get("settings", {}).get("udp", False)
+    metrics, peer, label = (UDP_METRICS, "nginx", "nginx") if udp else (METRICS, "haproxy", "HAProxy")
+    runs = {s: {m: [r.get(m) for r in rounds] for m in metrics} for s, rounds in doc["rounds"].items()}
+    summary = summarize(runs, peer=peer, metrics=metrics)
+    print(table(summary, list(doc["rounds"]), doc.get("invalid", {}), peer=peer, peer_label=label, metrics=metrics))
     checks = baseline_checks(runs)
     if checks:
         print()

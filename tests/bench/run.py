@@ -25,10 +25,12 @@ from pathlib import Path
 
 from tests.bench import loads, profile, report
 from tests.bench import topology as T
-from tests.bench.subjects import REPO, Direct, HAProxy, LbTproxy, Subject, Tproxy
+from tests.bench.subjects import NGINX_STREAM_MODULE, REPO, Direct, HAProxy, LbTproxy, NginxUdp, Subject, Tproxy
 
 HOT_PATH = ("relay.py", "server.py", "sockets.py", "log.py", "runner.py", "stats.py")
 SETTLE = 0.5  # seconds between loads, for sockets of the previous load to drain
+PROFILED = ("keepalive", "newconn", "dns", "udp_bulk")  # the loads --profile samples py-spy under
+SHOWN = ("bulk1_gbps", "ka_rps", "ka_p99_ms", "nc_cps")  # the figures printed after each subject's round
 
 
 def make_subjects(
@@ -65,6 +67,28 @@ def make_subjects(
     return subjects, notes
 
 
+def make_udp_subjects(names: list[str] | None) -> tuple[list[Subject], list[str]]:
+    """The subjects of the UDP run (``--udp``): direct, nginx's stream module and tproxy-original, each under the UDP
+    loads only; ``names`` picks among them and the opt-in ``nginx-remote-port`` (``proxy_bind
+    $remote_addr:$remote_port``, which shares one conntrack entry between nginx's two legs: see the README)."""
+    notes = [
+        "UDP run: the relay engine (shared or tasks) moves TCP bytes only, a UDP session is a task in both:"
+        " no tproxy-original-tasks subject"
+    ]
+    subjects: list[Subject] = [Direct(), NginxUdp()]
+    opt_in: list[Subject] = [NginxUdp(bind="$remote_addr:$remote_port")]
+    if (REPO / "tproxy" / "udp.py").exists():
+        subjects.append(Tproxy("tproxy", "original", udp=True))
+        base = os.environ.get("TPX_BENCH_BASE", "")
+        if base:
+            subjects.append(Tproxy("tproxy", "original", src=base, udp=True))
+    else:
+        notes.append("tproxy subjects skipped: tproxy/udp.py has not landed")
+    if names:
+        subjects = [s for s in subjects + opt_in if s.name in names]
+    return subjects, notes
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -85,7 +109,8 @@ def machine() -> dict:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
         except OSError:
             return "missing"
-        return (r.stdout or r.stderr).strip().splitlines()[0]
+        lines = (r.stdout or r.stderr).strip().splitlines()
+        return lines[0] if lines else "missing"
 
     return {
         "cpu": cpu,
@@ -96,6 +121,8 @@ def machine() -> dict:
         "nginx": version(["nginx", "-v"]),
         "iperf3": version(["iperf3", "--version"]),
         "wrk": version(["wrk", "-v"]),
+        "dnsperf": version(["sh", "-c", "dnsperf -h 2>&1 | grep -m1 Version"]),
+        "dnsmasq": version(["dnsmasq", "--version"]),
         "nofile_hard": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
     }
 
@@ -154,7 +181,7 @@ def _profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
     spy = None
     if (
         args.profile
-        and load in ("keepalive", "newconn")
+        and load in PROFILED
         and (subj.name.startswith("tproxy") or "-tproxy" in subj.name)
         and subj.proc
     ):
@@ -250,6 +277,82 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
     return figs, invalid
 
 
+def run_udp_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tuple[dict, str | None]:
+    """One subject under the UDP loads: the query-log check, dnsperf saturated then at ``args.udp_fraction`` of the
+    rate it reached, iperf3 -u -b 0 then at that fraction of what the server received. Returns (figures, reason it
+    is invalid or None)."""
+    figs: dict = {"code": code_version()}
+    args.phases = {}
+    invalid = None
+    subj.start(topo)
+    try:
+        chk = loads.dns_check(topo, through_proxy=subj.is_proxy)
+        figs["dns_check"] = chk
+        if not chk["ok"]:
+            how = "through the proxy" if subj.is_proxy else "directly"
+            invalid = f"the application did not see {T.CLIENT_IP} {how}: answers {chk['answers']} log {chk['logged']}"
+        d, frac = args.duration, args.udp_fraction
+        drained: dict[str, float] = {}
+
+        def settle(load: str) -> None:  # a saturated load leaves backlogs in the node's UDP buffers
+            if load.startswith("udp_bulk"):
+                drained[load] = round(topo.restart_udp_iperf(), 1)
+            else:
+                drained[load] = round(T.wait_udp_drained(topo.node), 1)
+            time.sleep(SETTLE)
+
+        dns, cdns = profiled(subj, args, "dns", loads.dnsperf, topo, d)
+        settle("dns")
+        dnsr, _ = profiled(subj, args, "dns_rate", loads.dnsperf, topo, d, rate=max(100.0, dns["qps"] * frac))
+        settle("dns_rate")
+        bulk, cbulk = profiled(subj, args, "udp_bulk", loads.iperf_udp, topo, d)
+        settle("udp_bulk")
+        rate = max(1.0, bulk["recv_mbps"] * frac)
+        bulkr, _ = profiled(subj, args, "udp_bulk_rate", loads.iperf_udp, topo, d, rate_mbps=rate)
+        settle("udp_bulk_rate")
+        figs["drain_s"] = drained
+        figs.update(
+            dns_qps=dns["qps"],
+            dns_avg_ms=dns["avg_ms"],
+            dns_lost=dns["lost"],
+            dns_rate_qps=dnsr["qps"],
+            dns_rate_lost=dnsr["lost"],
+            bulk_mbps=bulk["recv_mbps"],
+            bulk_lost_pct=bulk["lost_percent"],
+            bulk_rate_mbps=bulkr["recv_mbps"],
+            bulk_rate_lost=bulkr["lost"],
+            udp_loads={"dns": dns, "dns_rate": dnsr, "bulk": bulk, "bulk_rate": bulkr},
+            machine_busy={k: r["machine_busy"] for k, r in (("dns", dns), ("dns_rate", dnsr), ("bulk", bulk))},
+        )
+        for load, r in (("saturated", dns), ("fixed-rate", dnsr)):
+            if r["noerror"] != r["completed"]:
+                invalid = invalid or f"DNS {load} load: {r['completed'] - r['noerror']} answers were not NOERROR"
+        if subj.is_proxy:
+            figs["cpu_us_per_query"] = cdns / dns["completed"] * 1e6 if dns["completed"] else None
+            figs["cpu_us_per_datagram"] = cbulk / bulk["received"] * 1e6 if bulk["received"] else None
+            figs["cpu_seconds"] = {
+                "dns": {"total": round(cdns, 2), "user": dns["cpu_user_s"], "sys": dns["cpu_sys_s"]},
+                "bulk": {"total": round(cbulk, 2), "user": bulk["cpu_user_s"], "sys": bulk["cpu_sys_s"]},
+            }
+            if not figs["cpu_us_per_query"] or figs["cpu_us_per_query"] < 0.5:
+                invalid = invalid or "the DNS load did not go through the proxy (it spent no CPU)"
+            if subj.proc is not None and subj.proc.poll() is not None:
+                invalid = invalid or f"the proxy exited during the loads (status {subj.proc.returncode})"
+    finally:
+        subj.stop(topo)
+        if getattr(subj, "probe", None):
+            figs["gc"] = subj.probe["gc"]
+            figs["gc_pauses_by_load"] = pauses_by_phase(subj.probe.get("pauses", []), args.phases)
+        left = rules_left(topo)
+        if left:
+            figs["rules_left_behind"] = left
+            print(f"  ! {subj.name} left rules behind in the node namespace; flushing:\n{left}", file=sys.stderr)
+            topo.node.sh(
+                "nft flush ruleset; ip rule del fwmark 0x1/0x1 lookup 100; ip route flush table 100", check=False
+            )
+    return figs, invalid
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one round, short loads (under ~3 minutes)")
@@ -279,6 +382,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add the PROXY protocol subjects: lb-tproxy, lb-tproxy-pp-in (HAProxy in front, without and with"
         " send-proxy-v2), tproxy-original-pp-out (send_proxy_protocol to nginx); keep-alive and new-conn loads only",
     )
+    p.add_argument(
+        "--udp",
+        action="store_true",
+        help="the UDP run instead: direct, nginx (stream module) and tproxy-original under dnsperf (DNS-sized"
+        " request/response, 100 client ports) and iperf3 -u -b 0 -l 1400, each saturated and at a fixed rate below",
+    )
+    p.add_argument(
+        "--udp-fraction",
+        type=float,
+        default=0.5,
+        help="the UDP fixed-rate loads run at this fraction of the subject's saturated rate (default 0.5)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs and logs)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 4)
@@ -293,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs root (it builds network namespaces)", file=sys.stderr)
         return 2
     missing = [b for b in ("iperf3", "wrk", "haproxy", "nginx", "iptables-restore", "nft") if not shutil.which(b)]
+    if args.udp:
+        missing += [b for b in ("dnsperf", "dnsmasq", "gcc") if not shutil.which(b)]
+        if not Path(NGINX_STREAM_MODULE).exists():
+            missing.append("libnginx-mod-stream")
     if missing:
         print(f"bench: missing {', '.join(missing)} (run `just bench-deps`)", file=sys.stderr)
         return 2
@@ -312,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"idle connections capped at {args.idle:,}: the hard RLIMIT_NOFILE is {hard:,} (no CAP_SYS_RESOURCE "
                 "to raise it) and a proxy holds two sockets per connection"
             )
-    subjects, more = make_subjects(
-        args.subjects.split(",") if args.subjects else None, args.experiments, args.proxy_protocol
-    )
+    names = args.subjects.split(",") if args.subjects else None
+    if args.udp:
+        subjects, more = make_udp_subjects(names)
+    else:
+        subjects, more = make_subjects(names, args.experiments, args.proxy_protocol)
     if args.census:
         notes.append("--census: tracemalloc runs in the tproxy subjects, their figures are not comparable")
         for s in subjects:
@@ -324,13 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     out = args.json or REPO / "bench-results" / f"bench-{started:%Y%m%dT%H%M%SZ}.json"
     command = "python -m tests.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    what = "UDP loads" if args.udp else f"{args.idle:,} idle connections"
     print(
-        f"bench: {len(subjects)} subjects × {args.rounds} round(s), {args.duration:g} s per load, "
-        f"{args.idle:,} idle connections; results -> {out}"
+        f"bench: {len(subjects)} subjects × {args.rounds} round(s), {args.duration:g} s per load, {what};"
+        f" results -> {out}"
     )
     for n in notes:
         print(f"  note: {n}")
 
+    metrics = report.UDP_METRICS if args.udp else report.METRICS
+    peer, peer_label = ("nginx", "nginx") if args.udp else ("haproxy", "HAProxy")
+    shown = ("dns_qps", "dns_rate_lost", "bulk_mbps", "bulk_rate_lost") if args.udp else SHOWN
+    run_one = run_udp_subject if args.udp else run_subject
     runs: dict[str, dict[str, list]] = {s.name: {} for s in subjects}
     details: dict[str, list] = {s.name: [] for s in subjects}
     invalid: dict[str, str] = {}
@@ -338,14 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tpx-bench-"))
     t0 = time.monotonic()
     try:
-        with T.topology(workdir) as topo:
+        with T.topology(workdir, udp=args.udp) as topo:
             for rnd in range(args.rounds):
                 args.round = rnd
                 order = subjects[rnd % len(subjects) :] + subjects[: rnd % len(subjects)]
                 for subj in order:
                     ts = time.monotonic()
                     try:
-                        figs, bad = run_subject(topo, subj, args)
+                        figs, bad = run_one(topo, subj, args)
                     except Exception as e:  # one round failing must not lose the other rounds' or subjects' figures
                         traceback.print_exc()
                         figs, bad = {"error": f"{type(e).__name__}: {e}"}, None
@@ -353,11 +479,9 @@ def main(argv: list[str] | None = None) -> int:
                     if bad:
                         invalid.setdefault(subj.name, bad)
                     details[subj.name].append(figs)
-                    for m in report.METRICS:
+                    for m in metrics:
                         runs[subj.name].setdefault(m, []).append(figs.get(m))
-                    short = ", ".join(
-                        f"{m}={report.fmt(figs.get(m))}" for m in ("bulk1_gbps", "ka_rps", "ka_p99_ms", "nc_cps")
-                    )
+                    short = ", ".join(f"{m}={report.fmt(figs.get(m))}" for m in shown)
                     print(
                         f"  round {rnd + 1} {subj.name:<22} {time.monotonic() - ts:5.1f} s  {short}"
                         + (f"  INVALID: {bad}" if bad else ""),
@@ -369,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    summary = report.summarize(runs)
+    summary = report.summarize(runs, peer=peer, metrics=metrics)
     names = [s.name for s in subjects]
-    text = report.table(summary, names, invalid)
+    text = report.table(summary, names, invalid, peer=peer, peer_label=peer_label, metrics=metrics)
     checks = report.baseline_checks(runs)
     if checks:
         text += "\n\n" + report.baseline_table(checks, invalid)
@@ -430,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
             "hold_s": args.hold,
             "wrk": "-t1 -c32 --latency (new conn: -H 'Connection: close')",
             "client_ports": T.CLIENT_PORTS,
+            "udp": args.udp,
+            "udp_fraction": args.udp_fraction if args.udp else None,
+            "dnsperf": "-c 100 -q 500 -t 2, bench.test A (fixed rate: -Q)" if args.udp else None,
+            "iperf3_udp": "-u -b 0 -l 1400 (fixed rate: -b)" if args.udp else None,
         },
         "subjects": {s.name: s.describe() for s in subjects},
         "code": sorted({r.get("code", "?") for rs in details.values() for r in rs}),

@@ -70,7 +70,54 @@ COMMIT
 """
 
 
+UNUSED_TCP_PORT = 5399  # the UDP subject's intercept.ports (it must name one; nothing listens there)
 ALL_LOADS = ("bulk", "keepalive", "newconn", "idle")
+UDP_LOADS = ("udp",)  # the UDP subjects (--udp) run only the UDP loads (tests/bench/loads.py: dnsperf, iperf3 -u)
+
+
+# One worker (as HAProxy gets one thread); root, for IP_TRANSPARENT in the worker (proxy_bind ... transparent).
+# multi_accept: without it a UDP listener reads one datagram per (edge-triggered) epoll event, so under load it falls
+# behind, and its backlog stays queued after the load until new datagrams arrive.
+# `proxy_bind $remote_addr`, not `$remote_addr:$remote_port`: see tests/bench/README.md. Sessions idle out after 60 s
+# (tproxy's default udp_idle_timeout); responses unlimited per session (nginx's default), as tproxy's sessions. The
+# listeners keep the default receive buffer: with `rcvbuf=32m` (8 MiB here, net.core.rmem_max) nginx 1.22 was wedged
+# after a saturated iperf3 -u load, its worker spinning at 60-80% of a core with 5-6 MB left in the listener's queue,
+# never forwarded (tests/bench/README.md).
+NGINX_UDP_CONF = """\
+load_module {module};
+user root;
+worker_processes 1;
+daemon off;
+pid {dir}/nginx-udp.pid;
+error_log {dir}/nginx-udp-error.log warn;
+worker_rlimit_nofile 15000;
+events {{ worker_connections 10000; multi_accept on; }}
+stream {{
+    proxy_bind {bind} transparent;
+    proxy_timeout 60s;
+{servers}
+}}
+"""
+NGINX_UDP_SERVER = "    server {{ listen {port} udp; proxy_pass {app}:{port}; }}"
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+# TPROXY to nginx's wildcard socket (--on-ip the node's primary address: the application's socket, bound to the
+# second address, does not match it), on the application's own port (--on-port 0). nginx cannot set SO_MARK on its
+# upstream socket: every locally generated UDP datagram with a non-local source is its transparent upstream leg.
+NGINX_UDP_RULES = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -i {iface} -p udp -d {app} -m multiport --dports {ports} -j TPROXY --on-port 0 --on-ip {node} \
+--tproxy-mark 0x1/0x1
+-A OUTPUT -p udp -m addrtype ! --src-type LOCAL -j MARK --set-xmark 0x1/0xffffffff
+-A OUTPUT -m connmark --mark 0x1 -j CONNMARK --restore-mark
+-A OUTPUT -m mark --mark 0x1 -j CONNMARK --save-mark
+COMMIT
+"""
 
 
 class Subject:
@@ -148,6 +195,60 @@ class HAProxy(Subject):
         )
 
 
+class NginxUdp(Subject):
+    """nginx 1.22 with the stream module (Debian's libnginx-mod-stream), 1 worker, as a transparent UDP proxy in front
+    of the UDP applications: ``listen PORT udp`` on the wildcard address, ``proxy_bind $remote_addr transparent``, and
+    the rules of :data:`NGINX_UDP_RULES`. nginx 1.22 has ``transparent`` for proxy_bind but not for ``listen``, and
+    TPROXY diverts only to sockets with IP_TRANSPARENT: the benchmark's LD_PRELOAD shim
+    (:data:`~tests.bench.topology.SHIM`) sets it in every bind()."""
+
+    loads = UDP_LOADS
+
+    def __init__(self, bind: str = "$remote_addr") -> None:
+        super().__init__()
+        self.bind = bind
+        self.name = "nginx" if bind == "$remote_addr" else "nginx-remote-port"
+
+    def describe(self) -> str:
+        return (
+            f"nginx 1.22 stream, 1 worker, listen PORT udp (wildcard; IP_TRANSPARENT by an LD_PRELOAD shim),"
+            f" proxy_bind {self.bind} transparent; TPROXY --on-ip {T.NODE_IP} --on-port 0; extra mangle OUTPUT mark"
+            " rule for UDP with a non-local source"
+        )
+
+    def start(self, topo: T.Topology) -> None:
+        topo.set_node_ports(self.node_ports)
+        shim = T.build_shim(topo.workdir)
+        rules = NGINX_UDP_RULES.format(
+            iface=T.NODE_IF, app=T.UDP_APP_IP, ports=",".join(map(str, T.UDP_PORTS)), node=T.NODE_IP
+        )
+        topo.node.run(["iptables-restore"], input=rules)
+        topo.node.sh("ip rule add fwmark 0x1/0x1 lookup 100 && ip route add local 0.0.0.0/0 dev lo table 100")
+        servers = "\n".join(NGINX_UDP_SERVER.format(port=p, app=T.UDP_APP_IP) for p in T.UDP_PORTS)
+        conf = topo.workdir / "nginx-udp.conf"
+        conf.write_text(
+            NGINX_UDP_CONF.format(module=NGINX_STREAM_MODULE, dir=topo.workdir, bind=self.bind, servers=servers)
+        )
+        log = open(topo.workdir / "nginx-udp.log", "ab")  # noqa: SIM115
+        argv = ["env", f"LD_PRELOAD={shim}", "TPX_SHIM_TRANSPARENT=1", "nginx", "-c", str(conf)]
+        argv += ["-p", str(topo.workdir), "-e", str(topo.workdir / "nginx-udp-error.log")]
+        self.proc = topo.node.popen(argv, stdout=log, stderr=log)
+        try:
+            for port in T.UDP_PORTS:
+                T.wait_listening_udp(topo.node, "0.0.0.0", port, proc=self.proc)
+        except BaseException:
+            self.stop(topo)
+            raise
+
+    def stop(self, topo: T.Topology) -> None:
+        super().stop(topo)
+        topo.node.sh(
+            "iptables -t mangle -F && iptables -t mangle -X && nft delete table ip mangle"
+            " && ip rule del fwmark 0x1/0x1 lookup 100 && ip route flush table 100",
+            check=False,
+        )
+
+
 class Tproxy(Subject):
     """tproxy run as a real process in the node namespace, installing and removing its own rules."""
 
@@ -164,8 +265,10 @@ class Tproxy(Subject):
         src: str = "",
         send_proxy_protocol: str = "off",
         proxy_protocol_from: str = "",
+        udp: bool = False,
     ) -> None:
         super().__init__()
+        self.udp = udp  # the UDP subject (--udp): intercepts the UDP applications' ports, runs only the UDP loads
         self.send_proxy_protocol = send_proxy_protocol
         self.proxy_protocol_from = proxy_protocol_from  # a CIDR: listener.proxy_protocol = "v2" from it
         self.ports = T.INTERCEPTED
@@ -193,6 +296,9 @@ class Tproxy(Subject):
             self.ports = (T.PP_HTTP_PORT,)
             self.target = (T.NODE_IP, T.PP_HTTP_PORT)
             self.loads = ("keepalive", "newconn")
+        if udp:
+            self.ports = (UNUSED_TCP_PORT,)  # intercept.ports must name one: nothing listens there
+            self.loads = UDP_LOADS
 
     def describe(self) -> str:
         src = "preserve_source = true" if self.mode == "nat" else "client IP kept"
@@ -205,6 +311,8 @@ class Tproxy(Subject):
             text += f"; send_proxy_protocol = {self.send_proxy_protocol} to nginx :{T.PP_HTTP_PORT} (proxy_protocol)"
         if self.proxy_protocol_from:
             text += f"; proxy_protocol = v2 from {self.proxy_protocol_from}"
+        if self.udp:
+            text += f"; intercept.udp_ports = {list(T.UDP_PORTS)} (the UDP applications on {T.UDP_APP_IP})"
         if self.gc:
             text += f"; EXPERIMENT: garbage collector {self.gc} (set by the benchmark's probe, not by tproxy)"
         return text
@@ -221,6 +329,7 @@ class Tproxy(Subject):
         lines += [
             "[intercept]",
             f"ports = [{', '.join(map(str, self.ports))}]",
+            *([f"udp_ports = [{', '.join(map(str, T.UDP_PORTS))}]"] if self.udp else []),
             f'interfaces = ["{T.NODE_IF}"]',
             "ipv6 = false",
             "[proxy]",

@@ -6,6 +6,16 @@ runs its own applications in the node and measures over IPv4:
     client ns  veth0 198.18.0.1/24  <-- veth -->  veth0 198.18.0.2/24  node ns
                  198.18.0.21/24 (LB)                iperf3 -s :5201, nginx :8080 (/1k: 1 KiB file, /ip: who am I)
                                                     nginx :8081 the same behind `listen ... proxy_protocol`
+                                                  with --udp: 198.18.0.3/24 too, and on it only (see below)
+                                                    dnsmasq :5300 (load), dnsmasq :5301 (query log),
+                                                    iperf3 -s :5202 and :5203
+
+The UDP applications (``--udp``, :meth:`Topology.start_udp_apps`) listen on a second node address only, with
+SO_REUSEADDR, so that a UDP proxy can listen on the same port numbers on the wildcard address (nginx's stream module
+answers a client from its listening port: on the application's port, the client sees the answer come from where it
+wrote to) and TPROXY can divert to the proxy's socket rather than the application's (``--on-ip`` the primary address,
+which only the wildcard socket matches). iperf3's UDP server is its own instance on :5202: the TCP one holds :5201 on
+the wildcard address, and a specific TCP listener on a port a wildcard one holds is refused.
 
 The second client address is a load balancer's (the PROXY protocol subjects run HAProxy in the client namespace,
 connecting from it); nginx's port 8081 wants a PROXY header first and answers /ip with the client the header names.
@@ -36,6 +46,14 @@ PP_HTTP_PORT = 8081  # nginx with `listen ... proxy_protocol`: a PROXY header fi
 LB_PORT = 7080  # HAProxy in the client namespace (the PROXY protocol subjects), on the client's address
 PROXY_PORT = 4143
 INTERCEPTED = (IPERF_PORT, HTTP_PORT)
+UDP_APP_IP = "198.18.0.3"  # the node's second address (--udp): the UDP applications listen there only
+DNS_PORT = 5300  # dnsmasq under load (no query log)
+DNS_CHECK_PORT = 5301  # dnsmasq logging every query with the client's address and port (the validity check)
+UDP_IPERF_PORT = 5202  # iperf3 -u -b 0
+UDP_IPERF_RATE_PORT = 5203  # iperf3 -u at a fixed rate: another server, so the first load's stragglers cannot reach it
+UDP_PORTS = (DNS_PORT, DNS_CHECK_PORT, UDP_IPERF_PORT, UDP_IPERF_RATE_PORT)
+DNS_NAME = "bench.test"
+DNS_ANSWER = "198.18.0.9"
 
 # Ephemeral ports. The client uses the Linux default, 32768-60999, set explicitly (tproxy chooses its upstream ports
 # below 32768, where clients do not pick theirs: a client range reaching below 32768 makes a new client SYN collide with
@@ -94,6 +112,7 @@ class Topology:
         self.node: Netns = lab.node
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
+        self.udp_iperf: list[subprocess.Popen] = []
 
     @property
     def access_log(self) -> Path:
@@ -116,6 +135,50 @@ class Topology:
         wait_listening(self.node, PP_HTTP_PORT)
         wait_listening(self.node, IPERF_PORT)
 
+    @property
+    def dns_log(self) -> Path:
+        return self.workdir / "dnsmasq-check.log"
+
+    def start_udp_apps(self) -> None:
+        """The UDP applications on :data:`UDP_APP_IP` (added to the node's veth here): two dnsmasq (one answering the
+        load, one logging queries for the validity check) and an iperf3 server; each binds that address only, with
+        SO_REUSEADDR (dnsmasq with ``--bind-interfaces``, iperf3 with ``-B``), and a receive buffer of
+        :data:`APP_RCVBUF` (the shim)."""
+        self.node.run(["ip", "addr", "add", f"{UDP_APP_IP}/24", "dev", NODE_IF])
+        out = open(self.workdir / "udp-apps.log", "ab")  # noqa: SIM115 - kept for the processes' lifetime
+        env = ["env", f"LD_PRELOAD={build_shim(self.workdir)}", f"TPX_SHIM_RCVBUF={APP_RCVBUF}"]
+        for port, logged in ((DNS_PORT, False), (DNS_CHECK_PORT, True)):
+            argv = dnsmasq_argv(port, self.dns_log if logged else None)
+            self.procs.append(self.node.popen(env + argv, stdout=out, stderr=out))
+        for port in (DNS_PORT, DNS_CHECK_PORT):
+            wait_listening_udp(self.node, UDP_APP_IP, port)
+        self.start_udp_iperf()
+
+    def start_udp_iperf(self) -> None:
+        """The UDP iperf3 servers (on :data:`UDP_APP_IP` only, with the shim's receive buffer)."""
+        out = open(self.workdir / "udp-apps.log", "ab")  # noqa: SIM115 - kept for the processes' lifetime
+        env = ["env", f"LD_PRELOAD={build_shim(self.workdir)}", f"TPX_SHIM_RCVBUF={APP_RCVBUF}"]
+        for port in (UDP_IPERF_PORT, UDP_IPERF_RATE_PORT):
+            p = self.node.popen(env + ["iperf3", "-s", "-B", UDP_APP_IP, "-p", str(port)], stdout=out, stderr=out)
+            self.udp_iperf.append(p)
+            self.procs.append(p)
+            wait_listening(self.node, port, proc=p)  # (its UDP socket is bound per test)
+
+    def restart_udp_iperf(self) -> float:
+        """Fresh UDP iperf3 servers once the UDP buffers in the node have drained; the seconds that took.
+
+        After a saturated load a proxy still holds a backlog, which it forwards after the test has ended (nginx
+        keeps a few datagrams queued until the next one arrives); an iperf3 server takes the first datagram
+        reaching its next listener for the next test's greeting and answers the wrong peer, and that test hangs.
+        Stopped first, the servers cannot be reached by the stragglers; the fixed-rate load has a port of its own."""
+        for p in self.udp_iperf:
+            stop_process(p)
+            self.procs.remove(p)
+        self.udp_iperf.clear()
+        waited = wait_udp_drained(self.node)
+        self.start_udp_iperf()
+        return waited
+
     def stop_apps(self) -> None:
         for p in self.procs:
             stop_process(p)
@@ -135,6 +198,93 @@ def wait_listening(ns: Netns, port: int, timeout: float = 10.0, proc: subprocess
     raise RuntimeError(f"nothing listening on :{port} in {ns.name} after {timeout:.0f} s")
 
 
+# An LD_PRELOAD shim for the UDP run, compiled into the work directory (gcc): in every bind() of an inet socket it
+# sets IP_TRANSPARENT / IPV6_TRANSPARENT when TPX_SHIM_TRANSPARENT is set (nginx's listeners: TPROXY diverts only to
+# transparent sockets, and nginx 1.22 has no `transparent` on `listen`), and forces the receive buffer to
+# TPX_SHIM_RCVBUF bytes when set (the applications, which have no option for it: a datagram lost at a rate below
+# saturation is then the proxy's, not a burst overflowing the application's default 208 KiB).
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len) {
+    static int (*real_bind)(int, const struct sockaddr *, socklen_t);
+    const char *rcvbuf = getenv("TPX_SHIM_RCVBUF");
+    int one = 1, size;
+    if (!real_bind) real_bind = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "bind");
+    if (addr && (addr->sa_family == AF_INET || addr->sa_family == AF_INET6)) {
+        if (getenv("TPX_SHIM_TRANSPARENT")) {
+            if (addr->sa_family == AF_INET) setsockopt(fd, SOL_IP, IP_TRANSPARENT, &one, sizeof one);
+            else setsockopt(fd, SOL_IPV6, IPV6_TRANSPARENT, &one, sizeof one);
+        }
+        if (rcvbuf && (size = atoi(rcvbuf)) > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size);
+    }
+    return real_bind(fd, addr, len);
+}
+"""
+APP_RCVBUF = 8 << 20  # the UDP applications' receive buffers (set by the shim)
+
+
+def build_shim(workdir: Path) -> Path:
+    """Compile :data:`SHIM` into ``workdir`` (once); its path."""
+    so = workdir / "tpx_shim.so"
+    if not so.exists():
+        src = workdir / "tpx_shim.c"
+        src.write_text(SHIM)
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(src), "-ldl"], check=True)
+    return so
+
+
+def dnsmasq_argv(port: int, log: Path | None) -> list[str]:
+    """dnsmasq answering ``bench.test A`` itself (no upstream, no hosts file), on :data:`UDP_APP_IP` only; with
+    ``log``, every query is logged there with the client's address and port (``--log-queries=extra``)."""
+    argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--no-poll"]
+    argv += ["--user=root", "--pid-file", f"--listen-address={UDP_APP_IP}", "--bind-interfaces", f"--port={port}"]
+    argv += [f"--address=/{DNS_NAME}/{DNS_ANSWER}", "--cache-size=0"]
+    if log is not None:
+        argv += ["--log-queries=extra", f"--log-facility={log}"]
+    return argv
+
+
+def udp_queued(ns: Netns) -> int:
+    """Bytes waiting in the receive queues of every UDP socket in ``ns`` (``ss``'s Recv-Q)."""
+    out = ns.run(["ss", "-Huan"], check=False).stdout
+    return sum(int(f[1]) for f in (ln.split() for ln in out.splitlines()) if len(f) > 1 and f[1].isdigit())
+
+
+def wait_udp_drained(ns: Netns, timeout: float = 10.0) -> float:
+    """Wait until no UDP socket in ``ns`` has anything queued, or what is queued has not moved for a second (nginx
+    leaves a few datagrams queued until another one arrives); the seconds waited, at most ``timeout``."""
+    t0 = time.monotonic()
+    last, since = -1, t0
+    while time.monotonic() - t0 < timeout:
+        q = udp_queued(ns)
+        if q == 0 or (q == last and time.monotonic() - since >= 1.0):
+            break
+        if q != last:
+            last, since = q, time.monotonic()
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def wait_listening_udp(
+    ns: Netns, ip: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None
+) -> None:
+    """Wait until a UDP socket is bound to ``ip:port`` inside ``ns``; raise if ``proc`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = ns.run(["ss", "-Hlun", f"sport = :{port}"], check=False).stdout
+        if any(len(f) > 3 and f[3] == f"{ip}:{port}" for f in (ln.split() for ln in out.splitlines())):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before binding udp {ip}:{port}")
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing bound to udp {ip}:{port} in {ns.name} after {timeout:.0f} s")
+
+
 def stop_process(p: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM by PID, SIGKILL after ``grace`` seconds. Only for processes the benchmark started."""
     if p.poll() is not None:
@@ -150,7 +300,7 @@ def stop_process(p: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def topology(workdir: Path) -> Iterator[Topology]:
+def topology(workdir: Path, *, udp: bool = False) -> Iterator[Topology]:
     with Lab.up(app=False) as lab:
         # The client reuses its ports at once under the new-connection load (TIME_WAIT): tw_reuse, in its own ns only.
         lab.client.sh(
@@ -163,6 +313,8 @@ def topology(workdir: Path) -> Iterator[Topology]:
         topo.set_node_ports(NODE_PORTS_DEFAULT)
         try:
             topo.start_apps()
+            if udp:
+                topo.start_udp_apps()
             yield topo
         finally:
             topo.stop_apps()
