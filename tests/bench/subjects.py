@@ -247,6 +247,8 @@ class Tproxy(Subject):
         pypath = os.pathsep.join(p for p in (str(PROBE_DIR), self.src, os.environ.get("PYTHONPATH", "")) if p)
         env = {"PYTHONPATH": pypath, "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
         env["TPX_BENCH_CENSUS"] = "1" if self.census else ""
+        if self.src:  # `python -m` puts the working directory (this checkout) first on sys.path: src must come first
+            env["PYTHONSAFEPATH"] = "1"
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
