@@ -3,9 +3,15 @@ as right as these. The benchmark itself is never part of `just test`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.bench import loads, report
+from tests.bench.subjects import Tproxy
 
 WRK_OUTPUT = """\
 Running 3s test @ http://198.18.0.2:8080/1k
@@ -293,3 +299,19 @@ def test_the_udp_subjects_and_their_config():
     assert doc["intercept"]["udp_ports"] == list(T.UDP_PORTS) and doc["mode"] == "tproxy"
     assert doc["intercept"]["ports"] == [5399]  # no TCP application listens there
     assert Config.from_dict(doc).intercept.udp_ports  # a valid config
+
+
+def test_a_base_subject_runs_the_base_checkout_not_this_one(tmp_path):
+    # TPX_BENCH_BASE: `python -m tproxy`, started from this checkout, must import the base's tree; without
+    # PYTHONSAFEPATH the working directory (this checkout) came first and both sides of an A/B ran the same code
+    base = tmp_path / "base"
+    (base / "tproxy").mkdir(parents=True)
+    (base / "tproxy" / "__init__.py").write_text("")
+    (base / "tproxy" / "__main__.py").write_text("print(__file__)\n")
+    subject = Tproxy("tproxy", "original", src=str(base))
+    subject.probe_out = tmp_path / "probe.json"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **subject.environment()}
+    r = subprocess.run([sys.executable, "-m", "tproxy"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == str(base / "tproxy" / "__main__.py"), r.stderr
+    assert subject.name == "tproxy-original@base"

@@ -100,6 +100,32 @@ def test_direct_connection_line_is_what_the_formatter_writes(buf, fmt):
     assert via_logging.count("\n") == 1
 
 
+@pytest.mark.parametrize("duration", [0.0, 0.00005, 0.00015, 0.0012345, 0.25, 3.999951, 86400.123456, 1e13])
+@pytest.mark.parametrize("outcome", ["ok", "idle", "cancelled", "not a word"])
+def test_direct_line_writes_duration_and_outcome_as_the_formatter_does(buf, duration, outcome):
+    # the direct text line formats the duration with ":.1f" (and leaves known outcomes unquoted): the same text
+    args = (("198.18.0.1", 40000), ("198.18.0.2", 8080), ("198.18.0.1", 2000), 1, 2, duration, outcome)
+    log.setup("info", "text", stream=buf)
+    log.connection(*args)
+    direct = buf.getvalue()
+    logging.getLogger(log.LOGGER_NAME).addHandler(logging.NullHandler())  # two handlers: the ordinary path
+    try:
+        log.connection(*args)
+    finally:
+        logging.getLogger(log.LOGGER_NAME).handlers.pop()
+    via_logging = buf.getvalue()[len(direct) :]
+    assert direct.split(" ", 1)[1] == via_logging.split(" ", 1)[1]
+    assert f"duration_ms={round(duration * 1000, 1)} " in direct
+
+
+def test_timestamps_are_utc_with_milliseconds_truncated():
+    now = time.time()
+    for t in [now, now + 0.0004, now + 0.9996, float(int(now)), float(int(now)) + 1 - 2**-22, 0.0, 1e9 + 0.001]:
+        second = int(t)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)) + f"{int((t - second) * 1000):03d}Z"
+        assert log._timestamp(t) == expected
+
+
 class CountingStream(io.StringIO):
     """A stream that counts its writes (one write(2) each on a real file)."""
 

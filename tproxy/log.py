@@ -28,6 +28,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 _ts_second = [-1, ""]  # the last whole second formatted, and its "YYYY-MM-DDTHH:MM:SS." prefix
+_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))  # (a lookup instead of a format per line)
 
 
 def _timestamp(created: float) -> str:
@@ -36,7 +37,7 @@ def _timestamp(created: float) -> str:
         t = time.gmtime(second)
         _ts_second[1] = f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
         _ts_second[0] = second
-    return f"{_ts_second[1]}{int((created - second) * 1000):03d}Z"
+    return _ts_second[1] + _MILLIS[int((created - second) * 1000)]
 
 
 def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
@@ -47,6 +48,7 @@ def _fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
 
 
 _NEEDS_QUOTES = re.compile(r'[ "=\n\t]').search
+_OUTCOMES = frozenset(("ok", "reset", "refused", "timeout", "idle", "cancelled"))  # (words: never quoted)
 
 
 def _text_value(value: Any) -> str:
@@ -192,10 +194,14 @@ def connection(
     handlers = logger.handlers
     if direct is not None and not direct[2] and len(handlers) == 1 and handlers[0] is direct[0]:
         # the text line of the common case, formatted at once: addresses, numbers and outcomes never need quotes
+        if outcome not in _OUTCOMES:
+            outcome = _text_value(outcome)
+        ms = duration * 1000
+        ms_text = f"{ms:.1f}" if 0 <= ms < 1e15 else round(ms, 1)  # (what str(round(ms, 1)) writes, in half the time)
         line = (
             f"{_timestamp(time.time())} info connection client={addr(client)} original_dst={addr(original_dst)} "
             f"upstream_src={addr(upstream_src)} bytes_in={bytes_in} bytes_out={bytes_out} "
-            f"duration_ms={round(duration * 1000, 1)} outcome={_text_value(outcome)}"
+            f"duration_ms={ms_text} outcome={outcome}"
         )
         if extra:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in extra.items())

@@ -74,6 +74,7 @@ OriginalDst = Callable[[socket.socket], tuple[str, int]]
 
 _current_time = trio.current_time
 _log_enabled = log.logger.isEnabledFor
+_INFO = logging.INFO
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 _AF_INET, _AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
@@ -125,6 +126,8 @@ class Server:
         self._listen_exact = {a for a in self.addresses if not _unspecified(a[0])}
         self._listen_wild_ports = {a[1] for a in self.addresses if _unspecified(a[0])}
         self._lot = trio.lowlevel.ParkingLot()
+        self._parked = 0  # accept loops parked in _lot (at max_connections)
+        self._now = _current_time  # the run's clock, bound in serve() (one call less per use)
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
         self._stopping = False
@@ -144,6 +147,7 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Accept and proxy until :meth:`shutdown`, drain, return. ``task_status.started(self)``."""
         flusher = log.hold_until_idle()  # connection lines: written once per turn of the event loop, not one by one
+        self._now = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as conns:
                 self._conns = conns
@@ -216,8 +220,12 @@ class Server:
             if stats.open >= self.max_connections:
                 stats.max_connections_waits += 1
                 log.event("max_connections", logging.DEBUG, open=stats.open)
-                while stats.open >= self.max_connections:
-                    await self._lot.park()
+                self._parked += 1
+                try:
+                    while stats.open >= self.max_connections:
+                        await self._lot.park()
+                finally:
+                    self._parked -= 1
             try:
                 csock, caddr = accept()
             except BlockingIOError:
@@ -268,7 +276,7 @@ class Server:
 
         Error handling: nothing escapes but ``Cancelled``: an error is this connection's outcome (``"reset"``, logged
         with its traceback when it is not a socket error), never the server's."""
-        t0 = _current_time()
+        t0 = self._now()
         client = (caddr[0], caddr[1])
         family = _AF_INET6 if len(caddr) == 4 else _AF_INET  # (csock.family builds an enum member)
         dst = usrc = upstream = flow = reserved = note = None
@@ -329,9 +337,9 @@ class Server:
                 header_out = build(send, *same_family(source, dst))
                 if upstream.send(header_out) != len(header_out):
                     raise OSError(errno.EAGAIN, "the PROXY header did not fit the upstream socket's buffer")
-            if _log_enabled(logging.INFO):  # the source is only for the log line; a chosen port is known already
+            if _log_enabled(_INFO):  # the source is only for the log line; a chosen port is known already
                 usrc = (source[0], reserved) if reserved is not None else sockets.sockname(upstream)
-            flow = Flow(client=csock, upstream=upstream, last=_current_time())
+            flow = Flow(client=csock, upstream=upstream, last=self._now())
             flows = self._flows
             flows.add(flow)
             try:
@@ -392,13 +400,13 @@ class Server:
                 usock.close()
             stats.open -= 1
             stats.closed[outcome] += 1
-            if self._lot:
+            if self._parked:
                 self._lot.unpark_all()
             if registered:
                 self.chooser.remove_intercepted(client, dst)
             if reserved is not None:
                 self.chooser.release(source[0], reserved)
-        if not _log_enabled(logging.INFO):
+        if not _log_enabled(_INFO):
             return
         if flow is not None:
             bytes_in, bytes_out = flow.bytes_in, flow.bytes_out
@@ -409,7 +417,7 @@ class Server:
                 note = "bytes in flight were discarded: closed with a reset"
         else:
             bytes_in = bytes_out = 0
-        args = (source, dst, usrc, bytes_in, bytes_out, _current_time() - t0, outcome)
+        args = (source, dst, usrc, bytes_in, bytes_out, self._now() - t0, outcome)
         if source is not client:
             if note is None:
                 log.connection(*args, peer=log.addr(client))

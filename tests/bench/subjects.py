@@ -346,16 +346,24 @@ class Tproxy(Subject):
         lines += ["[admin]", 'address = "127.0.0.1:4191"', "[log]", f'level = "{self.log_level}"']
         return "\n".join(lines) + "\n"
 
+    def environment(self) -> dict[str, str]:
+        """What the proxy process gets in its environment: the probe (tests/bench/probe/sitecustomize.py, recording
+        garbage-collector pauses) on PYTHONPATH and its settings; with ``src``, that checkout's tree first (and
+        PYTHONSAFEPATH: ``python -m`` would put the working directory, this checkout, before PYTHONPATH)."""
+        pypath = os.pathsep.join(p for p in (str(PROBE_DIR), self.src, os.environ.get("PYTHONPATH", "")) if p)
+        env = {"PYTHONPATH": pypath, "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
+        env["TPX_BENCH_CENSUS"] = "1" if self.census else ""
+        if self.src:
+            env["PYTHONSAFEPATH"] = "1"
+        return env
+
     def start(self, topo: T.Topology) -> None:
         """Start ``tproxy run`` through the lab and wait until its /ready says rules, routes and listeners are up."""
         topo.set_node_ports(self.node_ports)
         self.starts += 1
         self.probe = None
         self.probe_out = topo.workdir / f"{self.name}-probe-{self.starts}.json"
-        # The probe (tests/bench/probe/sitecustomize.py) records garbage-collector pauses in the proxy process.
-        pypath = os.pathsep.join(p for p in (str(PROBE_DIR), self.src, os.environ.get("PYTHONPATH", "")) if p)
-        env = {"PYTHONPATH": pypath, "TPX_BENCH_PROBE_OUT": str(self.probe_out), "TPX_BENCH_GC": self.gc}
-        env["TPX_BENCH_CENSUS"] = "1" if self.census else ""
+        env = self.environment()
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
