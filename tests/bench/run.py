@@ -179,12 +179,7 @@ def profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
 
 def _profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
     spy = None
-    if (
-        args.profile
-        and load in PROFILED
-        and (subj.name.startswith("tproxy") or "-tproxy" in subj.name)
-        and subj.proc
-    ):
+    if args.profile and load in PROFILED and (subj.name.startswith("tproxy") or "-tproxy" in subj.name) and subj.proc:
         out = args.profile / f"{subj.name}-{load}-r{args.round + 1}.txt"
         spy = profile.start(subj.proc.pid, args.duration, out)
     try:
