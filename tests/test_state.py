@@ -17,6 +17,7 @@ from tproxy import state
 from tproxy.config import Config
 from tproxy.errors import StateError
 from tproxy.netns import netns
+from tproxy.sockets import netns_cookie
 
 REPO = Path(__file__).resolve().parents[1]
 root = pytest.mark.root  # the trusted owner is root: these tests create root-owned files (and chown them)
@@ -37,7 +38,7 @@ def test_the_directory_is_created_0700_root_and_files_0600(sdir):
     st = os.stat(sdir)
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
     assert os.stat(path).st_mode & 0o777 == 0o600
-    assert state.load_state(path) == {"sysctls": {}}
+    assert state.load_state(path) == {"sysctls": {}, "netns_cookie": netns_cookie()}
     assert [p.name for p in sdir.iterdir()] == [path.name]  # no temporary file left
 
 
@@ -115,7 +116,7 @@ def test_the_write_never_follows_a_planted_link(sdir, tmp_path):
     (sdir / f".x.json.{os.getpid()}.tmp").symlink_to(victim)
     state.save_state(path, {"a": 1})
     assert victim.read_text() == "precious\n"
-    assert state.load_state(path) == {"a": 1} and not path.is_symlink()
+    assert state.load_state(path) == {"a": 1, "netns_cookie": netns_cookie()} and not path.is_symlink()
 
 
 @root
@@ -216,3 +217,43 @@ def test_a_namespace_deleted_takes_its_state_files_with_it(tmp_path):
         written = marker.read_text()
     # (gone; unless another run's namespace got the freed inode at once and wrote its own)
     assert not marker.exists() or marker.read_text() != written
+
+
+@root
+def test_a_file_holds_the_namespace_cookie_and_another_namespaces_file_is_no_state(sdir):
+    """Files are named by the namespace's inode, which the kernel reuses: the cookie (never reused) tells whose a
+    file is. A file without one (an older tproxy) is still taken as this namespace's."""
+    cookie = netns_cookie()
+    assert cookie is not None  # (SO_NETNS_COOKIE: Linux 5.14; our machines have it)
+    path = sdir / "routing-netns1-mark4096-table100.json"
+    state.save_state(path, {"sysctls": {}})
+    assert json.loads(path.read_text()) == {"sysctls": {}, "netns_cookie": cookie}
+    assert state.load_state(path) == {"sysctls": {}, "netns_cookie": cookie}
+    path.write_text(json.dumps({"sysctls": {}, "netns_cookie": cookie + 1}))
+    assert state.load_state(path) is None
+    path.write_text(json.dumps({"sysctls": {}}))
+    assert state.load_state(path) == {"sysctls": {}}
+
+
+@root
+def test_rules_remove_never_restores_what_an_earlier_namespace_under_this_inode_saved(tmp_path):
+    """An install saved route_localnet's old value in a state file named by the namespace's inode; the namespace
+    went without a removal, and a new one got its inode. Here someone else set route_localnet to 1 (kube-proxy does,
+    for node ports on localhost); `tproxy rules remove` (nothing of ours installed) must leave it so."""
+    conf = tmp_path / "t.toml"
+    conf.write_text('[intercept]\nports = [8080]\n[proxy]\nupstream = "loopback"\n')
+    routing = Config.from_toml(conf).routing
+    with netns("ckie") as ns:
+        inode = ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).stdout.strip()
+        ns.run(["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
+        path = state.STATE_DIR / f"routing-netns{inode}-mark{routing.mark}-table{routing.table}.json"
+        state.ensure_dir()
+        earlier = {"sysctls": {"/proc/sys/net/ipv4/conf/all/route_localnet": "0"}, "netns_cookie": netns_cookie()}
+        path.write_text(json.dumps(earlier))  # (the test's own namespace's cookie: another namespace's)
+        try:
+            r = _remove(ns, conf)
+            assert r.returncode == 0, r
+            assert ns.run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "1"
+            assert not path.exists()  # dropped by the removal: it describes nothing here
+        finally:
+            path.unlink(missing_ok=True)

@@ -10,7 +10,10 @@ they name), so nothing read here is trusted:
   mode 0600) that is then renamed over the old one;
 - a sysctl a file names must be ``/proc/sys/net/ipv4/conf/<iface>/route_localnet`` with a small integer value
   (:func:`sysctls`): the only sysctl tproxy ever changes;
-- malformed JSON, or JSON of the wrong shape, is an operator error naming the file, never a traceback.
+- malformed JSON, or JSON of the wrong shape, is an operator error naming the file, never a traceback;
+- files are named by the namespace's inode, which the kernel gives to a new namespace once the old one is freed: each
+  file also holds the namespace's cookie (``SO_NETNS_COOKIE``, never reused), and a file with another namespace's
+  cookie is no state of this one (one without a cookie, from an older tproxy or kernel, is taken as this one's).
 
 Error handling: every refusal raises :class:`~tproxy.errors.StateError` (exit status 1): one line naming the path
 and what is wrong.
@@ -81,7 +84,8 @@ def ensure_dir() -> Path:
 
 
 def load_state(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``; None when there is no such file (or no state directory).
+    """The JSON object in ``path``; None when there is no such file (or no state directory), or when another
+    namespace wrote it (its ``netns_cookie`` is not this namespace's).
 
     Error handling: :class:`StateError` for a symbolic link, a file (or directory) not owned by root or writable by
     group or others, something that is not a regular file, malformed JSON or JSON that is not an object.
@@ -108,13 +112,29 @@ def load_state(path: Path) -> dict[str, Any] | None:
         raise StateError(f"{path}: not valid JSON ({e}); check what it says, then remove it") from None
     if not isinstance(data, dict):
         raise StateError(f"{path}: not a JSON object; check what it says, then remove it")
+    cookie = data.get("netns_cookie")
+    if isinstance(cookie, int) and not isinstance(cookie, bool):
+        current = _netns_cookie()
+        if current is not None and cookie != current:
+            return None  # left by a namespace that had this one's inode before (inodes are reused, cookies never)
     return data
 
 
+def _netns_cookie() -> int | None:
+    from tproxy.sockets import netns_cookie  # (sockets imports the config; state is imported early)
+
+    return netns_cookie()
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a fresh temporary file (never following a link), then a rename."""
+    """Write ``state`` to ``path`` atomically: a fresh temporary file (never following a link), then a rename. The
+    file holds the namespace's cookie (``netns_cookie``): :func:`load_state` ignores a file another namespace wrote
+    under the same inode."""
     ensure_dir()
     check_dir(path.parent)
+    cookie = _netns_cookie()
+    if cookie is not None:
+        state = {**state, "netns_cookie": cookie}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
     with contextlib.suppress(FileNotFoundError):
