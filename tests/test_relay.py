@@ -486,3 +486,43 @@ async def test_relay_path_counter_never_decreases_on_fallback(legs, engine):
         assert all(later.get(k, 0) >= v for k, v in earlier.items()), seen
     assert stats.relay_path == {"copy": 2}
     assert stats.splice_fallbacks == 2
+
+
+@pytest.mark.parametrize("path", PATHS)
+@bounded
+async def test_a_direction_whose_budget_ran_out_is_taken_up_again_without_a_new_event(legs, path, monkeypatch):
+    """The shared engine moves a direction at most BUDGET times per turn, then queues it for the next turn: with
+    edge-triggered epoll nothing else would ever wake it. Here the whole upload is already queued in the relay's
+    socket when the flow starts and the client then sends nothing (no EOF), so no new event comes: every byte must
+    still arrive. (Checked to fail, by timeout, when the exhausted direction is not queued again.)"""
+    monkeypatch.setattr(relay_mod, "BUDGET", 1)
+    monkeypatch.setattr(relay_mod, "PIPE_SIZE", 32 * 1024)  # bytes per splice: what a socket queues is ~160 KiB
+    chunk = relay_mod.PIPE_SIZE if path == "splice" else relay_mod.COPY_SIZE  # moved per transfer at most
+    payload = random.Random(5).randbytes(64 * chunk)
+    sent = 0
+    while sent < len(payload):  # fill the client -> relay queue before the relay looks at it
+        try:
+            sent += legs.client.send(payload[sent : sent + 65536])
+        except BlockingIOError:
+            break
+    assert sent > 2 * chunk, f"only {sent} bytes queued: too few to exhaust the budget twice"
+    stats, done = Stats(), []
+    async with trio.open_nursery() as n:
+        ep = relay_mod.SharedRelay(stats, n, use_splice=path == "splice")
+
+        async def conn_task() -> None:
+            done.append(await ep.splice(Flow(client=legs.a, upstream=legs.b, last=trio.current_time())))
+
+        n.start_soon(conn_task)
+        got = bytearray()
+        while len(got) < sent:
+            got += await legs.app_s.receive_some(1 << 20)
+        assert bytes(got) == payload[:sent]
+        await legs.client_s.send_eof()
+        await legs.app_s.send_eof()
+        assert await receive_all(legs.client_s) == b""
+        while not done:
+            await trio.sleep(0.01)
+        ep.close_when_empty()
+    ep.close()
+    assert done == ["ok"] and stats.relay_path == {path: 2}
