@@ -293,3 +293,15 @@ def test_the_udp_subjects_and_their_config():
     assert doc["intercept"]["udp_ports"] == list(T.UDP_PORTS) and doc["mode"] == "tproxy"
     assert doc["intercept"]["ports"] == [5399]  # no TCP application listens there
     assert Config.from_dict(doc).intercept.udp_ports  # a valid config
+
+
+def test_the_udp_backlog_is_the_sum_of_the_receive_queues():
+    from tests.bench import topology as T
+
+    ss = (
+        "UNCONN 6287616 0         0.0.0.0:5202     0.0.0.0:*\n"
+        "UNCONN 0      0         198.18.0.3:5300      0.0.0.0:*\n"
+        "ESTAB  1536   0         198.18.0.1:41821   198.18.0.3:5301\n"
+    )
+    assert T.queued_bytes(ss) == 6287616 + 1536
+    assert T.queued_bytes("") == 0

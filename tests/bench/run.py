@@ -27,7 +27,7 @@ from tests.bench import loads, profile, report
 from tests.bench import topology as T
 from tests.bench.subjects import NGINX_STREAM_MODULE, REPO, Direct, HAProxy, LbTproxy, NginxUdp, Subject, Tproxy
 
-HOT_PATH = ("relay.py", "server.py", "sockets.py", "log.py", "runner.py", "stats.py")
+HOT_PATH = ("relay.py", "server.py", "sockets.py", "log.py", "runner.py", "stats.py", "udp.py")
 SETTLE = 0.5  # seconds between loads, for sockets of the previous load to drain
 PROFILED = ("keepalive", "newconn", "dns", "udp_bulk")  # the loads --profile samples py-spy under
 SHOWN = ("bulk1_gbps", "ka_rps", "ka_p99_ms", "nc_cps")  # the figures printed after each subject's round
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     fit = max(100, (hard - 1200) // 2 // 100 * 100)
     if args.idle is None:
         args.idle = min(2000 if args.quick else 10_000, fit)
-        if args.idle < (2000 if args.quick else 10_000):
+        if args.idle < (2000 if args.quick else 10_000) and not args.udp:
             notes.append(
                 f"idle connections capped at {args.idle:,}: the hard RLIMIT_NOFILE is {hard:,} (no CAP_SYS_RESOURCE "
                 "to raise it) and a proxy holds two sockets per connection"

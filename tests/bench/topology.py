@@ -249,10 +249,14 @@ def dnsmasq_argv(port: int, log: Path | None) -> list[str]:
     return argv
 
 
+def queued_bytes(ss_output: str) -> int:
+    """The sum of the Recv-Q column of ``ss -Huan`` output (State, Recv-Q, Send-Q, ...). Pure."""
+    return sum(int(f[1]) for f in (ln.split() for ln in ss_output.splitlines()) if len(f) > 1 and f[1].isdigit())
+
+
 def udp_queued(ns: Netns) -> int:
-    """Bytes waiting in the receive queues of every UDP socket in ``ns`` (``ss``'s Recv-Q)."""
-    out = ns.run(["ss", "-Huan"], check=False).stdout
-    return sum(int(f[1]) for f in (ln.split() for ln in out.splitlines()) if len(f) > 1 and f[1].isdigit())
+    """Bytes waiting in the receive queues of every UDP socket in ``ns``."""
+    return queued_bytes(ns.run(["ss", "-Huan"], check=False).stdout)
 
 
 def wait_udp_drained(ns: Netns, timeout: float = 10.0) -> float:
