@@ -315,3 +315,15 @@ def test_a_base_subject_runs_the_base_checkout_not_this_one(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tproxy"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == str(base / "tproxy" / "__main__.py"), r.stderr
     assert subject.name == "tproxy-original@base"
+
+
+def test_the_udp_backlog_is_the_sum_of_the_receive_queues():
+    from tests.bench import topology as T
+
+    ss = (
+        "UNCONN 6287616 0         0.0.0.0:5202     0.0.0.0:*\n"
+        "UNCONN 0      0         198.18.0.3:5300      0.0.0.0:*\n"
+        "ESTAB  1536   0         198.18.0.1:41821   198.18.0.3:5301\n"
+    )
+    assert T.queued_bytes(ss) == 6287616 + 1536
+    assert T.queued_bytes("") == 0

@@ -292,7 +292,7 @@ class UdpRelay:
                 self._dsts[anc[0][2]] = dst
         client = addr if len(addr) == 2 else (addr[0], addr[1])
         s = self.sessions.get((client, dst))
-        if s is None or s.scope.cancel_called:  # (a session ended by stop() whose task has not run yet: a new one)
+        if s is None or s.reason is not None:  # (ending: a reason is set before its task runs _end)
             s = self._open(family, client, dst)
             if s is None:
                 return
@@ -429,16 +429,18 @@ class UdpRelay:
         buf = self._rbuf
         view = memoryview(buf)
         reply = self._reply
+        now = _current_time()  # the time stamped on the session for the replies of one wakeup
         while True:
             try:
                 n = recv_into(buf)
             except BlockingIOError:
                 await _wait_readable(up)
+                now = _current_time()
                 continue
             except ConnectionRefusedError:  # ICMP port unreachable: nothing listens on the application's port
                 s.reason = "refused"
                 return
-            s.last = _current_time()
+            s.last = now
             reply(s, view[:n])  # (sent before the next read: the buffer is shared by every session)
 
     def _reply(self, s: Session, data: bytes | memoryview) -> None:

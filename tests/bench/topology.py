@@ -167,15 +167,16 @@ class Topology:
     def restart_udp_iperf(self) -> float:
         """Fresh UDP iperf3 servers once the UDP buffers in the node have drained; the seconds that took.
 
-        After a saturated load a proxy still holds a backlog, which it forwards after the test has ended (nginx
-        keeps a few datagrams queued until the next one arrives); an iperf3 server takes the first datagram
-        reaching its next listener for the next test's greeting and answers the wrong peer, and that test hangs.
-        Stopped first, the servers cannot be reached by the stragglers; the fixed-rate load has a port of its own."""
+        After a saturated load a proxy still holds a backlog, which it forwards after the test has ended; an iperf3
+        server takes the first datagram reaching its next listener for the next test's greeting, answers the wrong
+        peer, and that test hangs. So the stragglers are let into the old servers' listeners (stopping the servers
+        first would answer each with ICMP port unreachable: nginx then opens a session per datagram, and ran out of
+        worker_connections), and the servers are replaced with fresh ones; the fixed-rate load has a port of its own."""
+        waited = wait_udp_drained(self.node)
         for p in self.udp_iperf:
             stop_process(p)
             self.procs.remove(p)
         self.udp_iperf.clear()
-        waited = wait_udp_drained(self.node)
         self.start_udp_iperf()
         return waited
 
@@ -249,10 +250,14 @@ def dnsmasq_argv(port: int, log: Path | None) -> list[str]:
     return argv
 
 
+def queued_bytes(ss_output: str) -> int:
+    """The sum of the Recv-Q column of ``ss -Huan`` output (State, Recv-Q, Send-Q, ...). Pure."""
+    return sum(int(f[1]) for f in (ln.split() for ln in ss_output.splitlines()) if len(f) > 1 and f[1].isdigit())
+
+
 def udp_queued(ns: Netns) -> int:
-    """Bytes waiting in the receive queues of every UDP socket in ``ns`` (``ss``'s Recv-Q)."""
-    out = ns.run(["ss", "-Huan"], check=False).stdout
-    return sum(int(f[1]) for f in (ln.split() for ln in out.splitlines()) if len(f) > 1 and f[1].isdigit())
+    """Bytes waiting in the receive queues of every UDP socket in ``ns``."""
+    return queued_bytes(ns.run(["ss", "-Huan"], check=False).stdout)
 
 
 def wait_udp_drained(ns: Netns, timeout: float = 10.0) -> float:
