@@ -177,6 +177,19 @@ def profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
         args.phases[load] = (t0, time.time())
 
 
+def _stop(subj: Subject, topo: T.Topology, args: argparse.Namespace, figs: dict) -> None:
+    """After a subject's loads (TCP or UDP): stop it, keep its probe's GC figures, and flush any rule it left."""
+    subj.stop(topo)
+    if getattr(subj, "probe", None):
+        figs["gc"] = subj.probe["gc"]
+        figs["gc_pauses_by_load"] = pauses_by_phase(subj.probe.get("pauses", []), args.phases)
+    left = rules_left(topo)
+    if left:
+        figs["rules_left_behind"] = left
+        print(f"  ! {subj.name} left rules behind in the node namespace; flushing:\n{left}", file=sys.stderr)
+        topo.node.sh("nft flush ruleset; ip rule del fwmark 0x1/0x1 lookup 100; ip route flush table 100", check=False)
+
+
 def _profiled(subj: Subject, args: argparse.Namespace, load: str, fn, *a, **kw):
     spy = None
     if args.profile and load in PROFILED and (subj.name.startswith("tproxy") or "-tproxy" in subj.name) and subj.proc:
@@ -258,17 +271,7 @@ def run_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -> tu
         if subj.is_proxy and subj.proc is not None and subj.proc.poll() is not None:
             invalid = invalid or f"the proxy exited during the loads (status {subj.proc.returncode})"
     finally:
-        subj.stop(topo)
-        if getattr(subj, "probe", None):
-            figs["gc"] = subj.probe["gc"]
-            figs["gc_pauses_by_load"] = pauses_by_phase(subj.probe.get("pauses", []), args.phases)
-        left = rules_left(topo)
-        if left:
-            figs["rules_left_behind"] = left
-            print(f"  ! {subj.name} left rules behind in the node namespace; flushing:\n{left}", file=sys.stderr)
-            topo.node.sh(
-                "nft flush ruleset; ip rule del fwmark 0x1/0x1 lookup 100; ip route flush table 100", check=False
-            )
+        _stop(subj, topo, args, figs)
     return figs, invalid
 
 
@@ -355,17 +358,7 @@ def run_udp_subject(topo: T.Topology, subj: Subject, args: argparse.Namespace) -
             if subj.proc is not None and subj.proc.poll() is not None:
                 invalid = invalid or f"the proxy exited during the loads (status {subj.proc.returncode})"
     finally:
-        subj.stop(topo)
-        if getattr(subj, "probe", None):
-            figs["gc"] = subj.probe["gc"]
-            figs["gc_pauses_by_load"] = pauses_by_phase(subj.probe.get("pauses", []), args.phases)
-        left = rules_left(topo)
-        if left:
-            figs["rules_left_behind"] = left
-            print(f"  ! {subj.name} left rules behind in the node namespace; flushing:\n{left}", file=sys.stderr)
-            topo.node.sh(
-                "nft flush ruleset; ip rule del fwmark 0x1/0x1 lookup 100; ip route flush table 100", check=False
-            )
+        _stop(subj, topo, args, figs)
     return figs, invalid
 
 
