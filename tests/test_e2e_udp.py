@@ -109,10 +109,11 @@ def node_udp_sockets(lab: L.Lab, ip: str) -> list[str]:
 
 CELLS = [udp_config("nftables"), udp_config("iptables")]
 cells = pytest.mark.parametrize("proxy", CELLS, indirect=True, ids=["nftables", "iptables"])
+TASKS = udp_config("nftables", relay='"tasks"')  # the other relay engine: each session's task reads its replies
 family = pytest.mark.parametrize("family", (4, 6), ids=("ipv4", "ipv6"))
 
 
-@cells
+@pytest.mark.parametrize("proxy", [*CELLS, TASKS], indirect=True, ids=["nftables", "iptables", "tasks"])
 @family
 def test_the_client_gets_its_own_address_back_and_every_size_whole(lab, proxy, family):
     results = flows(lab, [{"dst": L.NODE[family], "port": PORTS[0], "sizes": SIZES} for _ in range(2)])
@@ -334,7 +335,7 @@ def dropped(lab: L.Lab) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("proxy", [udp_config("nftables")], indirect=True, ids=["nftables"])
+@pytest.mark.parametrize("proxy", [udp_config("nftables"), TASKS], indirect=True, ids=["nftables", "tasks"])
 def test_a_session_to_a_closed_port_ends_refused(lab, proxy):
     """Nothing listens on the application's port: its ICMP port unreachable ends the session (``refused``) at once,
     not after the idle timeout, and the client gets no answer."""

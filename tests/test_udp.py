@@ -6,6 +6,7 @@ checksum is wrong, so those tests fail on a bad header too)."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import random
 import socket
@@ -13,7 +14,7 @@ import struct
 
 import pytest
 
-from tproxy import sockets
+from tproxy import log, sockets
 from tproxy.udp import ones_complement_sum, udp_header
 
 
@@ -155,6 +156,9 @@ def test_the_raw_reply_socket_receives_nothing():
 # socket with our header and the destination's address as source, to a client socket connected to the application.
 
 
+ENGINES = pytest.mark.parametrize("engine", ["shared", "tasks"])  # proxy.relay: who reads the application's replies
+
+
 def relay_config(**proxy):
     from tproxy.config import Config
 
@@ -181,7 +185,8 @@ def hand_over(relay, client, dst, data):
 
 
 @pytest.mark.root
-async def test_relay_round_trip_from_a_chosen_port_with_the_destination_as_source():
+@ENGINES
+async def test_relay_round_trip_from_a_chosen_port_with_the_destination_as_source(engine):
     import trio
 
     from tproxy.stats import Stats
@@ -190,7 +195,7 @@ async def test_relay_round_trip_from_a_chosen_port_with_the_destination_as_sourc
     stats = Stats()
     async with trio.open_nursery() as outer:
         dst = await start_echo(outer)
-        relay = UdpRelay(relay_config(), [], stats, mark=0, port_start=1024)
+        relay = UdpRelay(relay_config(relay=engine), [], stats, mark=0, port_start=1024)
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accepts:
                 await relay.start(accepts, conns)
@@ -215,7 +220,8 @@ async def test_relay_round_trip_from_a_chosen_port_with_the_destination_as_sourc
 
 
 @pytest.mark.root
-async def test_relay_max_sessions_idle_expiry_and_loopback_ports():
+@ENGINES
+async def test_relay_max_sessions_idle_expiry_and_loopback_ports(engine):
     import trio
 
     from tproxy.stats import Stats
@@ -226,7 +232,7 @@ async def test_relay_max_sessions_idle_expiry_and_loopback_ports():
         app = await start_echo(outer)
         # the client asked 127.0.0.3 (any local address); the loopback target is 127.0.0.1, where the application is
         dst = ("127.0.0.3", app[1])
-        config = relay_config(udp_max_sessions=2, udp_idle_timeout=0.3, upstream="loopback")
+        config = relay_config(udp_max_sessions=2, udp_idle_timeout=0.3, upstream="loopback", relay=engine)
         relay = UdpRelay(config, [], stats, mark=0, port_start=1024)
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accepts:
@@ -270,7 +276,8 @@ async def start_talker(nursery, count: int, interval: float):
 
 
 @pytest.mark.root
-async def test_datagrams_either_way_keep_a_session_and_it_expires_the_timeout_after_the_last():
+@ENGINES
+async def test_datagrams_either_way_keep_a_session_and_it_expires_the_timeout_after_the_last(engine):
     """Expiry is counted from the latest datagram in either direction: client datagrams alone, then the
     application's alone, each spaced under the timeout, keep one session; it ends a timeout after the last one."""
     import trio
@@ -283,7 +290,7 @@ async def test_datagrams_either_way_keep_a_session_and_it_expires_the_timeout_af
     async with trio.open_nursery() as outer:
         echo = await start_echo(outer)
         talker = await start_talker(outer, count=8, interval=0.15)
-        relay = UdpRelay(relay_config(udp_idle_timeout=idle), [], stats, mark=0, port_start=1024)
+        relay = UdpRelay(relay_config(udp_idle_timeout=idle, relay=engine), [], stats, mark=0, port_start=1024)
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accepts:
                 await relay.start(accepts, conns)
@@ -309,7 +316,8 @@ async def test_datagrams_either_way_keep_a_session_and_it_expires_the_timeout_af
 
 
 @pytest.mark.root
-async def test_a_reload_shortens_the_idle_timeout_of_live_sessions_at_once():
+@ENGINES
+async def test_a_reload_shortens_the_idle_timeout_of_live_sessions_at_once(engine):
     import trio
 
     from tproxy.stats import Stats
@@ -318,13 +326,13 @@ async def test_a_reload_shortens_the_idle_timeout_of_live_sessions_at_once():
     stats = Stats()
     async with trio.open_nursery() as outer:
         echo = await start_echo(outer)
-        relay = UdpRelay(relay_config(udp_idle_timeout=600), [], stats, mark=0, port_start=1024)
+        relay = UdpRelay(relay_config(udp_idle_timeout=600, relay=engine), [], stats, mark=0, port_start=1024)
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accepts:
                 await relay.start(accepts, conns)
                 hand_over(relay, ("127.0.0.1", 40200), echo, b"ping")
                 await trio.sleep(0.2)
-                relay.apply_settings(relay_config(udp_idle_timeout=0.3))
+                relay.apply_settings(relay_config(udp_idle_timeout=0.3, relay=engine))
                 with trio.fail_after(3):  # not 600 s, and not waiting for a next datagram
                     while relay.sessions:
                         await trio.sleep(0.01)
@@ -332,3 +340,105 @@ async def test_a_reload_shortens_the_idle_timeout_of_live_sessions_at_once():
                 accepts.cancel_scope.cancel()
             relay.close()
         outer.cancel_scope.cancel()
+
+
+async def start_streamer(nursery, count: int):
+    """An application that answers a client's first datagram with ``count`` numbered datagrams sent back to back
+    (they queue up in the upstream socket's receive buffer faster than one read per turn takes them)."""
+    import trio
+
+    app = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await app.bind(("127.0.0.1", 0))
+
+    async def serve():
+        _data, peer = await app.recvfrom(65536)
+        for i in range(count):
+            await app.sendto(b"%06d" % i, peer)
+            if i % 64 == 63:
+                await trio.sleep(0.001)  # (the client's and the upstream socket's receive buffers stay ahead)
+
+    nursery.start_soon(serve)
+    return app.getsockname()
+
+
+@pytest.mark.root
+@ENGINES
+async def test_a_stream_of_replies_arrives_whole_and_in_order(engine):
+    """2,000 replies to one datagram, queued faster than they are read, reach the client all and in their order:
+    the shared reader's bursts take several from one socket in a turn and must neither skip nor repeat any."""
+    import trio
+
+    from tproxy.stats import Stats
+    from tproxy.udp import UdpRelay
+
+    count = 2000
+    stats = Stats()
+    async with trio.open_nursery() as outer:
+        app = await start_streamer(outer, count)
+        relay = UdpRelay(relay_config(relay=engine), [], stats, mark=0, port_start=1024)
+        async with trio.open_nursery() as conns:
+            async with trio.open_nursery() as accepts:
+                await relay.start(accepts, conns)
+                client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                await client.bind(("127.0.0.1", 0))
+                await client.connect(app)
+                hand_over(relay, client.getsockname(), app, b"go")
+                got = []
+                with trio.fail_after(10):
+                    while len(got) < count:
+                        got.append(await client.recv(64))
+                assert got == [b"%06d" % i for i in range(count)]
+                assert stats.udp_datagrams_out == count and not any(stats.udp_dropped.values())
+                accepts.cancel_scope.cancel()
+            relay.close()
+        outer.cancel_scope.cancel()
+
+
+@pytest.mark.root
+@ENGINES
+async def test_an_icmp_refusal_ends_the_session_at_once_and_a_new_datagram_opens_another(engine, caplog):
+    """Nothing listens on the destination port: the kernel answers the first datagram with ICMP port unreachable,
+    the upstream socket reports ECONNREFUSED, and the session ends (``refused``) long before its idle timeout; the
+    next datagram of the same flow opens a new session."""
+    import trio
+
+    from tproxy.stats import Stats
+    from tproxy.udp import UdpRelay
+
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    dst = closed.getsockname()
+    closed.close()  # (a port nobody holds now)
+    stats = Stats()
+    relay = UdpRelay(relay_config(udp_idle_timeout=600, relay=engine), [], stats, mark=0, port_start=1024)
+    caplog.set_level(logging.INFO, logger=log.LOGGER_NAME)
+    handler = None if log.logger.propagate else caplog.handler  # (tproxy.log.setup stops propagation)
+    if handler is not None:
+        log.logger.addHandler(handler)
+    try:
+        await refuse_twice(relay, stats, dst)
+    finally:
+        if handler is not None:
+            log.logger.removeHandler(handler)
+    reasons = [r.fields["reason"] for r in caplog.records if r.getMessage() == "udp_session"]
+    assert reasons == ["refused", "refused"]
+
+
+async def refuse_twice(relay, stats, dst):
+    import trio
+
+    async with trio.open_nursery() as conns:
+        async with trio.open_nursery() as accepts:
+            await relay.start(accepts, conns)
+            client = ("127.0.0.1", 40300)
+            for n in (1, 2):
+                hand_over(relay, client, dst, b"anyone?")
+                assert stats.udp_sessions == n and len(relay.sessions) == 1
+                with trio.fail_after(5):  # not 600 s
+                    while relay.sessions:
+                        await trio.sleep(0.01)
+                assert stats.udp_sessions_open == 0
+            assert relay._by_fd == {}
+            accepts.cancel_scope.cancel()
+        relay.close()

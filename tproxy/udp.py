@@ -9,9 +9,11 @@ original destination as the source (``IP_PKTINFO``): the client sees the answer 
 and nothing of ours is bound to the application's address and port.
 
 Shape (DESIGN.md "Architecture"): one receive task per listener, in the server's accept nursery; one task per session,
-in the server's connection nursery, owning it from the first datagram to its log line. A session ends when no datagram
-passed either way for ``proxy.udp_idle_timeout`` seconds (``idle``), when the application's port answers with an ICMP
-error (``refused``), at shutdown (``shutdown``: UDP has nothing to drain) or on an unexpected error (``error``).
+in the server's connection nursery, owning it from the first datagram to its log line. The application's replies are
+read by the relay engine of ``proxy.relay``, as TCP's bytes are: ``shared`` (the default), one reader task in the accept
+nursery for every session's upstream socket (one epoll); ``tasks``, the session's own task. A session ends when no
+datagram passed either way for ``proxy.udp_idle_timeout`` seconds (``idle``), when the application's port answers with
+an ICMP error (``refused``), at shutdown (``shutdown``: UDP has nothing to drain) or on an unexpected error (``error``).
 
 Source port of the upstream leg (``preserve_source``): with ``upstream = "original"`` one from ``proxy.upstream_ports``
 that is never the client port of a live session from the same client to the same destination (both legs would share a
@@ -33,9 +35,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import attrs
 import trio
@@ -50,11 +54,15 @@ _UDP_HEADER = struct.Struct("!HHHH")
 DST_CACHE = 1024  # original destinations remembered by their raw ancillary data (cleared when full)
 BATCH = 64  # datagrams a receive loop reads in a row before yielding to the other tasks
 PORT_ATTEMPTS = 4  # chosen upstream ports tried before giving up on a session
+MAX_EVENTS = 256  # ready upstream sockets the shared reply reader takes from epoll in one turn
+BURST = 32  # replies read in a row from a session's socket that was ready in the previous turn too (a stream)
+FEW = 8  # ... when the turn has fewer ready sockets than this (many one-reply sessions: one read each, no EAGAIN)
 # errnos of recvmsg on the listener that concern one datagram or a passing shortage: go on with the next one
 _TRANSIENT = frozenset({errno.ENOBUFS, errno.ENOMEM, errno.EINTR, errno.ECONNREFUSED, errno.EHOSTUNREACH})
 
 _current_time = trio.current_time
 _wait_readable = trio.lowlevel.wait_readable
+_checkpoint = trio.lowlevel.checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +136,9 @@ class Session:
     reply_to: tuple[str, int]  # the raw socket's destination (the client's address, port 0)
     csum: int  # checksum_base(original destination -> client)
     idle: trio.CancelScope | None = None
+    fd: int = -1  # the upstream socket's, while the shared reply reader watches it
+    turn: int = -1  # the shared reply reader's latest turn that found the upstream socket ready
+    note: str | None = None  # the error, when the reason is "error"
     datagrams_in: int = 0
     datagrams_out: int = 0
     bytes_in: int = 0
@@ -175,6 +186,11 @@ class UdpRelay:
         self._dsts: dict[bytes, tuple[str, int]] = {}  # original destinations by their ancillary data, as parsed
         self._rbuf = bytearray(sockets.UDP_MAX_PAYLOAD + 1)  # every session's replies are read here, one at a time
         self._receivers: dict[socket.socket, trio.CancelScope] = {}
+        # proxy.relay = "shared": one task reads the replies of every session (level-triggered epoll of the upstream
+        # sockets); "tasks": each session's task reads its own
+        self._ep: select.epoll | None = select.epoll() if config.proxy.relay == "shared" else None
+        self._by_fd: dict[int, Session] = {}
+        self._reader: trio.CancelScope | None = None
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
         self._stopped = False
@@ -185,6 +201,8 @@ class UdpRelay:
     async def start(self, accepts: trio.Nursery, conns: trio.Nursery) -> None:
         """Receive on every listener: the loops in ``accepts``, the sessions in ``conns``."""
         self._accepts, self._conns = accepts, conns
+        if self._ep is not None:
+            await accepts.start(self._read_replies)
         for lsock in self.listeners:
             await accepts.start(self._receive, lsock)
 
@@ -212,6 +230,8 @@ class UdpRelay:
         """No new datagram is read; every session ends now (``shutdown``). Idempotent."""
         self._stopped = True
         self.retire(list(self.listeners))
+        if self._reader is not None:
+            self._reader.cancel()
         for s in self.sessions.values():
             if s.reason is None:
                 s.reason = "shutdown"
@@ -223,6 +243,9 @@ class UdpRelay:
         for raw in self.raws.values():
             raw.close()
         self.raws.clear()
+        if self._ep is not None and not self._ep.closed:
+            trio.lowlevel.notify_closing(self._ep.fileno())  # (the reader may still wait on it, if never cancelled)
+            self._ep.close()
 
     def apply_settings(self, config: Config) -> None:
         """``udp_idle_timeout`` (for every session at once, counted from its latest datagram) and
@@ -326,6 +349,14 @@ class UdpRelay:
             if family not in self.raws:
                 self.raws[family] = sockets.raw_udp_socket(family, self.reply_mark)
             upstream, usrc, reserved, target = self._connect(af, client, dst)
+            if self._ep is not None:
+                try:
+                    self._ep.register(upstream.fileno(), select.EPOLLIN)
+                except OSError:
+                    upstream.close()
+                    if reserved is not None:
+                        self.chooser.release(client[0], reserved)
+                    raise
         except OSError as e:
             self._drop("upstream_error")
             self._warn("udp_upstream_error", client=log.addr(client), error=e.strerror or str(e))
@@ -347,6 +378,9 @@ class UdpRelay:
             csum=checksum_base(dst[0], client[0], dst[1], client[1], family),
         )
         self.sessions[(client, dst)] = s
+        if self._ep is not None:
+            s.fd = upstream.fileno()
+            self._by_fd[s.fd] = s
         self.chooser.add_intercepted(client, dst)
         self._tuples.add((usrc[0], usrc[1], target))
         self.stats.udp_sessions += 1
@@ -395,35 +429,106 @@ class UdpRelay:
     # -- one session: application -> client
 
     async def _session(self, s: Session) -> None:
-        """The session from its first datagram to its log line: replies to the client until it expires or ends."""
-        note = None
+        """The session from its first datagram to its log line: until it expires or ends."""
         try:
             with s.scope:
                 await self._replies(s)
         except Exception as e:
             s.reason = "error"
-            note = errno.errorcode.get(e.errno, str(e)) if isinstance(e, OSError) and e.errno else repr(e)
+            s.note = _describe(e)
             if not isinstance(e, OSError):
                 log.event("udp_session_error", logging.ERROR, exc_info=e, client=log.addr(s.client))
         except BaseException:
             s.reason = s.reason or "cancelled"
             raise
         finally:
-            self._end(s, note)
+            self._end(s)
 
     async def _replies(self, s: Session) -> None:
-        """Replies until the application's port refuses or no datagram passed either way for ``idle_timeout``: the
-        idle scope's deadline is looked at only when it passes (then moved to the latest datagram's, if any came)."""
+        """Until the application's port refuses or no datagram passed either way for ``idle_timeout``: the idle
+        scope's deadline is looked at only when it passes (then moved to the latest datagram's, if any came). The
+        replies are relayed by the shared reader (which cancels ``s.scope`` on a refusal or an error), or here."""
+        wait = trio.sleep_forever if self._ep is not None else partial(self._relay_replies, s)
         while True:
             with trio.CancelScope(deadline=s.last + self.idle_timeout) as idle:
                 s.idle = idle
-                await self._relay_replies(s)
-                return  # refused
+                await wait()
+                return  # refused ("tasks")
             s.idle = None
             if _current_time() >= s.last + self.idle_timeout:
                 return  # idle
 
+    async def _read_replies(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """``proxy.relay = "shared"``: the replies of every session, read by one task from one level-triggered epoll
+        of the upstream sockets (a task switch per ready socket costs more than the read and the send). Each turn
+        reads one datagram per ready socket, or up to ``BURST`` from a socket that was ready in the previous turn too
+        while few are ready (a stream of replies: fewer epoll calls; with many ready, one each, so no read finds
+        nothing), then yields to the other tasks. A refusal (ICMP) or an error of a socket ends its session."""
+        ep = self._ep
+        assert ep is not None
+        poll = ep.poll
+        epfd = ep.fileno()
+        by_fd = self._by_fd
+        buf = self._rbuf
+        view = memoryview(buf)
+        reply = self._reply
+        turn = 0
+        with trio.CancelScope() as scope:
+            self._reader = scope
+            task_status.started()
+            while True:
+                events = poll(0, MAX_EVENTS)
+                if not events:
+                    try:
+                        await _wait_readable(epfd)
+                    except trio.ClosedResourceError:  # close() closed it
+                        return
+                    continue
+                turn += 1
+                few = len(events) < FEW
+                now = _current_time()  # the time stamped on the sessions of one turn
+                for fd, _mask in events:
+                    s = by_fd.get(fd)
+                    if s is None:
+                        continue
+                    recv_into = s.upstream.recv_into
+                    more = BURST if few and s.turn == turn - 1 else 1
+                    s.turn = turn
+                    for _ in range(more):
+                        try:
+                            n = recv_into(buf)
+                        except BlockingIOError:
+                            break
+                        except OSError as e:  # ECONNREFUSED: ICMP port unreachable from the application's port
+                            self._fail(s, e)
+                            break
+                        s.last = now
+                        reply(s, view[:n])  # (sent before the next read: the buffer is shared by every session)
+                await _checkpoint()
+
+    def _fail(self, s: Session, e: OSError) -> None:
+        """End ``s`` for the shared reader: ``refused`` or ``error``."""
+        if s.reason is None:
+            if isinstance(e, ConnectionRefusedError):
+                s.reason = "refused"
+            else:
+                s.reason = "error"
+                s.note = _describe(e)
+        self._unwatch(s)
+        s.scope.cancel()
+
+    def _unwatch(self, s: Session) -> None:
+        if s.fd >= 0 and self._by_fd.get(s.fd) is s:
+            del self._by_fd[s.fd]
+            if self._ep is not None and not self._ep.closed:
+                try:
+                    self._ep.unregister(s.fd)
+                except OSError:
+                    pass
+        s.fd = -1
+
     async def _relay_replies(self, s: Session) -> None:
+        """``proxy.relay = "tasks"``: the session's own replies, read by its task."""
         up = s.upstream
         recv_into = up.recv_into
         buf = self._rbuf
@@ -464,9 +569,10 @@ class UdpRelay:
         stats.udp_datagrams_out += 1
         stats.udp_bytes_out += len(data)
 
-    def _end(self, s: Session, note: str | None) -> None:
+    def _end(self, s: Session) -> None:
         """Close, release, count, log. Never raises."""
         try:
+            self._unwatch(s)  # (before the close: the fd's number may be reused at once)
             s.upstream.close()
         finally:
             if self.sessions.get((s.client, s.dst)) is s:
@@ -487,9 +593,15 @@ class UdpRelay:
             "duration_ms": round((_current_time() - s.t0) * 1000, 1),
             "reason": s.reason or "idle",
         }
-        if note is not None:
-            fields["error"] = note
+        if s.note is not None:
+            fields["error"] = s.note
         log.event("udp_session", **fields)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno:
+        return errno.errorcode.get(e.errno, str(e))
+    return repr(e)
 
 
 def bind_listeners(config: Config) -> list[socket.socket]:
