@@ -257,9 +257,9 @@ async def test_relay_max_sessions_idle_expiry_and_loopback_ports(engine):
         outer.cancel_scope.cancel()
 
 
-async def start_talker(nursery, count: int, interval: float):
-    """An application that answers a client's first datagram with ``count`` datagrams, ``interval`` seconds apart
-    (replies only: the client sends nothing more)."""
+async def start_talker(nursery, count: int, interval: float, every: int = 1):
+    """An application that answers a client's first datagram with ``count`` numbered datagrams (``000000``, ...),
+    pausing ``interval`` seconds after every ``every`` of them (replies only: the client sends nothing more)."""
     import trio
 
     app = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -268,8 +268,9 @@ async def start_talker(nursery, count: int, interval: float):
     async def serve():
         _data, peer = await app.recvfrom(65536)
         for i in range(count):
-            await app.sendto(b"tick %d" % i, peer)
-            await trio.sleep(interval)
+            await app.sendto(b"%06d" % i, peer)
+            if i % every == every - 1:
+                await trio.sleep(interval)
 
     nursery.start_soon(serve)
     return app.getsockname()
@@ -342,25 +343,6 @@ async def test_a_reload_shortens_the_idle_timeout_of_live_sessions_at_once(engin
         outer.cancel_scope.cancel()
 
 
-async def start_streamer(nursery, count: int):
-    """An application that answers a client's first datagram with ``count`` numbered datagrams sent back to back
-    (they queue up in the upstream socket's receive buffer faster than one read per turn takes them)."""
-    import trio
-
-    app = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await app.bind(("127.0.0.1", 0))
-
-    async def serve():
-        _data, peer = await app.recvfrom(65536)
-        for i in range(count):
-            await app.sendto(b"%06d" % i, peer)
-            if i % 64 == 63:
-                await trio.sleep(0.001)  # (the client's and the upstream socket's receive buffers stay ahead)
-
-    nursery.start_soon(serve)
-    return app.getsockname()
-
-
 @pytest.mark.root
 @ENGINES
 async def test_a_stream_of_replies_arrives_whole_and_in_order(engine):
@@ -374,7 +356,9 @@ async def test_a_stream_of_replies_arrives_whole_and_in_order(engine):
     count = 2000
     stats = Stats()
     async with trio.open_nursery() as outer:
-        app = await start_streamer(outer, count)
+        # back to back, a short pause every 64: they queue up in the upstream socket's receive buffer faster than one
+        # read per turn would take them (the client's and the upstream socket's receive buffers stay ahead)
+        app = await start_talker(outer, count, 0.001, every=64)
         relay = UdpRelay(relay_config(relay=engine), [], stats, mark=0, port_start=1024)
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accepts:
@@ -401,7 +385,6 @@ async def test_an_icmp_refusal_ends_the_session_at_once_and_a_new_datagram_opens
     """Nothing listens on the destination port: the kernel answers the first datagram with ICMP port unreachable,
     the upstream socket reports ECONNREFUSED, and the session ends (``refused``) long before its idle timeout; the
     next datagram of the same flow opens a new session."""
-    import trio
 
     from tproxy.stats import Stats
     from tproxy.udp import UdpRelay
