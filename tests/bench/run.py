@@ -69,16 +69,15 @@ def make_subjects(
 
 def make_udp_subjects(names: list[str] | None) -> tuple[list[Subject], list[str]]:
     """The subjects of the UDP run (``--udp``): direct, nginx's stream module and tproxy-original, each under the UDP
-    loads only; ``names`` picks among them and the opt-in ``nginx-remote-port`` (``proxy_bind
-    $remote_addr:$remote_port``, which shares one conntrack entry between nginx's two legs: see the README)."""
-    notes = [
-        "UDP run: the relay engine (shared or tasks) moves TCP bytes only, a UDP session is a task in both:"
-        " no tproxy-original-tasks subject"
-    ]
+    loads only; ``names`` picks among them and the opt-in ``tproxy-original-tasks`` (the replies read by each
+    session's task instead of the shared reader) and ``nginx-remote-port`` (``proxy_bind $remote_addr:$remote_port``,
+    which shares one conntrack entry between nginx's two legs: see the README)."""
+    notes: list[str] = []
     subjects: list[Subject] = [Direct(), NginxUdp()]
     opt_in: list[Subject] = [NginxUdp(bind="$remote_addr:$remote_port")]
     if (REPO / "tproxy" / "udp.py").exists():
         subjects.append(Tproxy("tproxy", "original", udp=True))
+        opt_in.append(Tproxy("tproxy", "original", relay="tasks", udp=True))
         base = os.environ.get("TPX_BENCH_BASE", "")
         if base:
             subjects.append(Tproxy("tproxy", "original", src=base, udp=True))
