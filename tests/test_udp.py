@@ -199,6 +199,7 @@ async def test_relay_round_trip_from_a_chosen_port_with_the_destination_as_sourc
         async with trio.open_nursery() as conns:
             async with trio.open_nursery() as accepts:
                 await relay.start(accepts, conns)
+                assert relay._ep is None  # (the shared reply reader comes with the first session)
                 client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 await client.bind(("127.0.0.1", 0))
                 await client.connect(dst)  # accepts only what comes from the application's address

@@ -187,8 +187,10 @@ class UdpRelay:
         self._rbuf = bytearray(sockets.UDP_MAX_PAYLOAD + 1)  # every session's replies are read here, one at a time
         self._receivers: dict[socket.socket, trio.CancelScope] = {}
         # proxy.relay = "shared": one task reads the replies of every session (level-triggered epoll of the upstream
-        # sockets); "tasks": each session's task reads its own
-        self._ep: select.epoll | None = select.epoll() if config.proxy.relay == "shared" else None
+        # sockets), both made with the first session (a server without UDP has neither); "tasks": each session's task
+        # reads its own
+        self.shared = config.proxy.relay == "shared"
+        self._ep: select.epoll | None = None
         self._by_fd: dict[int, Session] = {}
         self._reader: trio.CancelScope | None = None
         self._accepts: trio.Nursery | None = None
@@ -201,8 +203,6 @@ class UdpRelay:
     async def start(self, accepts: trio.Nursery, conns: trio.Nursery) -> None:
         """Receive on every listener: the loops in ``accepts``, the sessions in ``conns``."""
         self._accepts, self._conns = accepts, conns
-        if self._ep is not None:
-            await accepts.start(self._read_replies)
         for lsock in self.listeners:
             await accepts.start(self._receive, lsock)
 
@@ -335,7 +335,7 @@ class UdpRelay:
         stats.udp_bytes_in += len(data)
 
     def _open(self, family: int, client: tuple[str, int], dst: tuple[str, int]) -> Session | None:
-        if self._stopped or self._conns is None:
+        if self._stopped or self._accepts is None or self._conns is None:
             return None
         if self.is_loop(dst):
             self._drop("loop")
@@ -348,6 +348,9 @@ class UdpRelay:
         try:
             if family not in self.raws:
                 self.raws[family] = sockets.raw_udp_socket(family, self.reply_mark)
+            if self.shared and self._ep is None:
+                self._ep = select.epoll()
+                self._accepts.start_soon(self._read_replies, name="tproxy.udp_replies")
             upstream, usrc, reserved, target = self._connect(af, client, dst)
             if self._ep is not None:
                 try:
@@ -448,7 +451,7 @@ class UdpRelay:
         """Until the application's port refuses or no datagram passed either way for ``idle_timeout``: the idle
         scope's deadline is looked at only when it passes (then moved to the latest datagram's, if any came). The
         replies are relayed by the shared reader (which cancels ``s.scope`` on a refusal or an error), or here."""
-        wait = trio.sleep_forever if self._ep is not None else partial(self._relay_replies, s)
+        wait = trio.sleep_forever if self.shared else partial(self._relay_replies, s)
         while True:
             with trio.CancelScope(deadline=s.last + self.idle_timeout) as idle:
                 s.idle = idle
@@ -458,14 +461,15 @@ class UdpRelay:
             if _current_time() >= s.last + self.idle_timeout:
                 return  # idle
 
-    async def _read_replies(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def _read_replies(self) -> None:
         """``proxy.relay = "shared"``: the replies of every session, read by one task from one level-triggered epoll
         of the upstream sockets (a task switch per ready socket costs more than the read and the send). Each turn
         reads one datagram per ready socket, or up to ``BURST`` from a socket that was ready in the previous turn too
         while few are ready (a stream of replies: fewer epoll calls; with many ready, one each, so no read finds
         nothing), then yields to the other tasks. A refusal (ICMP) or an error of a socket ends its session."""
         ep = self._ep
-        assert ep is not None
+        if ep is None or self._stopped:  # (stopped before this task first ran: stop() found no reader to cancel)
+            return
         poll = ep.poll
         epfd = ep.fileno()
         by_fd = self._by_fd
@@ -475,7 +479,6 @@ class UdpRelay:
         turn = 0
         with trio.CancelScope() as scope:
             self._reader = scope
-            task_status.started()
             while True:
                 events = poll(0, MAX_EVENTS)
                 if not events:
