@@ -172,9 +172,13 @@ def test_port_free_sees_a_listener():
 
 
 def test_port_free_sees_a_bound_udp_socket():
+    # the port a TCP socket got (then closed: never connected, so nothing lingers): a UDP socket's own ephemeral port
+    # may be the local port of some TCP connection of the host at that moment, and then the TCP check rightly fails
+    with socket.socket() as t:
+        t.bind(("127.0.0.1", 0))
+        port = t.getsockname()[1]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        s.bind(("127.0.0.1", port))
         reason = check.port_free(4, "127.0.0.1", port, udp=True)
         assert reason is not None and reason.startswith("in use")
         assert check.port_free(4, "127.0.0.1", port) is None  # the TCP port of that number is free
